@@ -1,0 +1,190 @@
+"""Configuration dataclasses: the library API takes them and the Hydra app's schema reuses them.
+
+Each group of the app (``extractor``, ``encoder``, ``watermark``, ...) is one dataclass here, so a
+misspelled key or a wrong type fails at start-up with Hydra's own message. Range checks live in the
+``validate`` methods and in :mod:`moewm.validation` (checks against a model's layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+EXTRACTOR_KINDS = ("router", "hidden")
+ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
+WATERMARK_KINDS = ("moe_lsh", "kgw", "synthid", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range; the message names the key and the range."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ExtractorConfig:
+    """Which routing (or hidden-state) features key the watermark.
+
+    Layer indices count MoE layers (router extractor) or decoder layers (hidden extractor);
+    ``end_layer_idx`` is exclusive and ``None`` means "through the last layer".
+    """
+
+    kind: str = "router"
+    start_layer_idx: int = 0
+    end_layer_idx: Optional[int] = None
+    use_top_k: bool = False
+    k: int = 2
+    # Position whose routing keys the green list of the next token: -1 is the last context token,
+    # -2 the one before it, and so on.
+    token_idx: int = -1
+
+    def validate(self) -> None:
+        _require(self.kind in EXTRACTOR_KINDS, f"extractor.kind={self.kind!r}: allowed values are {EXTRACTOR_KINDS}")
+        _require(self.start_layer_idx >= 0, f"extractor.start_layer_idx={self.start_layer_idx}: must be >= 0")
+        if self.end_layer_idx is not None:
+            _require(
+                self.end_layer_idx > self.start_layer_idx,
+                f"extractor.end_layer_idx={self.end_layer_idx}: must be > extractor.start_layer_idx="
+                f"{self.start_layer_idx} (the range [start, end) would be empty)",
+            )
+        if self.use_top_k:
+            _require(self.k >= 1, f"extractor.k={self.k}: must be >= 1 (and at most the experts per layer)")
+        _require(-64 <= self.token_idx <= -1, f"extractor.token_idx={self.token_idx}: allowed range is [-64, -1]")
+
+
+@dataclass
+class EncoderConfig:
+    """SimHash encoder: hyperplanes turn a feature vector into ``num_bits`` bits, each owning a pool."""
+
+    kind: str = "simhash"
+    num_bits: int = 32
+    pool_size: int = 64
+    semantic_pools: bool = True
+    # Only for centered / whitened / pca: how many calibration texts and tokens estimate the statistics.
+    calibration_texts: int = 64
+    calibration_max_tokens: int = 128
+    # Ridge added to the covariance before whitening, relative to its mean eigenvalue.
+    whitening_eps: float = 1e-3
+
+    def validate(self, vocab_size: Optional[int] = None) -> None:
+        _require(self.kind in ENCODER_KINDS, f"encoder.kind={self.kind!r}: allowed values are {ENCODER_KINDS}")
+        _require(self.num_bits >= 1, f"encoder.num_bits={self.num_bits}: must be >= 1")
+        _require(self.num_bits <= 4096, f"encoder.num_bits={self.num_bits}: allowed range is [1, 4096]")
+        _require(self.pool_size >= 1, f"encoder.pool_size={self.pool_size}: must be >= 1")
+        if vocab_size is not None:
+            _require(
+                self.pool_size <= vocab_size,
+                f"encoder.pool_size={self.pool_size}: allowed range is [1, {vocab_size}] (the vocabulary size)",
+            )
+        _require(self.calibration_texts >= 2, f"encoder.calibration_texts={self.calibration_texts}: must be >= 2")
+        _require(self.whitening_eps > 0, f"encoder.whitening_eps={self.whitening_eps}: must be > 0")
+
+
+@dataclass
+class WatermarkConfig:
+    """Bias at generation time and the test at detection time."""
+
+    kind: str = "moe_lsh"
+    delta: float = 2.0
+    z_threshold: float = 4.0
+    # Texts with fewer scored tokens get z = NaN and prediction False instead of a number.
+    min_tokens: int = 16
+    # Score each (signature, token) pair once per text: repeated pairs are not independent draws.
+    ignore_repeated: bool = False
+    # Sliding-window detection over this many scored tokens (None: off); reported as its own statistic.
+    window: Optional[int] = None
+    detect_batch_size: int = 16
+    # Baseline watermarks (kind=kgw / synthid) through transformers' own implementations.
+    kgw_gamma: float = 0.25
+    kgw_seeding_scheme: str = "lefthash"
+    kgw_context_width: int = 1
+    synthid_ngram_len: int = 5
+    synthid_num_keys: int = 20
+
+    def validate(self) -> None:
+        _require(self.kind in WATERMARK_KINDS, f"watermark.kind={self.kind!r}: allowed values are {WATERMARK_KINDS}")
+        _require(self.delta >= 0, f"watermark.delta={self.delta}: must be >= 0")
+        _require(self.min_tokens >= 1, f"watermark.min_tokens={self.min_tokens}: must be >= 1")
+        if self.window is not None:
+            _require(self.window >= 2, f"watermark.window={self.window}: must be >= 2 (or null to turn it off)")
+        _require(self.detect_batch_size >= 1, f"watermark.detect_batch_size={self.detect_batch_size}: must be >= 1")
+        _require(0 < self.kgw_gamma < 1, f"watermark.kgw_gamma={self.kgw_gamma}: allowed range is (0, 1)")
+        _require(self.synthid_ngram_len >= 2, f"watermark.synthid_ngram_len={self.synthid_ngram_len}: must be >= 2")
+        _require(self.synthid_num_keys >= 1, f"watermark.synthid_num_keys={self.synthid_num_keys}: must be >= 1")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; ``sampling_seed`` is separate from the watermark seed so a key sweep changes only the key."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    batch_size: int = 8
+    sampling_seed: int = 1234
+
+    def validate(self) -> None:
+        _require(self.max_new_tokens >= 1, f"generation.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"generation.min_new_tokens={self.min_new_tokens}: allowed range is [0, {self.max_new_tokens}]",
+        )
+        _require(self.temperature > 0, f"generation.temperature={self.temperature}: must be > 0")
+        _require(self.top_k >= 0, f"generation.top_k={self.top_k}: must be >= 0 (0 turns it off)")
+        _require(0 < self.top_p <= 1, f"generation.top_p={self.top_p}: allowed range is (0, 1]")
+        _require(self.repetition_penalty > 0, f"generation.repetition_penalty={self.repetition_penalty}: must be > 0")
+        _require(self.batch_size >= 1, f"generation.batch_size={self.batch_size}: must be >= 1")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from and, for offline builds, its architecture numbers."""
+
+    name: str = "tiny_moe"
+    # A hub name, a local directory, or "builtin:tiny_moe" for the model shipped inside the package.
+    path: str = "builtin:tiny_moe"
+    # True: build the architecture below with random weights (no download); False: from_pretrained(path).
+    random_init: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # Whether the model is an MoE model; the router extractor needs one.
+    is_moe: bool = True
+    # Prompts go through the tokenizer's chat template (instruct / chat checkpoints).
+    chat_template: bool = False
+    # Architecture numbers of the checkpoint (transformers config fields, model_type included).
+    architecture: dict[str, Any] = field(default_factory=dict)
+    # Approximate total parameters of the real checkpoint, for sanity checks of the memory estimate.
+    total_params: Optional[float] = None
+
+    def validate(self) -> None:
+        _require(bool(self.path), "model.path: must name a hub model, a local directory or builtin:tiny_moe")
+        _require(
+            self.dtype in ("float32", "float16", "bfloat16", "auto"),
+            f"model.dtype={self.dtype!r}: allowed values are float32, float16, bfloat16, auto",
+        )
+        _require(
+            not self.random_init or bool(self.architecture),
+            f"model.random_init=true needs model.architecture (model {self.name!r} has none)",
+        )

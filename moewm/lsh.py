@@ -1,0 +1,199 @@
+"""Keyed SimHash encoder: hyperplanes turn a feature vector into bits; each bit owns a pool of tokens.
+
+The green list at a position is the union of the pools whose bit is 1. Pools overlap, so the green
+list's size varies from position to position; the encoder therefore reports it exactly
+(:meth:`LSHEncoder.green_size`) instead of assuming ``num_bits * pool_size / 2``.
+
+Variants (``encoder.kind``) differ only in how features are projected, all under the same key:
+``simhash`` random Gaussian hyperplanes through the origin; ``centered`` the same after subtracting the
+calibration mean; ``whitened`` hyperplanes drawn in the whitened space (Sigma^-1/2); ``pca`` the top
+principal directions mixed by a keyed random rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moewm.config import ConfigError, EncoderConfig
+from moewm.keys import WatermarkKey
+
+_SIM_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Mean and covariance of feature vectors on a calibration set (for the geometric encoder variants)."""
+
+    mean: torch.Tensor  # (D,)
+    cov: torch.Tensor  # (D, D)
+    count: int
+
+
+def _gaussian(key: WatermarkKey, purpose: str, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=key.generator(purpose), dtype=torch.float64)
+
+
+def _orthogonal(key: WatermarkKey, purpose: str, n: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(_gaussian(key, purpose, n, n))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
+
+
+def projection_for(
+    cfg: EncoderConfig, key: WatermarkKey, dim: int, calibration: Optional[CalibrationStats]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hyperplanes (D, num_bits) and the centre subtracted before projecting, as float64 on the CPU."""
+    nb = cfg.num_bits
+    if cfg.kind == "simhash":
+        return _gaussian(key, "hyperplanes", dim, nb), torch.zeros(dim, dtype=torch.float64)
+    if calibration is None:
+        raise ConfigError(f"encoder.kind={cfg.kind!r} needs calibration statistics (mean/covariance of features)")
+    if calibration.mean.numel() != dim:
+        raise ConfigError(f"calibration statistics have dimension {calibration.mean.numel()}, the extractor gives {dim}")
+    mean = calibration.mean.double().cpu()
+    if cfg.kind == "centered":
+        return _gaussian(key, "hyperplanes", dim, nb), mean
+    cov = calibration.cov.double().cpu()
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    if cfg.kind == "whitened":
+        eps = cfg.whitening_eps * max(float(eigvals.clamp(min=0).mean()), 1e-12)
+        inv_sqrt = eigvecs @ torch.diag((eigvals.clamp(min=0) + eps).rsqrt()) @ eigvecs.T
+        return inv_sqrt @ _gaussian(key, "hyperplanes", dim, nb), mean
+    # pca: the top principal directions, mixed by a keyed rotation so that each bit is a random
+    # direction inside the data's principal subspace rather than a fixed, public axis.
+    order = torch.argsort(eigvals, descending=True)
+    rank = min(nb, dim)
+    top = eigvecs[:, order[:rank]]  # (D, rank)
+    rotation = _orthogonal(key, "pca-rotation", rank)
+    planes = top @ rotation  # (D, rank)
+    if nb > rank:  # more bits than directions: extra bits are further random mixtures of the same subspace
+        extra = top @ _gaussian(key, "pca-extra", rank, nb - rank)
+        planes = torch.cat([planes, extra / extra.norm(dim=0, keepdim=True)], dim=1)
+    return planes, mean
+
+
+def semantic_pools(
+    embeddings: torch.Tensor, valid: torch.Tensor, cfg: EncoderConfig, key: WatermarkKey
+) -> torch.Tensor:
+    """Pool i = the ``pool_size`` valid tokens nearest (cosine of input embeddings) to a keyed anchor."""
+    valid_ids = torch.nonzero(valid, as_tuple=True)[0]
+    n_valid = valid_ids.numel()
+    if cfg.pool_size > n_valid:
+        raise ConfigError(f"encoder.pool_size={cfg.pool_size}: allowed range is [1, {n_valid}] (usable tokens)")
+    gen = key.generator("anchors")
+    if cfg.num_bits <= n_valid:
+        anchor_pos = torch.randperm(n_valid, generator=gen)[: cfg.num_bits]
+    else:
+        anchor_pos = torch.randint(n_valid, (cfg.num_bits,), generator=gen)
+    anchors = valid_ids[anchor_pos]
+    emb = embeddings.detach().to(device="cpu")
+    anchor_vecs = torch.nn.functional.normalize(emb[anchors].double(), dim=-1)  # (nb, H)
+    sims = torch.empty(cfg.num_bits, emb.shape[0], dtype=torch.float64)
+    for start in range(0, emb.shape[0], _SIM_CHUNK):  # chunks over the vocabulary bound the float64 copy
+        block = torch.nn.functional.normalize(emb[start : start + _SIM_CHUNK].double(), dim=-1)
+        sims[:, start : start + block.shape[0]] = anchor_vecs @ block.T
+    sims[:, ~valid.cpu()] = float("-inf")
+    return torch.topk(sims, cfg.pool_size, dim=1).indices  # (nb, pool_size), anchor first
+
+
+def random_pools(valid: torch.Tensor, cfg: EncoderConfig, key: WatermarkKey) -> torch.Tensor:
+    """Pools of uniformly drawn tokens (``semantic_pools=false``), each bit's pool drawn independently."""
+    valid_ids = torch.nonzero(valid, as_tuple=True)[0]
+    if cfg.pool_size > valid_ids.numel():
+        raise ConfigError(f"encoder.pool_size={cfg.pool_size}: allowed range is [1, {valid_ids.numel()}] (usable tokens)")
+    scores = torch.rand(cfg.num_bits, valid_ids.numel(), generator=key.generator("random-pools"))
+    return valid_ids[torch.topk(scores, cfg.pool_size, dim=1).indices]
+
+
+class LSHEncoder:
+    """Keyed hyperplanes + pools, as tensors built once; every method is batched over leading dimensions."""
+
+    def __init__(
+        self,
+        projection: torch.Tensor,
+        center: torch.Tensor,
+        pools: torch.Tensor,
+        vocab_size: int,
+        fingerprint: str,
+        kind: str = "simhash",
+    ) -> None:
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.vocab_size = int(vocab_size)
+        self.projection = projection.float()
+        self.center = center.float()
+        self.pools = pools.long()
+        # Pools touch only a few distinct tokens: work in that compact column space.
+        self.pool_tokens, inverse = torch.unique(self.pools, return_inverse=True)
+        membership = torch.zeros(self.num_bits, self.pool_tokens.numel())
+        membership.scatter_(1, inverse, 1.0)
+        self.membership = membership  # (nb, u): 1 where the token of column j is in pool i
+        token_to_column = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        token_to_column[self.pool_tokens] = torch.arange(self.pool_tokens.numel())
+        self.token_to_column = token_to_column
+
+    @property
+    def num_bits(self) -> int:
+        return int(self.projection.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.device
+
+    def to(self, device: torch.device | str) -> "LSHEncoder":
+        for name in ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def nbytes(self) -> int:
+        """Memory held by the encoder's own tensors."""
+        names = ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column")
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def signature(self, features: torch.Tensor) -> torch.Tensor:
+        """Bits (..., num_bits) as bool; computed in float32 whatever the model's dtype."""
+        return (features.float() - self.center) @ self.projection > 0
+
+    def green_columns(self, bits: torch.Tensor) -> torch.Tensor:
+        """(..., u) bool: which pool tokens are green for each signature."""
+        return bits.to(self.membership.dtype) @ self.membership > 0
+
+    def green_size(self, bits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Exact |G| for each signature (pools overlap), chunked so memory stays bounded."""
+        flat = bits.reshape(-1, self.num_bits)
+        sizes = torch.cat([self.green_columns(part).sum(-1) for part in flat.split(chunk)]) if flat.numel() else flat.new_zeros(0, dtype=torch.long)
+        return sizes.reshape(bits.shape[:-1])
+
+    def is_green(self, bits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Whether each token is in the green list of the matching signature; bits (..., nb), tokens (...)."""
+        column = self.token_to_column[tokens.clamp(0, self.vocab_size - 1)]
+        in_some_pool = column >= 0
+        owners = self.membership.T[column.clamp(min=0)]  # (..., nb): pools that contain the token
+        hit = (owners * bits.to(owners.dtype)).sum(-1) > 0
+        return hit & in_some_pool & (tokens >= 0) & (tokens < self.vocab_size)
+
+    def bias_logits(self, scores: torch.Tensor, bits: torch.Tensor, delta: float) -> torch.Tensor:
+        """Scores with ``delta`` added to the green tokens of each row (scores (B, V), bits (B, nb))."""
+        green = self.green_columns(bits).to(scores.dtype) * delta
+        return scores.index_add(1, self.pool_tokens, green)
+
+
+def build_encoder(
+    cfg: EncoderConfig,
+    key: WatermarkKey,
+    feature_dim: int,
+    embeddings: torch.Tensor,
+    valid_tokens: torch.Tensor,
+    vocab_size: int,
+    calibration: Optional[CalibrationStats] = None,
+) -> LSHEncoder:
+    """Derive hyperplanes and pools from the key; deterministic on any machine (drawn on the CPU)."""
+    cfg.validate(vocab_size=vocab_size)
+    projection, center = projection_for(cfg, key, feature_dim, calibration)
+    if cfg.semantic_pools:
+        pools = semantic_pools(embeddings, valid_tokens, cfg, key)
+    else:
+        pools = random_pools(valid_tokens, cfg, key)
+    return LSHEncoder(projection, center, pools, vocab_size, key.fingerprint, cfg.kind)

@@ -1,0 +1,440 @@
+"""The MoE-LSH watermark: a logits processor that biases the green list, and a one-pass batched detector.
+
+Generation and detection share one green-list function (:class:`moewm.lsh.LSHEncoder` applied to the
+features captured by :class:`moewm.routing.FeatureCapture`), so they cannot drift apart: the green list
+for the token at position t comes from the features at position ``t + extractor.token_idx``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from moewm import stats
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
+from moewm.keys import WatermarkKey
+from moewm.lsh import CalibrationStats, LSHEncoder, build_encoder
+from moewm.routing import FeatureCapture
+
+log = logging.getLogger(__name__)
+
+# Fixed (public) coefficients for hashing a signature into one integer; only used to find repeats.
+_HASH_COEFFS = torch.randint(
+    -(2**62), 2**62, (4096,), generator=torch.Generator().manual_seed(0x5EED), dtype=torch.long
+)
+
+
+@dataclass
+class DetectionResult:
+    """Detection statistics of one text (names follow transformers' WatermarkDetectorOutput)."""
+
+    num_tokens_scored: int
+    num_green_tokens: int
+    green_fraction: float
+    gamma_mean: float
+    z_score: float
+    p_value: float
+    prediction: bool
+    window_z_score: Optional[float] = None
+    window_p_value: Optional[float] = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MoEDetectorOutput:
+    """Batched detection output: one array entry per text."""
+
+    num_tokens_scored: np.ndarray
+    num_green_tokens: np.ndarray
+    green_fraction: np.ndarray
+    gamma_mean: np.ndarray
+    z_score: np.ndarray
+    p_value: np.ndarray
+    prediction: np.ndarray
+    window_z_score: Optional[np.ndarray] = None
+    window_p_value: Optional[np.ndarray] = None
+    notes: list[str] = field(default_factory=list)
+
+    def results(self) -> list[DetectionResult]:
+        out = []
+        for i in range(len(self.z_score)):
+            out.append(
+                DetectionResult(
+                    num_tokens_scored=int(self.num_tokens_scored[i]),
+                    num_green_tokens=int(self.num_green_tokens[i]),
+                    green_fraction=float(self.green_fraction[i]),
+                    gamma_mean=float(self.gamma_mean[i]),
+                    z_score=float(self.z_score[i]),
+                    p_value=float(self.p_value[i]),
+                    prediction=bool(self.prediction[i]),
+                    window_z_score=None if self.window_z_score is None else float(self.window_z_score[i]),
+                    window_p_value=None if self.window_p_value is None else float(self.window_p_value[i]),
+                    note=self.notes[i] if self.notes else "",
+                )
+            )
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence["MoEDetectorOutput"]) -> "MoEDetectorOutput":
+        def cat(name: str) -> Optional[np.ndarray]:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else np.concatenate(values)
+
+        names = ("num_tokens_scored", "num_green_tokens", "green_fraction", "gamma_mean", "z_score", "p_value", "prediction")
+        fields: dict[str, Any] = {n: cat(n) for n in names}
+        fields["window_z_score"] = cat("window_z_score")
+        fields["window_p_value"] = cat("window_p_value")
+        fields["notes"] = [note for p in parts for note in p.notes]
+        return MoEDetectorOutput(**fields)
+
+    def take(self, order: np.ndarray) -> "MoEDetectorOutput":
+        """Rows reordered by ``order`` (used to undo length-sorting)."""
+        fields: dict[str, Any] = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                fields[name] = value[order]
+            elif name == "notes":
+                fields[name] = [value[i] for i in order] if value else []
+            else:
+                fields[name] = value
+        return MoEDetectorOutput(**fields)
+
+
+class RoutingWatermarkProcessor(LogitsProcessor):
+    """Adds ``delta`` to the green list keyed by the routing of the current context position.
+
+    The model's forward runs before the processor is called, so the hooked routing for the last
+    position is already there; per step this costs one (B, D) x (D, num_bits) product and an index-add.
+    """
+
+    def __init__(self, capture: FeatureCapture, encoder: LSHEncoder, delta: float, token_idx: int = -1) -> None:
+        self.capture = capture
+        self.encoder = encoder
+        self.delta = float(delta)
+        self.back = -int(token_idx)
+        self._history: Optional[torch.Tensor] = None
+        self._last_length = -1
+
+    def reset(self) -> None:
+        self._history = None
+        self._last_length = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        if self.back == 1:
+            features = self.capture.features(batch, positions=slice(-1, None))[:, -1]
+        else:
+            new = self.capture.features(batch, positions=slice(-self.back, None))
+            fresh = self._history is None or length != self._last_length + 1 or self._history.shape[0] != batch
+            history = new if fresh else torch.cat([self._history, new], dim=1)
+            self._history = history[:, -self.back :]
+            self._last_length = length
+            features = self._history[:, max(-self.back, -self._history.shape[1])]
+        bits = self.encoder.signature(features.to(self.encoder.device))
+        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta)
+
+
+def _first_occurrences(keys: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Mask of scored positions whose key did not occur at an earlier scored position of the same row."""
+    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+    s = torch.gather(scored, -1, order).long()
+    new_group = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new_group[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    cs = s.cumsum(-1)
+    before_total = cs - s
+    start = torch.where(new_group, before_total, torch.zeros_like(before_total))
+    group_before = before_total - torch.cummax(start, dim=-1).values
+    keep_sorted = (s > 0) & (group_before == 0)
+    keep = torch.zeros_like(scored)
+    keep.scatter_(-1, order, keep_sorted)
+    return keep
+
+
+def _signature_hash(bits: torch.Tensor) -> torch.Tensor:
+    coeffs = _HASH_COEFFS[: bits.shape[-1]].to(bits.device)
+    return (bits.long() * coeffs).sum(-1)
+
+
+class MoELSHWatermark:
+    """Routing-keyed watermark for one model and key: ``generate`` text, ``detect`` it.
+
+    The hooks that read the router stay on the model until :meth:`close` (or the end of a ``with``
+    block), so ``logits_processor`` can also be passed to a plain ``model.generate``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        extractor: Optional[ExtractorConfig] = None,
+        encoder: Optional[EncoderConfig] = None,
+        watermark: Optional[WatermarkConfig] = None,
+        key: Optional[WatermarkKey] = None,
+        calibration: Optional[CalibrationStats] = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.extractor_cfg = extractor or ExtractorConfig()
+        self.encoder_cfg = encoder or EncoderConfig()
+        self.watermark_cfg = watermark or WatermarkConfig()
+        self.watermark_cfg.validate()
+        self.key = key or WatermarkKey.from_env(0)
+        self.vocab_size = model_vocab_size(model)
+        check_tokenizer(tokenizer, self.vocab_size)
+        self.capture = FeatureCapture(model, self.extractor_cfg)
+        embeddings = model.get_input_embeddings().weight
+        self.encoder = build_encoder(
+            self.encoder_cfg,
+            self.key,
+            self.capture.dim,
+            embeddings,
+            usable_tokens(tokenizer, self.vocab_size),
+            self.vocab_size,
+            calibration,
+        ).to(embeddings.device)
+        self.logits_processor = RoutingWatermarkProcessor(
+            self.capture, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self.capture.detach()
+
+    def __enter__(self) -> "MoELSHWatermark":
+        self.capture.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Generate continuations; returns (prompt token ids, new token ids) per prompt, eos stripped."""
+        generation = generation or GenerationConfig()
+        generation.validate()
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        return prompt_ids, generate_batched(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            generation,
+            [self.logits_processor] if watermark else [],
+            on_batch=self.logits_processor.reset,
+            progress="generate (watermarked)" if (progress and watermark) else ("generate (plain)" if progress else None),
+        )
+
+    def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
+        """Watermarked (or, with ``watermark=False``, plain) continuations of ``prompts`` as text."""
+        _, new_ids = self.generate_ids(prompts, generation, watermark)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+    # -- detection -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Optional[str]) -> list[int]:
+        if prompt:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return [bos] if bos is not None else []
+
+    def detect(self, texts: Sequence[str], prompts: Optional[Sequence[Optional[str]]] = None) -> list[DetectionResult]:
+        """Score texts (optionally each after its prompt) in batched single forward passes."""
+        if prompts is not None and len(prompts) != len(texts):
+            raise ValueError(f"prompts: got {len(prompts)} prompts for {len(texts)} texts; they must match one to one")
+        text_ids = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"texts[{i}] is empty: detection needs at least one token of text")
+            text_ids.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        prompt_ids = [self.encode_prompt(prompts[i] if prompts is not None else None) for i in range(len(texts))]
+        return self.detect_ids(text_ids, prompt_ids).results()
+
+    def detect_ids(
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
+    ) -> MoEDetectorOutput:
+        """Score token sequences; ``prompt_ids`` (context, not scored) may be given per text."""
+        if prompt_ids is None:
+            prompt_ids = [self.encode_prompt(None) for _ in text_ids]
+        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
+        for i, t in enumerate(text_ids):
+            if len(t) == 0:
+                raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
+            if max(t) >= self.vocab_size or min(t) < 0:
+                raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
+        order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
+        bs = self.watermark_cfg.detect_batch_size
+        parts = []
+        batches = range(0, len(rows), bs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="detect", unit="batch", leave=False)
+        for start in batches:
+            idx = order[start : start + bs]
+            parts.append(self._score_batch([rows[i] for i in idx], [len(prompt_ids[i]) for i in idx]))
+        if not parts:
+            return MoEDetectorOutput(*(np.zeros(0) for _ in range(7)))
+        return MoEDetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
+
+    @torch.no_grad()
+    def token_scores(self, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Per-position green / gamma / scored mask for a batch (one forward pass, right padding)."""
+        device = self.device
+        batch, length = len(rows), max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((batch, length), pad, dtype=torch.long)
+        attention = torch.zeros((batch, length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attention[i, : len(r)] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+        self.capture.attach()
+        self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        features = self.capture.features(batch)  # (B, L, D)
+        self.capture.clear()
+        bits = self.encoder.signature(features.to(self.encoder.device))
+        back = -self.extractor_cfg.token_idx
+        shifted = torch.zeros_like(bits)
+        shifted[:, back:] = bits[:, :-back]
+        prompt_len = torch.tensor(list(prompt_lengths), device=device).unsqueeze(1)
+        scored = (positions >= prompt_len) & (positions >= back) & attention.bool()
+        green = self.encoder.is_green(shifted, input_ids) & scored
+        gamma = self.encoder.green_size(shifted).to(torch.float64) / self.vocab_size
+        if self.watermark_cfg.ignore_repeated:
+            keys = _signature_hash(shifted) * 1_000_003 + input_ids
+            scored = _first_occurrences(keys, scored)
+        return {"green": green, "gamma": gamma, "scored": scored, "bits": shifted}
+
+    def _score_batch(self, rows: list[list[int]], prompt_lengths: list[int]) -> MoEDetectorOutput:
+        cfg = self.watermark_cfg
+        s = self.token_scores(rows, prompt_lengths)
+        z = stats.exact_gamma_z(s["green"], s["gamma"], s["scored"])
+        arrays = {k: v.cpu().numpy() for k, v in z.items()}
+        n = arrays["num_tokens_scored"]
+        short = n < cfg.min_tokens
+        arrays["z_score"] = np.where(short, np.nan, arrays["z_score"])
+        notes = [f"too few scored tokens ({k} < watermark.min_tokens={cfg.min_tokens})" if sh else "" for k, sh in zip(n, short)]
+        p = stats.p_value(arrays["z_score"])
+        prediction = np.nan_to_num(arrays["z_score"], nan=-np.inf) > cfg.z_threshold
+        wz = wp = None
+        if cfg.window is not None:
+            best, count = stats.window_z(s["green"], s["gamma"], s["scored"], cfg.window)
+            wz = np.where(short, np.nan, best.cpu().numpy())
+            wp = stats.bonferroni(stats.p_value(wz), count.cpu().numpy())
+        return MoEDetectorOutput(
+            num_tokens_scored=n,
+            num_green_tokens=arrays["num_green_tokens"],
+            green_fraction=arrays["green_fraction"],
+            gamma_mean=arrays["gamma_mean"],
+            z_score=arrays["z_score"],
+            p_value=p,
+            prediction=prediction,
+            window_z_score=wz,
+            window_p_value=wp,
+            notes=notes,
+        )
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """Size of the distribution the model samples from (rows of the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """Refuse a tokenizer that can emit ids the model does not have."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary (model.config.vocab_size / output head) "
+            f"has {vocab_size}: token ids must lie in [0, {vocab_size - 1}]; the tokenizer and model do not belong together"
+        )
+
+
+def usable_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """Tokens that may join a pool: real tokenizer entries that are not special tokens."""
+    valid = torch.zeros(vocab_size, dtype=torch.bool)
+    valid[: min(len(tokenizer), vocab_size)] = True
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+    if special:
+        valid[torch.tensor(special)] = False
+    return valid
+
+
+def generate_batched(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    generation: GenerationConfig,
+    processors: list[LogitsProcessor],
+    on_batch: Any = None,
+    progress: Optional[str] = None,
+) -> list[list[int]]:
+    """Left-padded batched ``model.generate``; returns the new tokens of each prompt, stopped at eos.
+
+    The global RNG is seeded per batch from ``generation.sampling_seed``, so watermarked and plain runs
+    (and runs with different watermark keys) draw the same sampling noise.
+    """
+    device = model.get_input_embeddings().weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    outputs: list[list[int]] = []
+    starts = range(0, len(prompt_ids), generation.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for start in starts:
+        chunk = prompt_ids[start : start + generation.batch_size]
+        width = max(len(p) for p in chunk)
+        if width == 0:
+            raise ValueError("prompts: a prompt encodes to no tokens (give a non-empty prompt or a tokenizer with a BOS token)")
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            if len(p):
+                input_ids[i, width - len(p) :] = torch.tensor(list(p))
+                attention[i, width - len(p) :] = 1
+        if on_batch is not None:
+            on_batch()
+        torch.manual_seed(generation.sampling_seed + start)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                logits_processor=LogitsProcessorList(processors),
+                pad_token_id=pad,
+                eos_token_id=eos,
+                **generation.generate_kwargs(),
+            )
+        for row in out[:, width:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            outputs.append(row)
+    return outputs
