@@ -188,3 +188,80 @@ class ModelConfig:
             not self.random_init or bool(self.architecture),
             f"model.random_init=true needs model.architecture (model {self.name!r} has none)",
         )
+
+
+QUANTIZATION_KINDS = ("none", "int8", "nf4")
+
+
+@dataclass
+class MemoryConfig:
+    """A memory profile: precision of the weights and where they may live.
+
+    Profiles that also shrink the experiment (fewer layers, bits, tokens) do so in their YAML file
+    by setting other groups' keys; command-line overrides still win.
+    """
+
+    name: str = "default"
+    quantization: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    # Quantize the (fused 3-D) expert weights too, not only nn.Linear layers.
+    quantize_experts: bool = True
+    device_map: Optional[str] = None
+    max_memory: dict[str, str] = field(default_factory=dict)
+    budget_gib: float = 6.0
+
+    def validate(self) -> None:
+        _require(
+            self.quantization in QUANTIZATION_KINDS,
+            f"memory.quantization={self.quantization!r}: allowed values are {QUANTIZATION_KINDS}",
+        )
+        _require(
+            self.compute_dtype in ("float32", "float16", "bfloat16"),
+            f"memory.compute_dtype={self.compute_dtype!r}: allowed values are float32, float16, bfloat16",
+        )
+        _require(self.budget_gib > 0, f"memory.budget_gib={self.budget_gib}: must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: the shipped prompts file, a text/JSONL file, or a Hugging Face dataset."""
+
+    source: str = "builtin"  # builtin | file | hf
+    path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    num_prompts: int = 16
+    max_prompt_tokens: int = 48
+    # Texts longer than this are cut to their first words to make a prompt.
+    prompt_words: int = 24
+
+    def validate(self) -> None:
+        _require(self.source in ("builtin", "file", "hf"), f"data.source={self.source!r}: allowed values are builtin, file, hf")
+        _require(self.num_prompts >= 1, f"data.num_prompts={self.num_prompts}: must be >= 1")
+        _require(self.max_prompt_tokens >= 1, f"data.max_prompt_tokens={self.max_prompt_tokens}: must be >= 1")
+        _require(self.prompt_words >= 1, f"data.prompt_words={self.prompt_words}: must be >= 1")
+        if self.source == "file":
+            _require(bool(self.path), "data.path: data.source=file needs a path to a text or JSONL file")
+        if self.source == "hf":
+            _require(bool(self.hf_name), "data.hf_name: data.source=hf needs a dataset name")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking; W&B runs offline unless the user opts in (logger.mode=online or WANDB_MODE)."""
+
+    kind: str = "wandb"  # wandb | none
+    project: str = "moewm"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # None: $WANDB_MODE if set, else offline
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _require(self.kind in ("wandb", "none"), f"logger.kind={self.kind!r}: allowed values are wandb, none")
+        _require(
+            self.mode in (None, "offline", "online", "disabled"),
+            f"logger.mode={self.mode!r}: allowed values are offline, online, disabled (or null)",
+        )
