@@ -265,3 +265,44 @@ class LoggerConfig:
             self.mode in (None, "offline", "online", "disabled"),
             f"logger.mode={self.mode!r}: allowed values are offline, online, disabled (or null)",
         )
+
+
+ATTACK_KINDS = ("none", "deletion", "substitution", "insertion", "swap", "truncation", "copy_paste", "paraphrase")
+
+
+@dataclass
+class AttackConfig:
+    """An edit applied to the watermarked text before detection; strength 0 is the identity."""
+
+    name: str = "none"
+    strength: float = 0.0
+    seed: int = 0
+    # Paraphrase attack: None uses the job's own model; otherwise a hub name or local directory.
+    paraphrase_model: Optional[str] = None
+    paraphrase_max_new_tokens: int = 96
+
+    def validate(self) -> None:
+        _require(self.name in ATTACK_KINDS, f"attack.name={self.name!r}: allowed values are {ATTACK_KINDS}")
+        _require(0.0 <= self.strength <= 1.0, f"attack.strength={self.strength}: allowed range is [0, 1]")
+        _require(self.paraphrase_max_new_tokens >= 1,
+                 f"attack.paraphrase_max_new_tokens={self.paraphrase_max_new_tokens}: must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Extra measurements of a job: detection vs length, quality, seed-sensitivity geometry."""
+
+    lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    quality: bool = True
+    geometry: bool = True
+    w1_top_k: int = 50
+    w1_contexts: int = 64
+    kmeans_clusters: int = 32
+    window: int = 32
+
+    def validate(self) -> None:
+        _require(all(n >= 1 for n in self.lengths), f"eval.lengths={list(self.lengths)}: every length must be >= 1")
+        _require(self.w1_top_k >= 1, f"eval.w1_top_k={self.w1_top_k}: must be >= 1")
+        _require(self.w1_contexts >= 1, f"eval.w1_contexts={self.w1_contexts}: must be >= 1")
+        _require(self.kmeans_clusters >= 2, f"eval.kmeans_clusters={self.kmeans_clusters}: must be >= 2")
+        _require(self.window >= 2, f"eval.window={self.window}: must be >= 2")

@@ -230,17 +230,28 @@ class MoELSHWatermark:
         progress: bool = False,
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Generate continuations; returns (prompt token ids, new token ids) per prompt, eos stripped."""
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
+
+    def generate_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """New token ids (eos stripped) for already tokenized prompts."""
         generation = generation or GenerationConfig()
         generation.validate()
-        prompt_ids = [self.encode_prompt(p) for p in prompts]
-        return prompt_ids, generate_batched(
+        label = "generate (watermarked)" if watermark else "generate (plain)"
+        return generate_batched(
             self.model,
             self.tokenizer,
             prompt_ids,
             generation,
             [self.logits_processor] if watermark else [],
             on_batch=self.logits_processor.reset,
-            progress="generate (watermarked)" if (progress and watermark) else ("generate (plain)" if progress else None),
+            progress=label if progress else None,
         )
 
     def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
@@ -250,10 +261,7 @@ class MoELSHWatermark:
 
     # -- detection -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
-        if prompt:
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return [bos] if bos is not None else []
+        return encode_prompt(self.tokenizer, prompt)
 
     def detect(self, texts: Sequence[str], prompts: Optional[Sequence[Optional[str]]] = None) -> list[DetectionResult]:
         """Score texts (optionally each after its prompt) in batched single forward passes."""
@@ -360,6 +368,14 @@ class MoELSHWatermark:
         )
 
 
+def encode_prompt(tokenizer: Any, prompt: Optional[str]) -> list[int]:
+    """Context tokens for a prompt; no prompt means just BOS (if the tokenizer has one)."""
+    if prompt:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None else []
+
+
 def model_vocab_size(model: nn.Module) -> int:
     """Size of the distribution the model samples from (rows of the output head)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -395,8 +411,12 @@ def generate_batched(
     processors: list[LogitsProcessor],
     on_batch: Any = None,
     progress: Optional[str] = None,
+    extra_generate_kwargs: Optional[dict[str, Any]] = None,
 ) -> list[list[int]]:
     """Left-padded batched ``model.generate``; returns the new tokens of each prompt, stopped at eos.
+
+    ``extra_generate_kwargs`` go to ``model.generate`` as well (e.g. ``watermarking_config=`` for the
+    transformers KGW / SynthID baselines).
 
     The global RNG is seeded per batch from ``generation.sampling_seed``, so watermarked and plain runs
     (and runs with different watermark keys) draw the same sampling noise.
@@ -432,6 +452,7 @@ def generate_batched(
                 pad_token_id=pad,
                 eos_token_id=eos,
                 **generation.generate_kwargs(),
+                **(extra_generate_kwargs or {}),
             )
         for row in out[:, width:].tolist():
             if eos is not None and eos in row:

@@ -1,0 +1,3 @@
+from moewm.app import main
+
+main()

@@ -1,0 +1,73 @@
+"""Prompts and input texts: the prompts file shipped in conf/, a user's text / JSONL file, or a HF dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from moewm.config import ConfigError, DataConfig
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "conf" / "data" / "prompts.txt"
+
+
+@dataclass
+class TextRecord:
+    text: str
+    prompt: Optional[str] = None
+
+
+def read_records(path: str | Path, text_field: str = "text") -> list[TextRecord]:
+    """Plain text (one text per line, blank lines skipped) or JSONL with ``text_field`` and optional ``prompt``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"input/data.path={str(path)!r}: no such file")
+    records = []
+    is_jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if is_jsonl:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise ConfigError(f"{path}:{number}: a JSONL row needs a {text_field!r} field")
+                records.append(TextRecord(str(row[text_field]), row.get("prompt")))
+            else:
+                records.append(TextRecord(line.rstrip("\n")))
+    if not records:
+        raise ConfigError(f"input/data.path={str(path)!r}: the file holds no texts")
+    return records
+
+
+def _cut(text: str, words: int) -> str:
+    return " ".join(text.split()[:words])
+
+
+def load_prompts(cfg: DataConfig) -> list[str]:
+    """``data.num_prompts`` prompts (cycling is refused: too few prompts is an error, not a silent repeat)."""
+    cfg.validate()
+    if cfg.source == "builtin":
+        texts = [r.text for r in read_records(BUILTIN_PROMPTS)]
+    elif cfg.source == "file":
+        texts = [r.prompt or _cut(r.text, cfg.prompt_words) for r in read_records(cfg.path, cfg.text_field)]  # type: ignore[arg-type]
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError("data.source=hf needs the `datasets` package: pip install -e '.[data]'") from None
+        try:
+            ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
+        except Exception as err:  # offline, unknown name, ...
+            raise ConfigError(f"data.hf_name={cfg.hf_name!r}: could not load the dataset ({type(err).__name__}: {err})") from None
+        if cfg.text_field not in ds.column_names:
+            raise ConfigError(f"data.text_field={cfg.text_field!r}: the dataset has columns {ds.column_names}")
+        texts = [_cut(t, cfg.prompt_words) for t in ds.select(range(min(len(ds), cfg.num_prompts * 4)))[cfg.text_field] if t and t.strip()]
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < cfg.num_prompts:
+        raise ConfigError(f"data.num_prompts={cfg.num_prompts}: allowed range is [1, {len(texts)}] (prompts available from data.source={cfg.source})")
+    return texts[: cfg.num_prompts]
