@@ -1,0 +1,168 @@
+"""The Hydra app: every config option composes and validates; sweeps write the output contract."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from moewm.app import CONF_DIR, job_name
+from moewm.config import ConfigError
+from moewm.schema import register, to_app_config, validate_app
+
+register()
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ["model", "memory", "extractor", "encoder", "watermark", "generation", "data", "logger", "attack", "eval", "experiment"]
+SECRET = "s3cr3t-value-that-must-not-leak-7d1e"
+SMOKE = ["model=micro_moe", "encoder.num_bits=16", "encoder.pool_size=8", "data.num_prompts=4", "generation.max_new_tokens=24", "generation.batch_size=4", "eval=minimal", "progress=false"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# Options that need an extra value the user must give (marked ??? in their YAML).
+NEEDS = {("data", "file"): ["data.path=conf/data/prompts.txt"], ("data", "hf"): ["data.hf_name=some/dataset"]}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
+    if (group, option) == ("model", "qwen_dense"):
+        overrides.append("extractor=hidden")
+    app = to_app_config(_compose(overrides))
+    validate_app(app)
+
+
+def test_dense_model_with_router_extractor_fails_before_loading():
+    app = to_app_config(_compose(["model=qwen_dense", "extractor=router"]))
+    with pytest.raises(ConfigError, match="extractor=hidden"):
+        validate_app(app)
+
+
+def test_misspelled_key_and_wrong_type_fail_at_start_up():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose(["encoder.num_bitz=8"])
+    with pytest.raises(ConfigCompositionException):
+        _compose(["encoder.num_bits=many"])
+
+
+def test_cross_field_checks_name_the_key_and_range():
+    app = to_app_config(_compose(["model=micro_moe", "extractor.end_layer_idx=9"]))
+    from moewm.job import ensure_valid_before_load
+
+    with pytest.raises(ConfigError, match=r"extractor.end_layer_idx=9: allowed range is \[1, 4\]"):
+        ensure_valid_before_load(app)
+    app = to_app_config(_compose(["model=micro_moe", "extractor.use_top_k=true", "extractor.k=20"]))
+    with pytest.raises(ConfigError, match=r"extractor.k=20: allowed range is \[1, 8\]"):
+        ensure_valid_before_load(app)
+
+
+def test_memory_profile_values_yield_to_command_line():
+    app = to_app_config(_compose(["memory=ultra_low"]))
+    assert (app.extractor.start_layer_idx, app.extractor.end_layer_idx, app.encoder.num_bits, app.encoder.pool_size) == (6, 8, 64, 4)
+    assert app.generation.max_new_tokens == 64 and app.extractor.k == 2
+    app = to_app_config(_compose(["memory=ultra_low", "encoder.num_bits=16"]))
+    assert app.encoder.num_bits == 16
+
+
+def test_seed_changes_only_the_key_not_sampling():
+    a = to_app_config(_compose(["seed=1"]))
+    b = to_app_config(_compose(["seed=2"]))
+    assert a.generation.sampling_seed == b.generation.sampling_seed
+
+
+def test_job_name_never_carries_the_secret():
+    assert SECRET not in job_name(["seed=1", f"secret_key={SECRET}"])
+
+
+def _run(args, tmp_path, env_extra=None, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "MOEWM_SECRET_KEY": SECRET, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "moewm", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _all_text(folder):
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            yield path, path.read_bytes()
+
+
+def test_multirun_writes_summary_wandb_and_never_the_secret(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run(["-m", "seed=0,1", "extractor.end_layer_idx=null,99", *SMOKE, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode != 0, "a failed job must make the process exit non-zero"
+    df = pd.read_csv(sweep / "summary.csv")
+    assert len(df) == 4
+    ok, failed = df[df.status == "ok"], df[df.status == "failed"]
+    assert len(ok) == 2 and len(failed) == 2
+    assert failed.error.str.contains("extractor.end_layer_idx=99").all()
+    assert set(ok.seed) == {0, 1}
+    for column in ["key_fingerprint", "z_wm_mean", "z_unwm_mean", "auc", "tpr_at_1pct_fpr", "detection_rate",
+                   "false_positive_rate", "gamma_mean", "ppl_wm_mean", "gen_tokens_per_s_wm", "detect_tokens_per_s",
+                   "peak_memory_mb", "override.seed"]:
+        assert column in df.columns, column
+    assert (ok.model_loads_in_process == 1).all(), "the model must be loaded once per in-process multirun"
+    assert (sweep / "z_per_seed.png").exists()
+    job = sweep / str(ok.job.iloc[0])
+    metrics = json.loads((job / "metrics.json").read_text())
+    samples = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
+    assert metrics["n_samples"] == 4 and len(samples) == 4 and {"prompt", "text_wm", "text_unwm", "z_wm", "z_unwm"} <= set(samples[0])
+
+    # W&B offline run files, read back with wandb's own reader
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    [run_file] = list(job.rglob("run-*.wandb"))
+    store = datastore.DataStore()
+    store.open_for_scan(str(run_file))
+    summary_keys, config_text = set(), ""
+    while True:
+        data = store.scan_data()
+        if data is None:
+            break
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "summary":
+            summary_keys |= {item.key for item in record.summary.update}
+        if record.WhichOneof("record_type") == "run":
+            config_text += str(record.run.config)
+    assert {"z_wm_mean", "auc", "status"} <= summary_keys
+    assert "fingerprint:" in config_text
+
+    # the secret appears in no file the sweep wrote (W&B folders included)
+    leaks = [str(p) for p, data in _all_text(sweep) if SECRET.encode() in data]
+    assert not leaks, leaks
+
+
+def test_secret_on_the_command_line_is_scrubbed_and_detect_mode_scores_a_file(tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "Return the number of items in the list and the", "prompt": "Hello"}) + "\n"
+                     + json.dumps({"text": "x"}) + "\n")
+    out = tmp_path / "run"
+    proc = _run(["mode=detect", f"input={texts}", f"secret_key={SECRET}", "model=micro_moe", "watermark.min_tokens=4",
+                 "logger=none", f"hydra.run.dir={out}"], tmp_path, env_extra={"MOEWM_SECRET_KEY": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"z_score", "p_value", "prediction", "num_tokens_scored"} <= set(rows[0])
+    assert rows[1]["z_score"] is None and "min_tokens" in rows[1]["note"]  # too short: NaN, no exception
+    leaks = [str(p) for p, data in _all_text(out) if SECRET.encode() in data]
+    assert not leaks, leaks
+
+
+def test_real_model_offline_fails_fast_with_a_clear_message(tmp_path):
+    proc = _run(["model=qwen_moe", "memory=ultra_low", "logger=none", f"hydra.run.dir={tmp_path / 'q'}"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "not available" in proc.stderr + proc.stdout
