@@ -166,3 +166,12 @@ def test_real_model_offline_fails_fast_with_a_clear_message(tmp_path):
     proc = _run(["model=qwen_moe", "memory=ultra_low", "logger=none", f"hydra.run.dir={tmp_path / 'q'}"], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "not available" in proc.stderr + proc.stdout
+
+
+def test_submitit_local_sweep_runs_the_cluster_path(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1", *SMOKE, "logger=none",
+                 f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(sweep / "summary.csv")
+    assert len(df) == 2 and (df.status == "ok").all()
