@@ -28,7 +28,7 @@ from moewm.models import load_model
 from moewm.quality import pad_id, perplexity
 from moewm.schema import AppConfig
 from moewm.tracking import Tracker
-from moewm.watermark import MoEDetectorOutput, MoELSHWatermark, encode_prompt
+from moewm.watermark import MoEDetectorOutput, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,11 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def build_watermarker(app: AppConfig, model: Any, tokenizer: Any, key: WatermarkKey, calibration: Any) -> Any:
-    if app.watermark.kind == "moe_lsh":
-        return MoELSHWatermark(model, tokenizer, app.extractor, app.encoder, app.watermark, key,
-                               calibration=getattr(calibration, "stats", None))
-    from moewm.baselines import build_watermarker as build_baseline
+    """The configured scheme (moe_lsh, or a baseline) behind one duck-typed interface."""
+    from moewm.baselines import build_watermarker as build
 
-    return build_baseline(app.watermark.kind, model, tokenizer, app.watermark, key,
-                          extractor=app.extractor, encoder=app.encoder)
+    return build(app.watermark.kind, model, tokenizer, app.watermark, key,
+                 extractor=app.extractor, encoder=app.encoder, calibration=calibration)
 
 
 def _needs_calibration(app: AppConfig) -> bool:

@@ -118,6 +118,7 @@ class LSHEncoder:
         vocab_size: int,
         fingerprint: str,
         kind: str = "simhash",
+        usable: Optional[torch.Tensor] = None,
     ) -> None:
         self.kind = kind
         self.fingerprint = fingerprint
@@ -133,6 +134,9 @@ class LSHEncoder:
         token_to_column = torch.full((self.vocab_size,), -1, dtype=torch.long)
         token_to_column[self.pool_tokens] = torch.arange(self.pool_tokens.numel())
         self.token_to_column = token_to_column
+        # Tokens that can occur in text (not special, inside the tokenizer): the null's denominator.
+        self.usable = torch.ones(self.vocab_size, dtype=torch.bool) if usable is None else usable.bool().cpu()
+        self.num_usable = int(self.usable.sum())
 
     @property
     def num_bits(self) -> int:
@@ -143,13 +147,13 @@ class LSHEncoder:
         return self.projection.device
 
     def to(self, device: torch.device | str) -> "LSHEncoder":
-        for name in ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column"):
+        for name in ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column", "usable"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def nbytes(self) -> int:
         """Memory held by the encoder's own tensors."""
-        names = ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column")
+        names = ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column", "usable")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def signature(self, features: torch.Tensor) -> torch.Tensor:
@@ -165,6 +169,10 @@ class LSHEncoder:
         flat = bits.reshape(-1, self.num_bits)
         sizes = torch.cat([self.green_columns(part).sum(-1) for part in flat.split(chunk)]) if flat.numel() else flat.new_zeros(0, dtype=torch.long)
         return sizes.reshape(bits.shape[:-1])
+
+    def gamma(self, bits: torch.Tensor) -> torch.Tensor:
+        """Null probability that a token is green: |G| over the tokens that can occur in text (float64)."""
+        return self.green_size(bits).to(torch.float64) / self.num_usable
 
     def is_green(self, bits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Whether each token is in the green list of the matching signature; bits (..., nb), tokens (...)."""
@@ -196,4 +204,4 @@ def build_encoder(
         pools = semantic_pools(embeddings, valid_tokens, cfg, key)
     else:
         pools = random_pools(valid_tokens, cfg, key)
-    return LSHEncoder(projection, center, pools, vocab_size, key.fingerprint, cfg.kind)
+    return LSHEncoder(projection, center, pools, vocab_size, key.fingerprint, cfg.kind, usable=valid_tokens)

@@ -35,14 +35,15 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
         history: list[torch.Tensor] = []
         green_count, mean, var, n = 0, 0.0, 0.0, 0
         for t, token in enumerate(ids):
-            if t >= len(prompt_ids) and t - back >= 0:
+            usable = bool(enc.usable[token])
+            if t >= len(prompt_ids) and t - back >= 0 and usable:
                 feature = history[t - back]
                 bits = ((feature - center) @ projection > 0).tolist()
                 green: set[int] = set()
                 for bit, pool in zip(bits, pools):
                     if bit:
                         green |= pool
-                gamma = len(green) / wm.vocab_size
+                gamma = len(green) / enc.num_usable
                 green_count += token in green
                 mean += gamma
                 var += gamma * (1 - gamma)

@@ -330,9 +330,11 @@ class MoELSHWatermark:
         shifted = torch.zeros_like(bits)
         shifted[:, back:] = bits[:, :-back]
         prompt_len = torch.tensor(list(prompt_lengths), device=device).unsqueeze(1)
-        scored = (positions >= prompt_len) & (positions >= back) & attention.bool()
+        # Special tokens can never be green and are not text: they are context, not scored trials.
+        usable = self.encoder.usable[input_ids]
+        scored = (positions >= prompt_len) & (positions >= back) & attention.bool() & usable
         green = self.encoder.is_green(shifted, input_ids) & scored
-        gamma = self.encoder.green_size(shifted).to(torch.float64) / self.vocab_size
+        gamma = self.encoder.gamma(shifted)
         if self.watermark_cfg.ignore_repeated:
             keys = _signature_hash(shifted) * 1_000_003 + input_ids
             scored = _first_occurrences(keys, scored)

@@ -221,3 +221,18 @@ def test_processor_works_inside_plain_model_generate(micro_qwen, tokenizer, key)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         [res] = wm.detect_ids([new], [enc["input_ids"][0].tolist()]).results()
     assert res.z_score > 4
+
+
+def test_null_is_standard_normal_on_random_tokens_even_when_gamma_is_large(micro_qwen, tokenizer, key):
+    # 16 bits x 48-token pools cover much of a 259-token vocabulary: gamma must count only the tokens
+    # that can occur in text (not the special ones), or the null z drifts upwards.
+    wm = _wm(micro_qwen, tokenizer, key, encoder=EncoderConfig(num_bits=16, pool_size=48), watermark=WatermarkConfig(min_tokens=1))
+    wm.close()
+    usable = torch.nonzero(wm.encoder.usable).flatten()
+    gen = torch.Generator().manual_seed(7)
+    texts = usable[torch.randint(len(usable), (96, 96), generator=gen)].tolist()
+    prompts = [[usable[0].item()]] * len(texts)
+    z = wm.detect_ids(texts, prompts).z_score
+    assert wm.encoder.gamma(torch.ones(1, 16, dtype=torch.bool)).item() > 0.5
+    assert abs(z.mean()) < 3 / math.sqrt(len(z)) * 1.0 + 0.05, z.mean()
+    assert 0.75 < z.std() < 1.25, z.std()
