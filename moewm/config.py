@@ -280,9 +280,12 @@ class AttackConfig:
     # Paraphrase attack: None uses the job's own model; otherwise a hub name or local directory.
     paraphrase_model: Optional[str] = None
     paraphrase_max_new_tokens: int = 96
+    # copy_paste: how many watermarked spans are embedded in the unwatermarked text (the n of CP-n).
+    copy_paste_spans: int = 3
 
     def validate(self) -> None:
         _require(self.name in ATTACK_KINDS, f"attack.name={self.name!r}: allowed values are {ATTACK_KINDS}")
+        _require(self.copy_paste_spans >= 1, f"attack.copy_paste_spans={self.copy_paste_spans}: must be >= 1")
         _require(0.0 <= self.strength <= 1.0, f"attack.strength={self.strength}: allowed range is [0, 1]")
         _require(self.paraphrase_max_new_tokens >= 1,
                  f"attack.paraphrase_max_new_tokens={self.paraphrase_max_new_tokens}: must be >= 1")
