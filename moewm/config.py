@@ -209,7 +209,7 @@ class MemoryConfig:
     quantize_experts: bool = True
     device_map: Optional[str] = None
     max_memory: dict[str, str] = field(default_factory=dict)
-    budget_gib: float = 6.0
+    budget_gib: float = 80.0
 
     def validate(self) -> None:
         _require(

@@ -143,6 +143,18 @@ class RoutingWatermarkProcessor(LogitsProcessor):
         return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta)
 
 
+class TokenizerVocabularyMask(LogitsProcessor):
+    """Never sample ids the tokenizer does not have (padded embedding rows, or a random-init model's spare rows)."""
+
+    def __init__(self, tokenizer_size: int) -> None:
+        self.tokenizer_size = tokenizer_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.tokenizer_size :] = float("-inf")
+        return scores
+
+
 def _first_occurrences(keys: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Mask of scored positions whose key did not occur at an earlier scored position of the same row."""
     sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
@@ -426,6 +438,8 @@ def generate_batched(
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
+    if len(tokenizer) < model_vocab_size(model):
+        processors = [*processors, TokenizerVocabularyMask(len(tokenizer))]
     outputs: list[list[int]] = []
     starts = range(0, len(prompt_ids), generation.batch_size)
     if progress:

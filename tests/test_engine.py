@@ -236,3 +236,12 @@ def test_null_is_standard_normal_on_random_tokens_even_when_gamma_is_large(micro
     assert wm.encoder.gamma(torch.ones(1, 16, dtype=torch.bool)).item() > 0.5
     assert abs(z.mean()) < 3 / math.sqrt(len(z)) * 1.0 + 0.05, z.mean()
     assert 0.75 < z.std() < 1.25, z.std()
+
+
+def test_generation_never_samples_ids_the_tokenizer_lacks(tokenizer, key):
+    model = micro_model("qwen2_moe", vocab_size=400)  # spare embedding rows, as in padded real vocabularies
+    with _wm(model, tokenizer, key) as wm:
+        _, ids = wm.generate_ids(PROMPTS[:4], GenerationConfig(max_new_tokens=48, min_new_tokens=48))
+        out = wm.detect_ids(ids, [wm.encode_prompt(p) for p in PROMPTS[:4]])
+    assert max(max(row) for row in ids) < len(tokenizer)
+    assert (out.num_tokens_scored == 48).all() and out.z_score.min() > 4
