@@ -97,6 +97,10 @@ class WatermarkConfig:
     # Sliding-window detection over this many scored tokens (None: off); reported as its own statistic.
     window: Optional[int] = None
     detect_batch_size: int = 16
+    # The null's per-token green probability: "model" = the model's own probability mass on the green
+    # list (white-box, exact for the model's unwatermarked samples); "uniform" = |G_t| / usable tokens
+    # (the classic KGW assumption, biased when pools are not a uniform draw of the vocabulary).
+    null: str = "model"
     # Baseline watermarks (kind=kgw / synthid) through transformers' own implementations.
     kgw_gamma: float = 0.25
     kgw_seeding_scheme: str = "lefthash"
@@ -110,6 +114,7 @@ class WatermarkConfig:
         _require(self.min_tokens >= 1, f"watermark.min_tokens={self.min_tokens}: must be >= 1")
         if self.window is not None:
             _require(self.window >= 2, f"watermark.window={self.window}: must be >= 2 (or null to turn it off)")
+        _require(self.null in ("model", "uniform"), f"watermark.null={self.null!r}: allowed values are model, uniform")
         _require(self.detect_batch_size >= 1, f"watermark.detect_batch_size={self.detect_batch_size}: must be >= 1")
         _require(0 < self.kgw_gamma < 1, f"watermark.kgw_gamma={self.kgw_gamma}: allowed range is (0, 1)")
         _require(self.synthid_ngram_len >= 2, f"watermark.synthid_ngram_len={self.synthid_ngram_len}: must be >= 2")

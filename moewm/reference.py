@@ -33,6 +33,7 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
     try:
         past = None
         history: list[torch.Tensor] = []
+        prev_probs = torch.zeros(wm.vocab_size, dtype=torch.float64)
         green_count, mean, var, n = 0, 0.0, 0.0, 0
         for t, token in enumerate(ids):
             usable = bool(enc.usable[token])
@@ -43,7 +44,10 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
                 for bit, pool in zip(bits, pools):
                     if bit:
                         green |= pool
-                gamma = len(green) / enc.num_usable
+                if wm.watermark_cfg.null == "model":  # the model's own mass on the green list, among text tokens
+                    gamma = sum(float(prev_probs[i]) for i in green) / float(prev_probs[enc.usable.cpu()].sum())
+                else:
+                    gamma = len(green) / enc.num_usable
                 green_count += token in green
                 mean += gamma
                 var += gamma * (1 - gamma)
@@ -55,6 +59,7 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
                 output_router_logits=True,
             )
             past = out.past_key_values
+            prev_probs = torch.softmax(out.logits[0, -1].double(), dim=-1).cpu()
             layers = []
             for logits in out.router_logits[start:end]:
                 probs = torch.softmax(logits.reshape(-1, logits.shape[-1])[-1].double(), dim=-1)

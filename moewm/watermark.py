@@ -328,12 +328,13 @@ class MoELSHWatermark:
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
         self.capture.attach()
-        self.model(
+        model_null = self.watermark_cfg.null == "model"
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=positions,
             use_cache=False,
-            logits_to_keep=1,
+            logits_to_keep=0 if model_null else 1,  # the uniform null needs no logits at all
         )
         features = self.capture.features(batch)  # (B, L, D)
         self.capture.clear()
@@ -346,11 +347,32 @@ class MoELSHWatermark:
         usable = self.encoder.usable[input_ids]
         scored = (positions >= prompt_len) & (positions >= back) & attention.bool() & usable
         green = self.encoder.is_green(shifted, input_ids) & scored
-        gamma = self.encoder.gamma(shifted)
+        if model_null:
+            gamma = self.model_green_mass(out.logits, shifted)
+        else:
+            gamma = self.encoder.gamma(shifted)
+        del out
         if self.watermark_cfg.ignore_repeated:
             keys = _signature_hash(shifted) * 1_000_003 + input_ids
             scored = _first_occurrences(keys, scored)
         return {"green": green, "gamma": gamma, "scored": scored, "bits": shifted}
+
+    def model_green_mass(self, logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """P(token at t is green | context, token is text) under the unwatermarked model, (B, L) float64.
+
+        The distribution for the token at position t is the model's output at t - 1; special tokens are
+        never scored, so the mass is renormalised over the usable tokens. One row at a time bounds the
+        (L, V) softmax in memory.
+        """
+        usable = self.encoder.usable.to(logits.device)
+        mass = torch.zeros(bits.shape[:2], dtype=torch.float64, device=logits.device)
+        for row in range(logits.shape[0]):
+            probs = torch.softmax(logits[row, :-1].float(), dim=-1)  # predicts positions 1..L-1
+            usable_mass = (probs * usable).sum(-1).double()
+            green_cols = self.encoder.green_columns(bits[row, 1:].to(probs.device))
+            green_mass = (probs[:, self.encoder.pool_tokens] * green_cols).sum(-1).double()
+            mass[row, 1:] = green_mass / usable_mass.clamp(min=1e-30)
+        return mass.clamp(0.0, 1.0)
 
     def _score_batch(self, rows: list[list[int]], prompt_lengths: list[int]) -> MoEDetectorOutput:
         cfg = self.watermark_cfg

@@ -226,7 +226,7 @@ def test_processor_works_inside_plain_model_generate(micro_qwen, tokenizer, key)
 def test_null_is_standard_normal_on_random_tokens_even_when_gamma_is_large(micro_qwen, tokenizer, key):
     # 16 bits x 48-token pools cover much of a 259-token vocabulary: gamma must count only the tokens
     # that can occur in text (not the special ones), or the null z drifts upwards.
-    wm = _wm(micro_qwen, tokenizer, key, encoder=EncoderConfig(num_bits=16, pool_size=48), watermark=WatermarkConfig(min_tokens=1))
+    wm = _wm(micro_qwen, tokenizer, key, encoder=EncoderConfig(num_bits=16, pool_size=48), watermark=WatermarkConfig(min_tokens=1, null="uniform"))
     wm.close()
     usable = torch.nonzero(wm.encoder.usable).flatten()
     gen = torch.Generator().manual_seed(7)
