@@ -77,6 +77,8 @@ def register() -> None:
     if not OmegaConf.has_resolver("moewm.add"):
         # Lets a preset tie keys together, e.g. end_layer_idx = start_layer_idx + 2 in a layer sweep.
         OmegaConf.register_new_resolver("moewm.add", lambda *xs: sum(int(x) for x in xs))
+    if not OmegaConf.has_resolver("moewm.min"):
+        OmegaConf.register_new_resolver("moewm.min", lambda *xs: min(int(x) for x in xs))
 
 
 def to_app_config(cfg: DictConfig | AppConfig) -> AppConfig:

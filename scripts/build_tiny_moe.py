@@ -9,8 +9,9 @@ Recipe (all on CPU, deterministic given ``--seed`` as long as the step budget, n
 2. a byte-level BPE tokenizer (HF ``tokenizers``) trained on the training docstrings, wrapped as a
    ``PreTrainedTokenizerFast`` (``<|endoftext|>`` is eos and pad);
 3. a ``transformers.Qwen2MoeForCausalLM`` (the class of Qwen1.5-MoE-A2.7B: softmax top-k routing plus a
-   gated shared expert) trained with the load-balancing auxiliary loss, AdamW, warmup + cosine, on packed
-   sequences of training docstrings separated by eos;
+   gated shared expert) trained with its own load-balancing auxiliary loss plus a training-only Sinkhorn
+   balancing loss on the router logits (the aux loss alone starves experts at this scale), AdamW, warmup +
+   cosine, on packed sequences of training docstrings separated by eos;
 4. a quality floor checked on the held-out docstrings *before* anything is written (held-out perplexity
    far below a unigram baseline; every expert of every layer used; routing of frequent tokens depends on
    their context), then config, float16 weights, tokenizer, generation config, ``build_log.json`` and a
