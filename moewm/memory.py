@@ -13,6 +13,8 @@ is suggested.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -26,26 +28,26 @@ from moewm.config import ConfigError, ExtractorConfig, MemoryConfig, ModelConfig
 GIB = 1024**3
 GB = 1000**3
 
-# The shipped memory profiles (conf/memory/*.yaml hold the same values; tests/test_memory.py checks
-# that they agree). Besides the ``memory`` group, ultra_low shrinks the experiment.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {
-        "memory": dict(name="default", quantization="none", double_quant=False, compute_dtype="bfloat16",
-                       quantize_experts=True, device_map=None, max_memory={}, budget_gib=80.0),
-    },
-    "low": {
-        "memory": dict(name="low", quantization="int8", double_quant=False, compute_dtype="bfloat16",
-                       quantize_experts=True, device_map=None, max_memory={}, budget_gib=24.0),
-    },
-    "ultra_low": {
-        "memory": dict(name="ultra_low", quantization="nf4", double_quant=True, compute_dtype="bfloat16",
-                       quantize_experts=True, device_map=None, max_memory={}, budget_gib=12.0),
-        "extractor": dict(start_layer_idx=6, end_layer_idx=8, use_top_k=True, k=2),
-        "encoder": dict(num_bits=64, pool_size=4),
-        "generation": dict(max_new_tokens=64),
-    },
-}
 PROFILE_ORDER = ("default", "low", "ultra_low")
+
+
+def _load_profiles() -> dict[str, dict[str, dict[str, Any]]]:
+    """The shipped memory profiles, read from their one home, conf/memory/*.yaml (the app's config group).
+
+    Besides the ``memory`` group, a profile may shrink the experiment (ultra_low sets extractor/encoder/generation).
+    """
+    from omegaconf import OmegaConf
+
+    folder = Path(__file__).resolve().parent.parent / "conf" / "memory"
+    profiles = {}
+    for name in PROFILE_ORDER:
+        data = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"), resolve=True)
+        assert isinstance(data, dict)
+        profiles[name] = data
+    return profiles
+
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = _load_profiles()
 _STRENGTH = {"none": 0, "int8": 1, "nf4": 2}
 
 # Fixed allowance for what torch does not count as tensors: CUDA context, cuBLAS workspaces, allocator slack.

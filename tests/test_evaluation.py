@@ -172,4 +172,4 @@ def test_moe_position_scores_match_the_detector(micro_qwen, tokenizer, plain, ke
             det = wm.detect_ids(plain_ids[:4], prompt_ids[:4])
             ps = position_scores(wm, plain_ids[:4], prompt_ids[:4], batch_size=3)
         assert (ps.tokens_scored() == det.num_tokens_scored).all()
-        np.testing.assert_allclose(ps.z(), det.z_score, rtol=1e-9)
+        np.testing.assert_allclose(ps.z(), det.z_score, rtol=1e-6)  # float32 logits: batch padding moves the 9th digit
