@@ -1,0 +1,959 @@
+"""Benchmarks: generation, detection, routing capture, scaling and memory, timed in one process and one run.
+
+``python -m moewm.bench`` (tiny_moe on the best device) writes ``bench.json`` and prints Markdown tables;
+``--smoke`` shrinks every size so a run takes seconds. Every comparison runs on identical inputs of fixed
+length (greedy decoding, ``min_new_tokens = max_new_tokens``), after warm-up, and the methods that are
+compared are interleaved repeat by repeat, so a change in background load hits them alike; the number
+reported is the median. Ratios within one run are the meaningful output; absolute times depend on the
+machine and its load (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from transformers import LogitsProcessorList, WatermarkingConfig
+
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.keys import WatermarkKey
+from moewm.reference import reference_detect
+from moewm.watermark import MoELSHWatermark, usable_tokens
+
+log = logging.getLogger(__name__)
+
+# A fixed public key: the benchmark measures speed, nothing it produces is secret.
+BENCH_SECRET = "moewm-benchmark-public-key"
+
+TARGETS = {
+    "generation_watermarked_over_plain": 1.10,
+    "detection_over_forward": 1.3,
+    "reference_speedup_at_128": 10.0,
+    "watermark_memory_fraction": 0.05,
+}
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moewm.bench", description=__doc__.split("\n\n")[0])
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="tiny_moe", help="tiny_moe (shipped), micro (random micro qwen2_moe), or a hub name / local directory")
+    m.add_argument("--model-config", default=None, help="a conf/model/*.yaml merged into moewm.config.ModelConfig")
+    m.add_argument("--random-init", action="store_true", help="build the model config's architecture with random weights")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotlist override of the model config, e.g. architecture.num_hidden_layers=2")
+    m.add_argument("--micro-family", default="qwen2_moe", help="family of --model micro (qwen2_moe, mixtral, olmoe)")
+    m.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the model config's, else auto)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model config's, else float32")
+    m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    s = p.add_argument_group("sizes")
+    s.add_argument("--batch-size", type=int, default=8, help="generation batch (and generation-capture batch)")
+    s.add_argument("--detect-batch-size", type=int, default=16, help="detection / forward batch")
+    s.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (generation) and context tokens (detection)")
+    s.add_argument("--gen-len", type=int, default=128, help="new tokens per generation (min = max, greedy)")
+    s.add_argument("--text-len", type=int, default=128, help="scored tokens per text in the main detection run")
+    s.add_argument("--reference-lengths", type=_ints, default=[64, 128, 256, 512], help="text lengths of the token-by-token comparison")
+    s.add_argument("--reference-texts", type=int, default=2, help="texts scored token by token per length")
+    s.add_argument("--scale-batches", type=_ints, default=[1, 4, 16, 64], help="detection scaling: batch sizes")
+    s.add_argument("--scale-lengths", type=_ints, default=[64, 256, 1024], help="detection scaling: text lengths")
+    s.add_argument("--gen-scale-batches", type=_ints, default=[1, 4, 16], help="generation scaling: batch sizes")
+    s.add_argument("--gen-scale-lengths", type=_ints, default=[32, 128], help="generation scaling: new tokens")
+    s.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    s.add_argument("--scale-repeats", type=int, default=3, help="timed repeats per scaling cell (at most)")
+    s.add_argument("--cell-budget", type=float, default=20.0, help="seconds of timed repeats per scaling cell: big cells get fewer repeats")
+    s.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    s.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: a seconds-long check that everything runs")
+    w = p.add_argument_group("watermark")
+    w.add_argument("--num-bits", type=int, default=EncoderConfig.num_bits)
+    w.add_argument("--pool-size", type=int, default=EncoderConfig.pool_size)
+    w.add_argument("--delta", type=float, default=WatermarkConfig.delta)
+    w.add_argument("--kgw-gamma", type=float, default=WatermarkConfig.kgw_gamma)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="bench.json", help="where the JSON goes")
+    o.add_argument("--markdown", default=None, help="also write the Markdown tables to this file")
+    o.add_argument("--skip", default="", help="comma-separated sections to skip: generation,detection,reference,capture,scaling,memory")
+    return p
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    """Shrink every size so the whole benchmark takes seconds (the numbers then mean little)."""
+    args.batch_size, args.detect_batch_size = 2, 2
+    args.prompt_len, args.gen_len, args.text_len = 4, 6, 12
+    args.reference_lengths, args.reference_texts = [12], 1
+    args.scale_batches, args.scale_lengths = [1, 2], [8, 16]
+    args.gen_scale_batches, args.gen_scale_lengths = [1, 2], [4]
+    args.repeats, args.scale_repeats, args.warmup = 1, 1, 1
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """ModelConfig from a YAML (structured merge, so unknown keys fail), ``--model`` and ``--set`` overrides."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.structured(ModelConfig)
+    layers = []
+    if args.model_config:
+        loaded = OmegaConf.load(args.model_config)
+        if "model" in loaded and "path" not in loaded:  # a file written as {model: {...}}
+            loaded = loaded.model
+        loaded = OmegaConf.masked_copy(loaded, [k for k in loaded.keys() if k != "defaults"])
+        layers.append(loaded)
+    elif args.model != "tiny_moe":
+        layers.append(OmegaConf.create({"name": Path(args.model).name, "path": args.model}))
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if overrides:
+        layers.append(OmegaConf.create(overrides))
+    if args.random_init:
+        layers.append(OmegaConf.create({"random_init": True}))
+    if args.set:
+        layers.append(OmegaConf.from_dotlist(args.set))
+    cfg = OmegaConf.to_object(OmegaConf.merge(base, *layers))
+    assert isinstance(cfg, ModelConfig)
+    return cfg
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Model, tokenizer and a description of what was loaded."""
+    from moewm.models import load_model, pick_device
+
+    if args.model == "micro" and not args.model_config:
+        from moewm.testing import byte_tokenizer, micro_model
+
+        device = pick_device(args.device or "auto")
+        model = micro_model(args.micro_family).to(device=device, dtype=getattr(torch, args.dtype or "float32"))
+        tokenizer = byte_tokenizer()
+        info: dict[str, Any] = {"name": f"micro-{args.micro_family}", "source": "moewm.testing.micro_model (random init)"}
+    else:
+        cfg = model_config_from_args(args)
+        model, tokenizer = load_model(cfg)
+        info = {"name": cfg.name, "source": cfg.path, "random_init": cfg.random_init}
+    info["forced_output_router_logits_off"] = bool(getattr(model.config, "output_router_logits", False))
+    # A config saved with output_router_logits=true would make every forward compute the auxiliary loss;
+    # the benchmark turns it off so that it is measured only where asked for.
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False
+    info.update(
+        model_type=model.config.model_type,
+        vocab_size=int(model.config.vocab_size),
+        num_layers=int(model.config.num_hidden_layers),
+        hidden_size=int(model.config.hidden_size),
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        device=str(next(model.parameters()).device),
+    )
+    return model, tokenizer, info
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device, budget_s: Optional[float] = None
+) -> dict[str, dict[str, Any]]:
+    """Time several callables interleaved (A B C A B C ...) after warm-up; median, min and all times in seconds.
+
+    With ``budget_s``, the repeats are cut (to no fewer than one) so that they take about that long,
+    judged by the last warm-up round.
+    """
+    round_s = 0.0
+    for _ in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
+        for fn in fns.values():
+            fn()
+        _sync(device)
+        round_s = time.perf_counter() - t0
+    if budget_s is not None and round_s > 0:
+        repeats = min(repeats, int(budget_s // round_s))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts} for name, ts in times.items()}
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's resident set size
+    sampled by a thread every ``interval`` seconds; it counts every touched page (tensors, allocator slack,
+    Python objects), and a spike shorter than the interval can be missed.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.0005) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def _sample(self, process: Any) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            libc = _libc()
+            if libc is not None:
+                libc.malloc_trim(0)
+            process = psutil.Process()
+            self._base = self._max = process.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, args=(process,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            import psutil
+
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, psutil.Process().memory_info().rss)
+            self.peak_bytes = self._max - self._base
+
+
+@contextlib.contextmanager
+def exact_rss() -> Iterator[bool]:
+    """Make RSS follow live tensors: glibc then maps every block >= 128 KiB on its own and unmaps it on free.
+
+    By default glibc raises its mmap threshold after large frees, so a later tensor reuses heap pages
+    that never left the RSS and a peak delta reads too low. Yields whether the setting could be made.
+    """
+    libc = _libc()
+    if libc is None:
+        yield False
+        return
+    m_mmap_threshold = -3
+    ok = bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
+    try:
+        yield ok
+    finally:
+        libc.malloc_trim(0)
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+
+class Inputs:
+    """Fixed-length token ids drawn (seeded) from the tokenizer's usable tokens."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, seed: int = 0) -> None:
+        self.pool = torch.nonzero(usable_tokens(tokenizer, vocab_size), as_tuple=True)[0]
+        self.seed = seed
+
+    def rows(self, batch: int, length: int, salt: int = 0) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + salt * 7919 + length)
+        idx = torch.randint(self.pool.numel(), (batch, length), generator=gen)
+        return self.pool[idx].tolist()
+
+
+def forward_fn(
+    model: torch.nn.Module, rows: Sequence[Sequence[int]], pad: int, full_logits: bool = False, router_logits: bool = False
+) -> Callable[[], Any]:
+    """One forward pass over ``rows`` built exactly as the detector builds its batch (right padding, use_cache=False)."""
+    device = model.get_input_embeddings().weight.device
+    batch, length = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((batch, length), pad, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        attention[i, : len(r)] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if not full_logits:
+        kwargs["logits_to_keep"] = 1
+    if router_logits:
+        kwargs["output_router_logits"] = True
+
+    @torch.no_grad()
+    def run() -> Any:
+        return model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs)
+
+    return run
+
+
+def generate_fn(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    processors: Sequence[Any] = (),
+    before: Optional[Callable[[], None]] = None,
+    **extra: Any,
+) -> Callable[[], torch.Tensor]:
+    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens per prompt (all prompts the same length)."""
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    attention = torch.ones_like(input_ids)
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, batch_size=len(prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        if before is not None:
+            before()
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            logits_processor=LogitsProcessorList(list(processors)),
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            **gen.generate_kwargs(),
+            **extra,
+        )
+
+    return run
+
+
+# -- sections ---------------------------------------------------------------------------------------
+
+
+class Bench:
+    """The state one run shares: model, watermark, inputs, device and settings."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.args = args
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.get_input_embeddings().weight.device
+        self.wm = MoELSHWatermark(
+            model,
+            tokenizer,
+            ExtractorConfig(),
+            EncoderConfig(num_bits=args.num_bits, pool_size=args.pool_size),
+            WatermarkConfig(delta=args.delta, kgw_gamma=args.kgw_gamma),
+            WatermarkKey(BENCH_SECRET, 0),
+        )
+        self.wm.close()  # hooks only where a measurement asks for them
+        self.inputs = Inputs(tokenizer, self.wm.vocab_size)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @contextlib.contextmanager
+    def hooks(self, on: bool) -> Iterator[None]:
+        if on:
+            self.wm.capture.attach()
+        else:
+            self.wm.close()
+        try:
+            yield
+        finally:
+            self.wm.close()
+
+    def kgw_config(self) -> WatermarkingConfig:
+        cfg = self.wm.watermark_cfg
+        return WatermarkingConfig(
+            greenlist_ratio=cfg.kgw_gamma, bias=cfg.delta, seeding_scheme=cfg.kgw_seeding_scheme, context_width=cfg.kgw_context_width
+        )
+
+    def generation_fns(self, batch: int, new_tokens: int, kgw: bool = True) -> dict[str, Callable[[], Any]]:
+        prompts = self.inputs.rows(batch, self.args.prompt_len, salt=1)
+        plain = generate_fn(self.model, self.tokenizer, prompts, new_tokens)
+        marked = generate_fn(self.model, self.tokenizer, prompts, new_tokens, [self.wm.logits_processor], before=self.wm.logits_processor.reset)
+
+        def with_hooks(fn: Callable[[], Any], on: bool) -> Callable[[], Any]:
+            def run() -> Any:
+                with self.hooks(on):
+                    return fn()
+
+            return run
+
+        fns = {"plain": with_hooks(plain, False), "moe_lsh": with_hooks(marked, True)}
+        if kgw:
+            fns["kgw"] = with_hooks(generate_fn(self.model, self.tokenizer, prompts, new_tokens, watermarking_config=self.kgw_config()), False)
+        return fns
+
+    def detection_fns(self, batch: int, text_len: int, full_logits: bool = False) -> dict[str, Callable[[], Any]]:
+        prompts = self.inputs.rows(batch, self.args.prompt_len, salt=2)
+        texts = self.inputs.rows(batch, text_len, salt=3)
+        rows = [p + t for p, t in zip(prompts, texts)]
+
+        def detect() -> Any:
+            self.wm.watermark_cfg.detect_batch_size = batch  # one forward per call, like the plain pass
+            try:
+                return self.wm.detect_ids(texts, prompts)
+            finally:
+                self.wm.close()
+
+        fns = {"moe_lsh_detect": detect, "forward": forward_fn(self.model, rows, self.pad)}
+        if full_logits:
+            fns["forward_full_logits"] = forward_fn(self.model, rows, self.pad, full_logits=True)
+        return fns
+
+    # Each section returns a JSON-able dict.
+    def generation(self) -> dict[str, Any]:
+        a = self.args
+        t = compare(self.generation_fns(a.batch_size, a.gen_len), a.repeats, a.warmup, self.device)
+        tokens = a.batch_size * a.gen_len
+        for v in t.values():
+            v["tokens_per_s"] = tokens / v["median_s"]
+        out: dict[str, Any] = {"batch_size": a.batch_size, "prompt_len": a.prompt_len, "new_tokens": a.gen_len, "timings": t}
+        out["ratio_moe_lsh_over_plain"] = t["moe_lsh"]["median_s"] / t["plain"]["median_s"]
+        out["ratio_kgw_over_plain"] = t["kgw"]["median_s"] / t["plain"]["median_s"]
+        out["sanity"] = self._sanity(a.batch_size, a.gen_len)
+        return out
+
+    def _sanity(self, batch: int, new_tokens: int) -> dict[str, Any]:
+        """z-scores of what was timed: the watermark must actually be there (and absent from plain text)."""
+        prompts = self.inputs.rows(batch, self.args.prompt_len, salt=1)
+        fns = self.generation_fns(batch, new_tokens, kgw=False)
+        width = self.args.prompt_len
+        marked = fns["moe_lsh"]()[:, width:].tolist()
+        plain = fns["plain"]()[:, width:].tolist()
+        self.wm.watermark_cfg.detect_batch_size = batch
+        z_marked = self.wm.detect_ids(marked, prompts).z_score
+        z_plain = self.wm.detect_ids(plain, prompts).z_score
+        self.wm.close()
+        return {"mean_z_moe_lsh": _finite_mean(z_marked), "mean_z_plain": _finite_mean(z_plain)}
+
+    def detection(self) -> dict[str, Any]:
+        a = self.args
+        t = compare(self.detection_fns(a.detect_batch_size, a.text_len, full_logits=True), a.repeats, a.warmup, self.device)
+        scored = a.detect_batch_size * a.text_len
+        for v in t.values():
+            v["scored_tokens_per_s"] = scored / v["median_s"]
+        return {
+            "batch_size": a.detect_batch_size,
+            "context_len": a.prompt_len,
+            "text_len": a.text_len,
+            "timings": t,
+            "ratio_detect_over_forward": t["moe_lsh_detect"]["median_s"] / t["forward"]["median_s"],
+            "ratio_detect_over_forward_full_logits": t["moe_lsh_detect"]["median_s"] / t["forward_full_logits"]["median_s"],
+        }
+
+    def reference(self) -> dict[str, Any]:
+        """Token-by-token reference vs the batched detector on the same texts (per scored token)."""
+        a = self.args
+        out = []
+        warm = self.inputs.rows(1, 4, salt=9)[0]
+        reference_detect(self.wm, warm, self.inputs.rows(1, a.prompt_len, salt=9)[0])
+        self.wm.close()
+        for length in a.reference_lengths:
+            n = a.reference_texts
+            prompts = self.inputs.rows(a.detect_batch_size, a.prompt_len, salt=4)
+            texts = self.inputs.rows(a.detect_batch_size, length, salt=5)
+            ref_times = []
+            for i in range(n):
+                _sync(self.device)
+                t0 = time.perf_counter()
+                reference_detect(self.wm, texts[i], prompts[i])
+                _sync(self.device)
+                ref_times.append(time.perf_counter() - t0)
+                self.wm.close()
+            per_text = statistics.median(ref_times)
+
+            def detect(batch: int) -> Callable[[], Any]:
+                def run() -> Any:
+                    self.wm.watermark_cfg.detect_batch_size = batch
+                    try:
+                        return self.wm.detect_ids(texts[:batch], prompts[:batch])
+                    finally:
+                        self.wm.close()
+
+                return run
+
+            t = compare({"batched": detect(a.detect_batch_size), "batch1": detect(1)}, a.repeats, a.warmup, self.device)
+            ref_tps = length / per_text
+            batched_tps = a.detect_batch_size * length / t["batched"]["median_s"]
+            single_tps = length / t["batch1"]["median_s"]
+            out.append(
+                {
+                    "text_len": length,
+                    "reference_texts": n,
+                    "reference_s_per_text": per_text,
+                    "reference_times_s": ref_times,
+                    "reference_tokens_per_s": ref_tps,
+                    "batched_batch_size": a.detect_batch_size,
+                    "batched_tokens_per_s": batched_tps,
+                    "batch1_tokens_per_s": single_tps,
+                    "speedup_batched": batched_tps / ref_tps,
+                    "speedup_batch1": single_tps / ref_tps,
+                }
+            )
+        return {"context_len": a.prompt_len, "rows": out}
+
+    def capture(self) -> dict[str, Any]:
+        """Why moewm hooks the routers instead of asking for output_router_logits=True."""
+        a = self.args
+        prompts = self.inputs.rows(a.detect_batch_size, a.prompt_len, salt=2)
+        texts = self.inputs.rows(a.detect_batch_size, a.text_len, salt=3)
+        rows = [p + t for p, t in zip(prompts, texts)]
+        plain = forward_fn(self.model, rows, self.pad)
+        orl = forward_fn(self.model, rows, self.pad, router_logits=True)
+        batch = len(rows)
+
+        def hooked(features: bool) -> Callable[[], Any]:
+            def run() -> Any:
+                with self.hooks(True):
+                    out = plain()
+                    if features:
+                        self.wm.capture.features(batch)
+                    return out
+
+            return run
+
+        def unhooked(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:
+                with self.hooks(False):
+                    return fn()
+
+            return run
+
+        fwd = compare(
+            {"no_capture": unhooked(plain), "hooks": hooked(False), "hooks_and_features": hooked(True), "output_router_logits": unhooked(orl)},
+            a.repeats,
+            a.warmup,
+            self.device,
+        )
+        for v in fwd.values():
+            v["ratio_over_no_capture"] = v["median_s"] / fwd["no_capture"]["median_s"]
+        prompts_g = self.inputs.rows(a.batch_size, a.prompt_len, salt=1)
+        gplain = generate_fn(self.model, self.tokenizer, prompts_g, a.gen_len)
+        gorl = generate_fn(self.model, self.tokenizer, prompts_g, a.gen_len, output_router_logits=True)
+
+        def ghooked() -> Any:
+            with self.hooks(True):
+                return gplain()
+
+        gen = compare({"no_capture": unhooked(gplain), "hooks": ghooked, "output_router_logits": unhooked(gorl)}, a.repeats, a.warmup, self.device)
+        for v in gen.values():
+            v["ratio_over_no_capture"] = v["median_s"] / gen["no_capture"]["median_s"]
+        return {
+            "forward": {"batch_size": batch, "tokens_per_row": len(rows[0]), "timings": fwd},
+            "generation": {"batch_size": a.batch_size, "new_tokens": a.gen_len, "timings": gen},
+        }
+
+    def scaling(self) -> dict[str, Any]:
+        a = self.args
+        det = []
+        for batch in a.scale_batches:
+            for length in a.scale_lengths:
+                t = compare(self.detection_fns(batch, length), a.scale_repeats, a.warmup, self.device, a.cell_budget)
+                det.append(
+                    {
+                        "batch_size": batch,
+                        "text_len": length,
+                        "detect_s": t["moe_lsh_detect"]["median_s"],
+                        "forward_s": t["forward"]["median_s"],
+                        "ratio_detect_over_forward": t["moe_lsh_detect"]["median_s"] / t["forward"]["median_s"],
+                        "detect_tokens_per_s": batch * length / t["moe_lsh_detect"]["median_s"],
+                        "repeats": len(t["forward"]["times_s"]),
+                    }
+                )
+        gen = []
+        for batch in a.gen_scale_batches:
+            for length in a.gen_scale_lengths:
+                t = compare(self.generation_fns(batch, length), a.scale_repeats, a.warmup, self.device, a.cell_budget)
+                gen.append(
+                    {
+                        "batch_size": batch,
+                        "new_tokens": length,
+                        "plain_s": t["plain"]["median_s"],
+                        "moe_lsh_s": t["moe_lsh"]["median_s"],
+                        "kgw_s": t["kgw"]["median_s"],
+                        "ratio_moe_lsh_over_plain": t["moe_lsh"]["median_s"] / t["plain"]["median_s"],
+                        "ratio_kgw_over_plain": t["kgw"]["median_s"] / t["plain"]["median_s"],
+                        "plain_tokens_per_s": batch * length / t["plain"]["median_s"],
+                        "repeats": len(t["plain"]["times_s"]),
+                    }
+                )
+        return {"context_len": a.prompt_len, "detection": det, "generation": gen}
+
+    def memory(self) -> dict[str, Any]:
+        a = self.args
+        with exact_rss() as exact:
+            peaks: dict[str, int] = {}
+            cases = {
+                **{f"generation_{k}": v for k, v in self.generation_fns(a.batch_size, a.gen_len, kgw=False).items()},
+                **{f"detection_{k}": v for k, v in self.detection_fns(a.detect_batch_size, a.text_len).items()},
+            }
+            for name, fn in cases.items():
+                fn()  # warm: first-call allocations are not what we measure
+                runs = []
+                for _ in range(max(1, min(a.repeats, 3))):
+                    with PeakMemory(self.device) as pm:
+                        fn()
+                    runs.append(pm.peak_bytes)
+                peaks[name] = max(runs)
+        model_bytes = param_bytes(self.model)
+        enc_bytes = self.wm.encoder.nbytes()
+        # What the hooks hold between a detection forward and the scoring: the features of the whole batch.
+        features_bytes = a.detect_batch_size * (a.prompt_len + a.text_len) * self.wm.capture.dim * 4
+        method = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS delta (psutil, 0.5 ms)"
+        return {
+            "method": method,
+            "glibc_exact_rss": exact if self.device.type != "cuda" else None,
+            "peak_bytes_above_start": peaks,
+            "generation_extra_bytes": peaks["generation_moe_lsh"] - peaks["generation_plain"],
+            "detection_extra_bytes": peaks["detection_moe_lsh_detect"] - peaks["detection_forward"],
+            "model_parameter_bytes": model_bytes,
+            "watermark_encoder_bytes": enc_bytes,
+            "watermark_fraction_of_model": enc_bytes / model_bytes,
+            "detection_features_bytes": features_bytes,
+            "process_max_rss_bytes": _max_rss(),
+        }
+
+
+def _finite_mean(values: Any) -> float:
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _max_rss() -> Optional[int]:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except (ImportError, AttributeError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The project's targets, evaluated on this run."""
+    rows = []
+
+    def add(name: str, value: Optional[float], limit: float, higher_is_better: bool, note: str = "") -> None:
+        met = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        rows.append({"target": name, "value": value, "limit": limit, "higher_is_better": higher_is_better, "met": met, "note": note})
+
+    gen = result.get("generation")
+    if gen:
+        add("generation moe_lsh/plain", gen["ratio_moe_lsh_over_plain"], TARGETS["generation_watermarked_over_plain"], False)
+        add("generation moe_lsh/plain below kgw/plain", gen["ratio_kgw_over_plain"] - gen["ratio_moe_lsh_over_plain"], 0.0, True, "kgw ratio minus moe_lsh ratio")
+    det = result.get("detection")
+    if det:
+        add("detection / one plain forward", det["ratio_detect_over_forward"], TARGETS["detection_over_forward"], False)
+    ref = result.get("reference")
+    if ref and ref["rows"]:
+        rows_by_len = sorted(ref["rows"], key=lambda r: r["text_len"])
+        at = [r for r in rows_by_len if r["text_len"] == 128] or [min(rows_by_len, key=lambda r: abs(r["text_len"] - 128))]
+        add(f"batched detection / reference speed at {at[0]['text_len']} tokens", at[0]["speedup_batched"], TARGETS["reference_speedup_at_128"], True)
+        if len(rows_by_len) > 1:
+            first, last = rows_by_len[0], rows_by_len[-1]
+            span = f"{first['text_len']} -> {last['text_len']} tokens"
+            for key, label in (("speedup_batch1", "batch-1"), ("speedup_batched", f"batch-{first['batched_batch_size']}")):
+                add(f"{label} speedup grows with length ({span})", last[key] / first[key], 1.0, True, "ratio of speedups")
+    mem = result.get("memory")
+    if mem:
+        add("watermark tensors / model parameters", mem["watermark_fraction_of_model"], TARGETS["watermark_memory_fraction"], False)
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def _mib(n: Optional[float]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The Markdown tables of a result (what BENCHMARKS.md keeps)."""
+    lines: list[str] = [f"Command: `{result['command']}`", ""]
+    m, mc = result["model"], result["machine"]
+    lines.append(
+        f"Model `{m['name']}` ({m['model_type']}, {m['parameters'] / 1e6:.2f} M parameters, {m['num_layers']} layers, "
+        f"vocab {m['vocab_size']}, {m['dtype']}) on {mc['device']} ({mc['cpu']}, {mc['cpu_count']} cores, "
+        f"{mc['torch_threads']} torch threads{', ' + mc['gpu'] if 'gpu' in mc else ''}); torch {mc['torch']}, "
+        f"transformers {mc['transformers']}; load average {result['load_average']['start']} at start, {result['load_average']['end']} at end."
+    )
+    lines.append("")
+    gen = result.get("generation")
+    if gen:
+        lines += [
+            f"### Generation (batch {gen['batch_size']}, prompt {gen['prompt_len']}, {gen['new_tokens']} new tokens, greedy)",
+            "",
+            "| method | median s | tokens/s | / plain |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, label in (("plain", "plain generate"), ("moe_lsh", "MoE-LSH watermark"), ("kgw", "KGW (transformers WatermarkingConfig)")):
+            t = gen["timings"][name]
+            lines.append(f"| {label} | {t['median_s']:.3f} | {t['tokens_per_s']:.0f} | {t['median_s'] / gen['timings']['plain']['median_s']:.3f} |")
+        s = gen["sanity"]
+        lines += ["", f"Sanity: mean z of the timed MoE-LSH output {s['mean_z_moe_lsh']:.2f}, of the plain output {s['mean_z_plain']:.2f}.", ""]
+    det = result.get("detection")
+    if det:
+        lines += [
+            f"### Detection (batch {det['batch_size']}, {det['context_len']} context + {det['text_len']} scored tokens per text)",
+            "",
+            "| method | median s | scored tokens/s | detection / this |",
+            "|---|---:|---:|---:|",
+        ]
+        d = det["timings"]["moe_lsh_detect"]["median_s"]
+        for name, label in (
+            ("moe_lsh_detect", "MoE-LSH batched detector"),
+            ("forward", "one plain forward (logits_to_keep=1)"),
+            ("forward_full_logits", "one plain forward (full logits)"),
+        ):
+            t = det["timings"][name]
+            lines.append(f"| {label} | {t['median_s']:.4f} | {t['scored_tokens_per_s']:.0f} | {d / t['median_s']:.3f} |")
+        lines.append("")
+    ref = result.get("reference")
+    if ref:
+        lines += [
+            "### Batched detector vs token-by-token reference (`reference_detect`)",
+            "",
+            "| text tokens | reference tokens/s | batched tokens/s (batch) | speedup | batch-1 speedup |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in ref["rows"]:
+            lines.append(
+                f"| {r['text_len']} | {r['reference_tokens_per_s']:.0f} | {r['batched_tokens_per_s']:.0f} ({r['batched_batch_size']}) | "
+                f"{r['speedup_batched']:.1f}x | {r['speedup_batch1']:.1f}x |"
+            )
+        lines.append("")
+    cap = result.get("capture")
+    if cap:
+        f, g = cap["forward"], cap["generation"]
+        lines += [
+            f"### Routing capture cost (forward: batch {f['batch_size']} x {f['tokens_per_row']} tokens; generation: batch {g['batch_size']} x {g['new_tokens']} new tokens)",
+            "",
+            "| capture | forward s | / none | generation s | / none |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, label in (
+            ("no_capture", "none"),
+            ("hooks", "moewm forward hooks"),
+            ("hooks_and_features", "hooks + features (softmax, concat)"),
+            ("output_router_logits", "output_router_logits=True (+ aux loss)"),
+        ):
+            ft = f["timings"][name]
+            gt = g["timings"].get(name)
+            gcol = f"{gt['median_s']:.3f} | {gt['ratio_over_no_capture']:.3f}" if gt else "- | -"
+            lines.append(f"| {label} | {ft['median_s']:.4f} | {ft['ratio_over_no_capture']:.3f} | {gcol} |")
+        lines.append("")
+    sc = result.get("scaling")
+    if sc:
+        batches = sorted({r["batch_size"] for r in sc["detection"]})
+        lengths = sorted({r["text_len"] for r in sc["detection"]})
+        cell = {(r["batch_size"], r["text_len"]): r for r in sc["detection"]}
+        lines += [
+            f"### Detection scaling: detection / forward ratio, detection seconds and scored tokens/s (context {sc['context_len']})",
+            "",
+            "| batch \\ text tokens | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+        ]
+        for b in batches:
+            cells = []
+            for n in lengths:
+                r = cell.get((b, n))
+                cells.append("-" if r is None else f"{r['ratio_detect_over_forward']:.2f} ({r['detect_s']:.3f} s, {r['detect_tokens_per_s']:.0f}/s)")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if sc["generation"]:
+            gb = sorted({r["batch_size"] for r in sc["generation"]})
+            gl = sorted({r["new_tokens"] for r in sc["generation"]})
+            gcell = {(r["batch_size"], r["new_tokens"]): r for r in sc["generation"]}
+            lines += [
+                "### Generation scaling: MoE-LSH / plain and KGW / plain (plain tokens/s)",
+                "",
+                "| batch \\ new tokens | " + " | ".join(str(n) for n in gl) + " |",
+                "|---|" + "---:|" * len(gl),
+            ]
+            for b in gb:
+                cells = []
+                for n in gl:
+                    r = gcell.get((b, n))
+                    cells.append(
+                        "-" if r is None else f"{r['ratio_moe_lsh_over_plain']:.3f} / {r['ratio_kgw_over_plain']:.3f} ({r['plain_tokens_per_s']:.0f}/s)"
+                    )
+                lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            lines.append("")
+    mem = result.get("memory")
+    if mem:
+        pk = mem["peak_bytes_above_start"]
+        lines += [
+            f"### Memory ({mem['method']})",
+            "",
+            "| what | bytes |",
+            "|---|---:|",
+            f"| model parameters + buffers | {_mib(mem['model_parameter_bytes'])} |",
+            f"| watermark encoder tensors (`LSHEncoder.nbytes()`) | {_mib(mem['watermark_encoder_bytes'])} ({100 * mem['watermark_fraction_of_model']:.3f} % of the model) |",
+            f"| routing features held per detection batch | {_mib(mem['detection_features_bytes'])} |",
+            f"| peak above start: plain generation | {_mib(pk['generation_plain'])} |",
+            f"| peak above start: MoE-LSH generation | {_mib(pk['generation_moe_lsh'])} |",
+            f"| peak above start: plain forward | {_mib(pk['detection_forward'])} |",
+            f"| peak above start: MoE-LSH detection | {_mib(pk['detection_moe_lsh_detect'])} |",
+            "",
+        ]
+    tg = result.get("targets")
+    if tg:
+        lines += ["### Targets", "", "| target | value | limit | met |", "|---|---:|---:|---|"]
+        for t in tg:
+            value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+            op = ">=" if t["higher_is_better"] else "<="
+            lines.append(f"| {t['target']} | {value} | {op} {t['limit']} | {'yes' if t['met'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+SECTIONS = ("generation", "detection", "reference", "capture", "scaling", "memory")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        apply_smoke(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--skip: unknown sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    torch.manual_seed(0)
+    model, tokenizer, info = load(args)
+    bench = Bench(args, model, tokenizer)
+    result: dict[str, Any] = {
+        "command": "python -m moewm.bench " + " ".join(args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k != "argv"},
+        "model": info,
+        "machine": machine_info(bench.device),
+        "watermark": {
+            "extractor": asdict(bench.wm.extractor_cfg),
+            "encoder": asdict(bench.wm.encoder_cfg),
+            "delta": bench.wm.watermark_cfg.delta,
+            "feature_dim": bench.wm.capture.dim,
+        },
+        "load_average": {"start": _loadavg()},
+    }
+    started = time.perf_counter()
+    for name in SECTIONS:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        log.info("bench: %s ...", name)
+        result[name] = getattr(bench, name)()
+        result.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+        result["load_average"][f"after_{name}"] = _loadavg()
+    result["total_seconds"] = time.perf_counter() - started
+    result["load_average"]["end"] = _loadavg()
+    result["targets"] = targets(result)
+    return result
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / inf become null (strict JSON); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    result = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+    table = markdown(result)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
