@@ -877,7 +877,8 @@ def markdown(result: dict[str, Any]) -> str:
 SECTIONS = ("generation", "detection", "reference", "capture", "scaling", "memory")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, checkpoint: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """All sections not skipped; ``checkpoint`` gets the partial result after each one."""
     if args.smoke:
         apply_smoke(args)
     if args.threads:
@@ -911,6 +912,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result[name] = getattr(bench, name)()
         result.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
         result["load_average"][f"after_{name}"] = _loadavg()
+        if checkpoint is not None:
+            checkpoint(result)
     result["total_seconds"] = time.perf_counter() - started
     result["load_average"]["end"] = _loadavg()
     result["targets"] = targets(result)
@@ -945,9 +948,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(result: dict[str, Any]) -> None:
+        out.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+
+    result = run(args, checkpoint=write)  # partial results land in --out as sections finish
+    write(result)
     table = markdown(result)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
