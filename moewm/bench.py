@@ -341,13 +341,15 @@ def generate_fn(
     new_tokens: int,
     processors: Sequence[Any] = (),
     before: Optional[Callable[[], None]] = None,
+    sample: bool = False,
     **extra: Any,
 ) -> Callable[[], torch.Tensor]:
-    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens per prompt (all prompts the same length)."""
+    """``model.generate`` of exactly ``new_tokens`` tokens per prompt (all prompts the same length):
+    greedy, or with ``sample`` pure sampling at temperature 1 (no top-k / top-p)."""
     device = model.get_input_embeddings().weight.device
     input_ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
     attention = torch.ones_like(input_ids)
-    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, batch_size=len(prompts))
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, batch_size=len(prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
@@ -387,6 +389,7 @@ class Bench:
             WatermarkKey(BENCH_SECRET, 0),
         )
         self.wm.close()  # hooks only where a measurement asks for them
+        self.default_null = self.wm.watermark_cfg.null
         self.inputs = Inputs(tokenizer, self.wm.vocab_size)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -424,22 +427,44 @@ class Bench:
             fns["kgw"] = with_hooks(generate_fn(self.model, self.tokenizer, prompts, new_tokens, watermarking_config=self.kgw_config()), False)
         return fns
 
-    def detection_fns(self, batch: int, text_len: int, full_logits: bool = False) -> dict[str, Callable[[], Any]]:
-        prompts = self.inputs.rows(batch, self.args.prompt_len, salt=2)
-        texts = self.inputs.rows(batch, text_len, salt=3)
-        rows = [p + t for p, t in zip(prompts, texts)]
+    def detector(self, texts: list[list[int]], prompts: list[list[int]], batch: int, null: str) -> Callable[[], Any]:
+        """``detect_ids`` with one forward per ``batch`` texts and the given null (model / uniform)."""
 
-        def detect() -> Any:
-            self.wm.watermark_cfg.detect_batch_size = batch  # one forward per call, like the plain pass
+        def run() -> Any:
+            cfg = self.wm.watermark_cfg
+            cfg.detect_batch_size, cfg.null = batch, null
             try:
                 return self.wm.detect_ids(texts, prompts)
             finally:
+                cfg.null = self.default_null
                 self.wm.close()
 
-        fns = {"moe_lsh_detect": detect, "forward": forward_fn(self.model, rows, self.pad)}
-        if full_logits:
-            fns["forward_full_logits"] = forward_fn(self.model, rows, self.pad, full_logits=True)
-        return fns
+        return run
+
+    def detection_fns(self, batch: int, text_len: int) -> dict[str, Callable[[], Any]]:
+        """Both detectors and the two plain forwards they are compared with, on the same padded batch.
+
+        The model null needs the model's distribution at every scored position, so its limit is the
+        forward with full logits; the uniform null needs no logits, so its limit is ``logits_to_keep=1``.
+        """
+        prompts = self.inputs.rows(batch, self.args.prompt_len, salt=2)
+        texts = self.inputs.rows(batch, text_len, salt=3)
+        rows = [p + t for p, t in zip(prompts, texts)]
+        return {
+            "detect_model_null": self.detector(texts, prompts, batch, "model"),
+            "detect_uniform_null": self.detector(texts, prompts, batch, "uniform"),
+            "forward": forward_fn(self.model, rows, self.pad),
+            "forward_full_logits": forward_fn(self.model, rows, self.pad, full_logits=True),
+        }
+
+    @staticmethod
+    def detection_ratios(t: dict[str, dict[str, Any]]) -> dict[str, float]:
+        m = {k: v["median_s"] for k, v in t.items()}
+        return {
+            "ratio_model_null_over_forward_full_logits": m["detect_model_null"] / m["forward_full_logits"],
+            "ratio_uniform_null_over_forward": m["detect_uniform_null"] / m["forward"],
+            "ratio_model_null_over_forward": m["detect_model_null"] / m["forward"],
+        }
 
     # Each section returns a JSON-able dict.
     def generation(self) -> dict[str, Any]:
@@ -455,21 +480,31 @@ class Bench:
         return out
 
     def _sanity(self, batch: int, new_tokens: int) -> dict[str, Any]:
-        """z-scores of what was timed: the watermark must actually be there (and absent from plain text)."""
+        """z-scores of what was timed, with the null measured alongside.
+
+        The watermark must be there in the timed (greedy) output. Greedy text is not a draw from the
+        model, so the model null does not hold for it (the mode of a distribution is green more often
+        than its green mass says when the key's pools hold likely tokens): the valid null is plain text
+        sampled at temperature 1 from the same prompts, reported next to the greedy plain z.
+        """
+        new_tokens = max(new_tokens, 2 * self.wm.watermark_cfg.min_tokens)  # z is undefined below min_tokens
         prompts = self.inputs.rows(batch, self.args.prompt_len, salt=1)
         fns = self.generation_fns(batch, new_tokens, kgw=False)
         width = self.args.prompt_len
-        marked = fns["moe_lsh"]()[:, width:].tolist()
-        plain = fns["plain"]()[:, width:].tolist()
+        texts = {"moe_lsh_greedy": fns["moe_lsh"]()[:, width:].tolist(), "plain_greedy": fns["plain"]()[:, width:].tolist()}
+        torch.manual_seed(0)
+        texts["plain_sampled"] = generate_fn(self.model, self.tokenizer, prompts, new_tokens, sample=True)()[:, width:].tolist()
         self.wm.watermark_cfg.detect_batch_size = batch
-        z_marked = self.wm.detect_ids(marked, prompts).z_score
-        z_plain = self.wm.detect_ids(plain, prompts).z_score
+        out: dict[str, Any] = {"null": self.wm.watermark_cfg.null, "new_tokens": new_tokens}
+        for name, rows in texts.items():
+            z = self.wm.detect_ids(rows, prompts).z_score
+            out[f"z_{name}_mean"], out[f"z_{name}_std"] = _finite_mean(z), _finite_std(z)
         self.wm.close()
-        return {"mean_z_moe_lsh": _finite_mean(z_marked), "mean_z_plain": _finite_mean(z_plain)}
+        return out
 
     def detection(self) -> dict[str, Any]:
         a = self.args
-        t = compare(self.detection_fns(a.detect_batch_size, a.text_len, full_logits=True), a.repeats, a.warmup, self.device)
+        t = compare(self.detection_fns(a.detect_batch_size, a.text_len), a.repeats, a.warmup, self.device)
         scored = a.detect_batch_size * a.text_len
         for v in t.values():
             v["scored_tokens_per_s"] = scored / v["median_s"]
@@ -477,9 +512,9 @@ class Bench:
             "batch_size": a.detect_batch_size,
             "context_len": a.prompt_len,
             "text_len": a.text_len,
+            "default_null": self.default_null,
             "timings": t,
-            "ratio_detect_over_forward": t["moe_lsh_detect"]["median_s"] / t["forward"]["median_s"],
-            "ratio_detect_over_forward_full_logits": t["moe_lsh_detect"]["median_s"] / t["forward_full_logits"]["median_s"],
+            **self.detection_ratios(t),
         }
 
     def reference(self) -> dict[str, Any]:
@@ -531,7 +566,7 @@ class Bench:
                     "speedup_batch1": single_tps / ref_tps,
                 }
             )
-        return {"context_len": a.prompt_len, "rows": out}
+        return {"context_len": a.prompt_len, "null": self.default_null, "rows": out}
 
     def capture(self) -> dict[str, Any]:
         """Why moewm hooks the routers instead of asking for output_router_logits=True."""
@@ -594,10 +629,10 @@ class Bench:
                     {
                         "batch_size": batch,
                         "text_len": length,
-                        "detect_s": t["moe_lsh_detect"]["median_s"],
-                        "forward_s": t["forward"]["median_s"],
-                        "ratio_detect_over_forward": t["moe_lsh_detect"]["median_s"] / t["forward"]["median_s"],
-                        "detect_tokens_per_s": batch * length / t["moe_lsh_detect"]["median_s"],
+                        **{f"{k}_s": v["median_s"] for k, v in t.items()},
+                        **self.detection_ratios(t),
+                        "model_null_tokens_per_s": batch * length / t["detect_model_null"]["median_s"],
+                        "uniform_null_tokens_per_s": batch * length / t["detect_uniform_null"]["median_s"],
                         "repeats": len(t["forward"]["times_s"]),
                     }
                 )
@@ -646,7 +681,8 @@ class Bench:
             "glibc_exact_rss": exact if self.device.type != "cuda" else None,
             "peak_bytes_above_start": peaks,
             "generation_extra_bytes": peaks["generation_moe_lsh"] - peaks["generation_plain"],
-            "detection_extra_bytes": peaks["detection_moe_lsh_detect"] - peaks["detection_forward"],
+            "detection_model_null_extra_bytes": peaks["detection_detect_model_null"] - peaks["detection_forward_full_logits"],
+            "detection_uniform_null_extra_bytes": peaks["detection_detect_uniform_null"] - peaks["detection_forward"],
             "model_parameter_bytes": model_bytes,
             "watermark_encoder_bytes": enc_bytes,
             "watermark_fraction_of_model": enc_bytes / model_bytes,
@@ -658,6 +694,14 @@ class Bench:
 def _finite_mean(values: Any) -> float:
     vals = [float(v) for v in values if math.isfinite(float(v))]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _finite_std(values: Any) -> float:
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    if len(vals) < 2:
+        return float("nan")
+    mean = sum(vals) / len(vals)
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _max_rss() -> Optional[int]:
@@ -708,7 +752,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         add("generation moe_lsh/plain below kgw/plain", gen["ratio_kgw_over_plain"] - gen["ratio_moe_lsh_over_plain"], 0.0, True, "kgw ratio minus moe_lsh ratio")
     det = result.get("detection")
     if det:
-        add("detection / one plain forward", det["ratio_detect_over_forward"], TARGETS["detection_over_forward"], False)
+        add("detection (null=model) / forward with full logits", det["ratio_model_null_over_forward_full_logits"], TARGETS["detection_over_forward"], False)
+        add("detection (null=uniform) / forward, logits_to_keep=1", det["ratio_uniform_null_over_forward"], TARGETS["detection_over_forward"], False)
     ref = result.get("reference")
     if ref and ref["rows"]:
         rows_by_len = sorted(ref["rows"], key=lambda r: r["text_len"])
@@ -755,24 +800,38 @@ def markdown(result: dict[str, Any]) -> str:
             t = gen["timings"][name]
             lines.append(f"| {label} | {t['median_s']:.3f} | {t['tokens_per_s']:.0f} | {t['median_s'] / gen['timings']['plain']['median_s']:.3f} |")
         s = gen["sanity"]
-        lines += ["", f"Sanity: mean z of the timed MoE-LSH output {s['mean_z_moe_lsh']:.2f}, of the plain output {s['mean_z_plain']:.2f}.", ""]
+        lines += [
+            "",
+            f"Sanity (null={s['null']}, z mean ± std over the batch): timed MoE-LSH output "
+            f"{s['z_moe_lsh_greedy_mean']:.2f} ± {s['z_moe_lsh_greedy_std']:.2f}; plain output sampled at temperature 1 "
+            f"(the valid null) {s['z_plain_sampled_mean']:.2f} ± {s['z_plain_sampled_std']:.2f}; timed plain greedy output "
+            f"{s['z_plain_greedy_mean']:.2f} ± {s['z_plain_greedy_std']:.2f} (greedy text is not a draw from the model, "
+            "so no null holds for it exactly).",
+            "",
+        ]
     det = result.get("detection")
     if det:
         lines += [
-            f"### Detection (batch {det['batch_size']}, {det['context_len']} context + {det['text_len']} scored tokens per text)",
+            f"### Detection (batch {det['batch_size']}, {det['context_len']} context + {det['text_len']} scored tokens per text; default null: {det['default_null']})",
             "",
-            "| method | median s | scored tokens/s | detection / this |",
-            "|---|---:|---:|---:|",
+            "| method | median s | scored tokens/s |",
+            "|---|---:|---:|",
         ]
-        d = det["timings"]["moe_lsh_detect"]["median_s"]
         for name, label in (
-            ("moe_lsh_detect", "MoE-LSH batched detector"),
-            ("forward", "one plain forward (logits_to_keep=1)"),
-            ("forward_full_logits", "one plain forward (full logits)"),
+            ("detect_model_null", "MoE-LSH batched detector, null=model"),
+            ("detect_uniform_null", "MoE-LSH batched detector, null=uniform"),
+            ("forward_full_logits", "one plain forward, full logits"),
+            ("forward", "one plain forward, logits_to_keep=1"),
         ):
             t = det["timings"][name]
-            lines.append(f"| {label} | {t['median_s']:.4f} | {t['scored_tokens_per_s']:.0f} | {d / t['median_s']:.3f} |")
-        lines.append("")
+            lines.append(f"| {label} | {t['median_s']:.4f} | {t['scored_tokens_per_s']:.0f} |")
+        lines += [
+            "",
+            f"null=model / forward with full logits: **{det['ratio_model_null_over_forward_full_logits']:.3f}**; "
+            f"null=uniform / forward with logits_to_keep=1: **{det['ratio_uniform_null_over_forward']:.3f}**; "
+            f"null=model / forward with logits_to_keep=1: {det['ratio_model_null_over_forward']:.3f}.",
+            "",
+        ]
     ref = result.get("reference")
     if ref:
         lines += [
@@ -813,7 +872,7 @@ def markdown(result: dict[str, Any]) -> str:
         lengths = sorted({r["text_len"] for r in sc["detection"]})
         cell = {(r["batch_size"], r["text_len"]): r for r in sc["detection"]}
         lines += [
-            f"### Detection scaling: detection / forward ratio, detection seconds and scored tokens/s (context {sc['context_len']})",
+            f"### Detection scaling (context {sc['context_len']}): null=model / full-logits forward, null=uniform / logits_to_keep=1 forward; null=model seconds and scored tokens/s",
             "",
             "| batch \\ text tokens | " + " | ".join(str(n) for n in lengths) + " |",
             "|---|" + "---:|" * len(lengths),
@@ -822,7 +881,12 @@ def markdown(result: dict[str, Any]) -> str:
             cells = []
             for n in lengths:
                 r = cell.get((b, n))
-                cells.append("-" if r is None else f"{r['ratio_detect_over_forward']:.2f} ({r['detect_s']:.3f} s, {r['detect_tokens_per_s']:.0f}/s)")
+                cells.append(
+                    "-"
+                    if r is None
+                    else f"{r['ratio_model_null_over_forward_full_logits']:.2f} / {r['ratio_uniform_null_over_forward']:.2f} "
+                    f"({r['detect_model_null_s']:.3f} s, {r['model_null_tokens_per_s']:.0f}/s)"
+                )
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
         if sc["generation"]:
@@ -857,8 +921,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"| routing features held per detection batch | {_mib(mem['detection_features_bytes'])} |",
             f"| peak above start: plain generation | {_mib(pk['generation_plain'])} |",
             f"| peak above start: MoE-LSH generation | {_mib(pk['generation_moe_lsh'])} |",
-            f"| peak above start: plain forward | {_mib(pk['detection_forward'])} |",
-            f"| peak above start: MoE-LSH detection | {_mib(pk['detection_moe_lsh_detect'])} |",
+            f"| peak above start: plain forward, logits_to_keep=1 | {_mib(pk['detection_forward'])} |",
+            f"| peak above start: MoE-LSH detection, null=uniform | {_mib(pk['detection_detect_uniform_null'])} |",
+            f"| peak above start: plain forward, full logits | {_mib(pk['detection_forward_full_logits'])} |",
+            f"| peak above start: MoE-LSH detection, null=model | {_mib(pk['detection_detect_model_null'])} |",
             "",
         ]
     tg = result.get("targets")

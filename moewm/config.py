@@ -147,6 +147,14 @@ class GenerationConfig:
         _require(self.repetition_penalty > 0, f"generation.repetition_penalty={self.repetition_penalty}: must be > 0")
         _require(self.batch_size >= 1, f"generation.batch_size={self.batch_size}: must be >= 1")
 
+    @property
+    def samples_from_model(self) -> bool:
+        """Pure sampling at temperature 1: the only decoding whose text is a draw from the model, which
+        is what ``watermark.null=model`` assumes of unwatermarked text."""
+        return (
+            self.do_sample and self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0 and self.repetition_penalty == 1.0
+        )
+
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate``."""
         kwargs: dict[str, Any] = {

@@ -45,6 +45,24 @@ def test_every_option_composes_and_validates(group, option):
     validate_app(app)
 
 
+@pytest.mark.parametrize(
+    "overrides,warns",
+    [
+        ([], False),
+        (["generation.do_sample=false"], True),
+        (["generation.temperature=0.7"], True),
+        (["generation.top_p=0.9"], True),
+        (["generation.do_sample=false", "watermark.null=uniform"], False),
+        (["generation.do_sample=false", "watermark=kgw"], False),
+    ],
+)
+def test_model_null_warns_when_the_text_is_not_a_model_sample(overrides, warns, caplog):
+    app = to_app_config(_compose(["model=micro_moe", *overrides]))
+    with caplog.at_level("WARNING", logger="moewm.schema"):
+        validate_app(app)
+    assert any("watermark.null=model assumes" in r.getMessage() for r in caplog.records) == warns
+
+
 def test_dense_model_with_router_extractor_fails_before_loading():
     app = to_app_config(_compose(["model=qwen_dense", "extractor=router"]))
     with pytest.raises(ConfigError, match="extractor=hidden"):

@@ -21,7 +21,7 @@ def _positive_numbers(node, path=""):
             here = f"{path}.{k}"
             if isinstance(v, (dict, list)):
                 yield from _positive_numbers(v, here)
-            elif k.endswith(POSITIVE_SUFFIXES) or k.startswith(("ratio", "speedup")) or k in ("detect_s", "forward_s", "plain_s", "moe_lsh_s", "kgw_s"):
+            elif k.endswith(POSITIVE_SUFFIXES) or k.endswith("_s") or k.startswith(("ratio", "speedup")):
                 yield here, v
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -48,7 +48,12 @@ def test_smoke_writes_every_section(smoke):
     assert result["model"]["name"] == "micro-qwen2_moe"
     gen = result["generation"]
     assert set(gen["timings"]) == {"plain", "moe_lsh", "kgw"}
-    assert set(result["detection"]["timings"]) == {"moe_lsh_detect", "forward", "forward_full_logits"}
+    # The timed output is checked for the watermark, with the valid null (temperature-1 samples) beside it.
+    sanity = gen["sanity"]
+    assert sanity["null"] == "model"
+    for name in ("moe_lsh_greedy", "plain_greedy", "plain_sampled"):
+        assert math.isfinite(sanity[f"z_{name}_mean"]) and sanity[f"z_{name}_std"] >= 0, name
+    assert set(result["detection"]["timings"]) == {"detect_model_null", "detect_uniform_null", "forward", "forward_full_logits"}
     assert set(result["capture"]["forward"]["timings"]) == {"no_capture", "hooks", "hooks_and_features", "output_router_logits"}
     assert set(result["capture"]["generation"]["timings"]) == {"no_capture", "hooks", "output_router_logits"}
     # The smoke grid is the full cross product of its batch sizes and lengths.
@@ -80,7 +85,8 @@ def test_smoke_targets_and_markdown(smoke):
     result, md = smoke
     names = [t["target"] for t in result["targets"]]
     assert any(n.startswith("generation moe_lsh/plain") for n in names)
-    assert any(n.startswith("detection / one plain forward") for n in names)
+    assert any(n.startswith("detection (null=model)") for n in names)
+    assert any(n.startswith("detection (null=uniform)") for n in names)
     assert any(n.startswith("batched detection / reference") for n in names)
     assert any(n.startswith("watermark tensors") for n in names)
     for t in result["targets"]:
@@ -94,7 +100,7 @@ def test_smoke_targets_and_markdown(smoke):
 def test_targets_are_judged_against_their_limits():
     result = {
         "generation": {"ratio_moe_lsh_over_plain": 1.2, "ratio_kgw_over_plain": 1.5},
-        "detection": {"ratio_detect_over_forward": 1.1},
+        "detection": {"ratio_model_null_over_forward_full_logits": 1.1, "ratio_uniform_null_over_forward": 1.4},
         "reference": {
             "rows": [
                 {"text_len": 128, "speedup_batched": 12.0, "speedup_batch1": 9.0, "batched_batch_size": 16},
@@ -107,7 +113,8 @@ def test_targets_are_judged_against_their_limits():
     assert met == {
         "generation moe_lsh/plain": False,
         "generation moe_lsh/plain below kgw/plain": True,
-        "detection / one plain forward": True,
+        "detection (null=model) / forward with full logits": True,
+        "detection (null=uniform) / forward, logits_to_keep=1": False,
         "batched detection / reference speed at 128 tokens": True,
         "batch-1 speedup grows with length (64 -> 128 tokens)": False,
         "batch-16 speedup grows with length (64 -> 128 tokens)": True,
@@ -144,7 +151,7 @@ def test_random_init_yaml_model_runs(tmp_path):
     )
     assert result["model"]["model_type"] == "mixtral" and result["model"]["random_init"]
     data = json.loads(out.read_text())
-    assert "scaling" not in data and data["detection"]["ratio_detect_over_forward"] > 0
+    assert "scaling" not in data and data["detection"]["ratio_uniform_null_over_forward"] > 0
 
 
 def test_peak_memory_sees_a_large_tensor():
@@ -152,3 +159,36 @@ def test_peak_memory_sees_a_large_tensor():
         block = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, every page touched
         assert block.sum().item() == 16 * 2**20
     assert pm.peak_bytes >= 60 * 2**20
+
+
+def test_model_null_gamma_matches_the_direct_computation(tokenizer, key):
+    """The detector's model null (LM head from the first scored position on, blocked softmax, padding
+    skipped: the speed-ups the benchmark led to) gives the values of the plain full-logits formula."""
+    from moewm.config import EncoderConfig, WatermarkConfig
+    from moewm.testing import micro_model
+    from moewm.watermark import MoELSHWatermark
+
+    model = micro_model("qwen2_moe", vocab_size=40000)  # large vocabulary: 16-position blocks, rows span several
+    wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=32), watermark=WatermarkConfig(null="model"), key=key)
+    gen = torch.Generator().manual_seed(0)
+    prompt_lengths = [3, 9, 5]
+    rows = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 12, 41)]
+    s = wm.token_scores(rows, prompt_lengths)
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attention[i, : len(r)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=torch.arange(length).expand(len(rows), -1), use_cache=False).logits
+    wm.close()
+    enc = wm.encoder
+    expected = torch.zeros(len(rows), length, dtype=torch.float64)
+    for i in range(len(rows)):
+        probs = torch.softmax(logits[i, :-1].double(), dim=-1)
+        green = enc.green_columns(s["bits"][i, 1:]).double()
+        expected[i, 1:] = (probs[:, enc.pool_tokens] * green).sum(-1) / (probs * enc.usable.double()).sum(-1)
+    scored = s["scored"]
+    assert int(scored.sum()) == sum(len(r) - p for r, p in zip(rows, prompt_lengths))
+    torch.testing.assert_close(s["gamma"][scored], expected[scored], rtol=1e-5, atol=1e-7)
