@@ -3,9 +3,10 @@
 ``python -m moewm.bench`` (tiny_moe on the best device) writes ``bench.json`` and prints Markdown tables;
 ``--smoke`` shrinks every size so a run takes seconds. Every comparison runs on identical inputs of fixed
 length (greedy decoding, ``min_new_tokens = max_new_tokens``), after warm-up, and the methods that are
-compared are interleaved repeat by repeat, so a change in background load hits them alike; the number
-reported is the median. Ratios within one run are the meaningful output; absolute times depend on the
-machine and its load (recorded in the JSON).
+compared are interleaved repeat by repeat (in rotated order), so a change in background load hits them
+alike; times are medians, and a ratio is the median of the per-round ratios, which cancels drifts of
+machine speed between rounds. Ratios within one run are the meaningful output; absolute times depend on
+the machine and its load (recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -175,7 +176,10 @@ def _sync(device: torch.device) -> None:
 def compare(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device, budget_s: Optional[float] = None
 ) -> dict[str, dict[str, Any]]:
-    """Time several callables interleaved (A B C A B C ...) after warm-up; median, min and all times in seconds.
+    """Time several callables interleaved (A B C, B C A, ...) after warm-up; median, min and all times in seconds.
+
+    Repeat i of every method runs within one round, so :func:`ratio` can pair them: a change of machine
+    speed between rounds (turbo, a noisy neighbour) then cancels.
 
     With ``budget_s``, the repeats are cut (to no fewer than one) so that they take about that long,
     judged by the last warm-up round.
@@ -191,14 +195,22 @@ def compare(
     if budget_s is not None and round_s > 0:
         repeats = min(repeats, int(budget_s // round_s))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(max(1, repeats)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no method always runs first
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts} for name, ts in times.items()}
+
+
+def ratio(timings: dict[str, dict[str, Any]], num: str, den: str) -> float:
+    """Median over rounds of time(num) / time(den) in the same round (see :func:`compare`)."""
+    a, b = timings[num]["times_s"], timings[den]["times_s"]
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -459,11 +471,10 @@ class Bench:
 
     @staticmethod
     def detection_ratios(t: dict[str, dict[str, Any]]) -> dict[str, float]:
-        m = {k: v["median_s"] for k, v in t.items()}
         return {
-            "ratio_model_null_over_forward_full_logits": m["detect_model_null"] / m["forward_full_logits"],
-            "ratio_uniform_null_over_forward": m["detect_uniform_null"] / m["forward"],
-            "ratio_model_null_over_forward": m["detect_model_null"] / m["forward"],
+            "ratio_model_null_over_forward_full_logits": ratio(t, "detect_model_null", "forward_full_logits"),
+            "ratio_uniform_null_over_forward": ratio(t, "detect_uniform_null", "forward"),
+            "ratio_model_null_over_forward": ratio(t, "detect_model_null", "forward"),
         }
 
     # Each section returns a JSON-able dict.
@@ -474,8 +485,8 @@ class Bench:
         for v in t.values():
             v["tokens_per_s"] = tokens / v["median_s"]
         out: dict[str, Any] = {"batch_size": a.batch_size, "prompt_len": a.prompt_len, "new_tokens": a.gen_len, "timings": t}
-        out["ratio_moe_lsh_over_plain"] = t["moe_lsh"]["median_s"] / t["plain"]["median_s"]
-        out["ratio_kgw_over_plain"] = t["kgw"]["median_s"] / t["plain"]["median_s"]
+        out["ratio_moe_lsh_over_plain"] = ratio(t, "moe_lsh", "plain")
+        out["ratio_kgw_over_plain"] = ratio(t, "kgw", "plain")
         out["sanity"] = self._sanity(a.batch_size, a.gen_len)
         return out
 
@@ -601,8 +612,8 @@ class Bench:
             a.warmup,
             self.device,
         )
-        for v in fwd.values():
-            v["ratio_over_no_capture"] = v["median_s"] / fwd["no_capture"]["median_s"]
+        for name, v in fwd.items():
+            v["ratio_over_no_capture"] = ratio(fwd, name, "no_capture")
         prompts_g = self.inputs.rows(a.batch_size, a.prompt_len, salt=1)
         gplain = generate_fn(self.model, self.tokenizer, prompts_g, a.gen_len)
         gorl = generate_fn(self.model, self.tokenizer, prompts_g, a.gen_len, output_router_logits=True)
@@ -612,8 +623,8 @@ class Bench:
                 return gplain()
 
         gen = compare({"no_capture": unhooked(gplain), "hooks": ghooked, "output_router_logits": unhooked(gorl)}, a.repeats, a.warmup, self.device)
-        for v in gen.values():
-            v["ratio_over_no_capture"] = v["median_s"] / gen["no_capture"]["median_s"]
+        for name, v in gen.items():
+            v["ratio_over_no_capture"] = ratio(gen, name, "no_capture")
         return {
             "forward": {"batch_size": batch, "tokens_per_row": len(rows[0]), "timings": fwd},
             "generation": {"batch_size": a.batch_size, "new_tokens": a.gen_len, "timings": gen},
@@ -647,8 +658,8 @@ class Bench:
                         "plain_s": t["plain"]["median_s"],
                         "moe_lsh_s": t["moe_lsh"]["median_s"],
                         "kgw_s": t["kgw"]["median_s"],
-                        "ratio_moe_lsh_over_plain": t["moe_lsh"]["median_s"] / t["plain"]["median_s"],
-                        "ratio_kgw_over_plain": t["kgw"]["median_s"] / t["plain"]["median_s"],
+                        "ratio_moe_lsh_over_plain": ratio(t, "moe_lsh", "plain"),
+                        "ratio_kgw_over_plain": ratio(t, "kgw", "plain"),
                         "plain_tokens_per_s": batch * length / t["plain"]["median_s"],
                         "repeats": len(t["plain"]["times_s"]),
                     }
@@ -785,7 +796,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model `{m['name']}` ({m['model_type']}, {m['parameters'] / 1e6:.2f} M parameters, {m['num_layers']} layers, "
         f"vocab {m['vocab_size']}, {m['dtype']}) on {mc['device']} ({mc['cpu']}, {mc['cpu_count']} cores, "
         f"{mc['torch_threads']} torch threads{', ' + mc['gpu'] if 'gpu' in mc else ''}); torch {mc['torch']}, "
-        f"transformers {mc['transformers']}; load average {result['load_average']['start']} at start, {result['load_average']['end']} at end."
+        f"transformers {mc['transformers']}; load average {result['load_average']['start']} at start, {result['load_average']['end']} at end. "
+        "Times are medians of the repeats; ratios are medians of the per-round ratios (methods interleaved in one round)."
     )
     lines.append("")
     gen = result.get("generation")
@@ -798,7 +810,8 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for name, label in (("plain", "plain generate"), ("moe_lsh", "MoE-LSH watermark"), ("kgw", "KGW (transformers WatermarkingConfig)")):
             t = gen["timings"][name]
-            lines.append(f"| {label} | {t['median_s']:.3f} | {t['tokens_per_s']:.0f} | {t['median_s'] / gen['timings']['plain']['median_s']:.3f} |")
+            r = {"plain": 1.0, "moe_lsh": gen["ratio_moe_lsh_over_plain"], "kgw": gen["ratio_kgw_over_plain"]}[name]
+            lines.append(f"| {label} | {t['median_s']:.3f} | {t['tokens_per_s']:.0f} | {r:.3f} |")
         s = gen["sanity"]
         lines += [
             "",

@@ -410,7 +410,7 @@ def _watermark_bytes(feature_dim: int, num_bits: int, pool_size: int, vocab: int
 
 
 def _activation_bytes(config: Any, batch: int, prompt: int, new: int, dtype_bytes: int, sel_layers: int, width: int, feature_dim: int) -> int:
-    """A rough peak: prefill working set, eager attention scores, last-token logits, captured routing, detection features."""
+    """A rough peak: prefill working set, eager attention scores, logits (last token, or a detection block), captured routing, detection features."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
@@ -422,7 +422,10 @@ def _activation_bytes(config: Any, batch: int, prompt: int, new: int, dtype_byte
     seq = prompt + new
     working = batch * seq * (6 * hidden + 3 * inter) * dtype_bytes
     scores = batch * heads * seq * seq * dtype_bytes
-    logits = 3 * batch * int(text.vocab_size) * 4
+    # Last-token logits while generating; while detecting with the model null, the blocks of next-token
+    # distributions (logits, probabilities, pool columns: moewm.watermark.green_mass_block on a GPU).
+    vocab = int(text.vocab_size)
+    logits = 3 * max(batch, max(16, (1 << 22) // vocab)) * vocab * 4
     routing = sel_layers * batch * seq * width * (dtype_bytes + 4) + batch * seq * feature_dim * 4
     return working + scores + logits + routing
 

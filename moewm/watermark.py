@@ -19,6 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from moewm import stats
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
+from moewm.lm_head import SplitLMHead, split_lm_head
 from moewm.lsh import CalibrationStats, LSHEncoder, build_encoder
 from moewm.routing import FeatureCapture
 
@@ -216,6 +217,8 @@ class MoELSHWatermark:
         self.logits_processor = RoutingWatermarkProcessor(
             self.capture, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
         )
+        self._split_head: Optional[SplitLMHead] = None
+        self._split_head_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -327,19 +330,23 @@ class MoELSHWatermark:
             attention[i, : len(r)] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-        self.capture.attach()
         model_null = self.watermark_cfg.null == "model"
+        split = self.split_head() if model_null else None
         back = -self.extractor_cfg.token_idx
-        # The model null needs the next-token distribution at t - 1 only for scored t >= max(prompt, back):
-        # the LM head skips the context before that (the uniform null needs no logits at all).
-        first = min(max(min(prompt_lengths), back) - 1, length - 1) if model_null else 0
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=length - first if model_null else 1,
-        )
+        self.capture.attach()
+        if split is not None:
+            # Decoder only: the output head runs later in blocks, on the scored positions alone.
+            source = split.decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+            offset = 0
+        else:
+            # The model null needs the next-token distribution at t - 1 only for scored t >= max(prompt, back);
+            # the uniform null needs no logits at all.
+            offset = min(max(min(prompt_lengths), back) - 1, length - 1) if model_null else length - 1
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=length - offset
+            )
+            source = out.logits
+            del out
         features = self.capture.features(batch)  # (B, L, D)
         self.capture.clear()
         bits = self.encoder.signature(features.to(self.encoder.device))
@@ -351,46 +358,61 @@ class MoELSHWatermark:
         scored = (positions >= prompt_len) & (positions >= back) & attention.bool() & usable
         green = self.encoder.is_green(shifted, input_ids) & scored
         if model_null:
-            gamma = self.model_green_mass(out.logits, shifted, first, [len(r) for r in rows])
+            gamma = self.model_green_mass(source, shifted, scored, offset, split)
         else:
             gamma = self.encoder.gamma(shifted)
-        del out
+        del source
         if self.watermark_cfg.ignore_repeated:
             keys = _signature_hash(shifted) * 1_000_003 + input_ids
             scored = _first_occurrences(keys, scored)
         return {"green": green, "gamma": gamma, "scored": scored, "bits": shifted}
 
+    def split_head(self) -> Optional[SplitLMHead]:
+        """The model's decoder and output head, checked once against its own logits (see moewm.lm_head)."""
+        if not self._split_head_checked:
+            self.capture.detach()
+            probe = self.encoder.pool_tokens[:8].to(self.device).unsqueeze(0)
+            self._split_head = split_lm_head(self.model, probe)
+            self._split_head_checked = True
+        return self._split_head
+
     def model_green_mass(
-        self, logits: torch.Tensor, bits: torch.Tensor, first: int = 0, lengths: Optional[Sequence[int]] = None
+        self,
+        source: torch.Tensor,
+        bits: torch.Tensor,
+        scored: torch.Tensor,
+        offset: int = 0,
+        split: Optional[SplitLMHead] = None,
     ) -> torch.Tensor:
         """P(token at t is green | context, token is text) under the unwatermarked model, (B, L) float64.
 
         The distribution for the token at position t is the model's output at t - 1; special tokens are
-        never scored, so the mass is renormalised over the usable tokens. ``logits`` cover positions
-        ``first`` .. L-1 (the model ran with ``logits_to_keep = L - first``) and ``lengths`` (tokens per
-        right-padded row) skips the padding; positions not computed get 0. Blocks of about 2 MiB of
-        probabilities (each position is computed on its own, so the blocking changes no value) bound the
-        softmax in memory and keep it in cache: on CPU, whole 1k-token rows were three times slower.
+        never scored, so the mass is renormalised over the usable tokens. ``source[:, p - offset]`` is,
+        for model position p, the last hidden state (with ``split``: its head makes the logits here) or
+        the logits. Only the ``scored`` positions are computed (others get 0), all rows together, in
+        blocks (:func:`green_mass_block`); each position is computed on its own, so the blocking changes
+        no value.
         """
         enc = self.encoder
-        usable = enc.usable.to(device=logits.device, dtype=torch.float32)
-        membership = enc.membership.to(device=logits.device, dtype=torch.float32)
-        pool = enc.pool_tokens.to(logits.device)
-        length = bits.shape[1]
-        block = max(16, (1 << 19) // logits.shape[-1])  # positions per block
-        mass = torch.zeros(bits.shape[:2], dtype=torch.float64, device=logits.device)
-        for row in range(logits.shape[0]):
-            end = length if lengths is None else int(lengths[row])  # positions first+1 .. end-1 are predicted
-            for lo in range(0, end - 1 - first, block):
-                hi = min(lo + block, end - 1 - first)
-                probs = torch.softmax(logits[row, lo:hi].float(), dim=-1)  # predicts positions first+1+lo ..
-                usable_mass = (probs * usable).sum(-1).double()
-                # green_columns' values as a float 0/1 mask: the count of set pools owning each column, capped at 1.
-                bits_block = bits[row, first + 1 + lo : first + 1 + hi].to(device=logits.device, dtype=torch.float32)
-                green_cols = (bits_block @ membership).clamp_(max=1.0)
-                # gather (not advanced indexing): the same copy of the pool columns, about twice as fast on CPU.
-                green_mass = torch.gather(probs, 1, pool.expand(probs.shape[0], -1)).mul_(green_cols).sum(-1).double()
-                mass[row, first + 1 + lo : first + 1 + hi] = green_mass / usable_mass.clamp(min=1e-30)
+        dev = source.device
+        usable = enc.usable.to(device=dev, dtype=torch.float32)
+        membership = enc.membership.to(device=dev, dtype=torch.float32)
+        pool = enc.pool_tokens.to(dev)
+        rows, cols = torch.nonzero(scored[:, 1:].to(dev), as_tuple=True)
+        cols = cols + 1  # predicted position t; the model's output for it sits at t - 1
+        mass = torch.zeros(bits.shape[:2], dtype=torch.float64, device=dev)
+        block = green_mass_block(self.vocab_size, dev)
+        for lo in range(0, rows.numel(), block):
+            r, t = rows[lo : lo + block], cols[lo : lo + block]
+            x = source[r, t - 1 - offset]
+            logits = split.logits(x) if split is not None else x
+            probs = torch.softmax(logits.float(), dim=-1)
+            usable_mass = (probs @ usable).double()
+            # green_columns' values as a float 0/1 mask: the count of set pools owning each column, capped at 1.
+            green_cols = (bits[r, t].to(device=dev, dtype=torch.float32) @ membership).clamp_(max=1.0)
+            # gather (not advanced indexing): the same copy of the pool columns, about twice as fast on CPU.
+            green_mass = torch.gather(probs, 1, pool.expand(probs.shape[0], -1)).mul_(green_cols).sum(-1).double()
+            mass[r, t] = green_mass / usable_mass.clamp(min=1e-30)
         return mass.clamp(0.0, 1.0)
 
     def _score_batch(self, rows: list[list[int]], prompt_lengths: list[int]) -> MoEDetectorOutput:
@@ -421,6 +443,13 @@ class MoELSHWatermark:
             window_p_value=wp,
             notes=notes,
         )
+
+
+def green_mass_block(vocab_size: int, device: torch.device) -> int:
+    """Positions per block of the model null: about 2 MiB of float32 logits on CPU (cache-sized: whole
+    1k-token rows were three times slower) and 16 MiB on GPU (few launches, little memory)."""
+    budget = (1 << 22) if device.type == "cuda" else (1 << 19)
+    return max(16, budget // vocab_size)
 
 
 def encode_prompt(tokenizer: Any, prompt: Optional[str]) -> list[int]:
