@@ -402,6 +402,7 @@ class Bench:
         )
         self.wm.close()  # hooks only where a measurement asks for them
         self.default_null = self.wm.watermark_cfg.null
+        self.default_max_tokens = self.wm.watermark_cfg.detect_max_tokens
         self.inputs = Inputs(tokenizer, self.wm.vocab_size)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -444,11 +445,12 @@ class Bench:
 
         def run() -> Any:
             cfg = self.wm.watermark_cfg
-            cfg.detect_batch_size, cfg.null = batch, null
+            # Exactly ``batch`` texts per forward, like the plain forward it is compared with.
+            cfg.detect_batch_size, cfg.detect_max_tokens, cfg.null = batch, None, null
             try:
                 return self.wm.detect_ids(texts, prompts)
             finally:
-                cfg.null = self.default_null
+                cfg.null, cfg.detect_max_tokens = self.default_null, self.default_max_tokens
                 self.wm.close()
 
         return run
@@ -550,14 +552,7 @@ class Bench:
             per_text = statistics.median(ref_times)
 
             def detect(batch: int) -> Callable[[], Any]:
-                def run() -> Any:
-                    self.wm.watermark_cfg.detect_batch_size = batch
-                    try:
-                        return self.wm.detect_ids(texts[:batch], prompts[:batch])
-                    finally:
-                        self.wm.close()
-
-                return run
+                return self.detector(texts[:batch], prompts[:batch], batch, self.default_null)
 
             t = compare({"batched": detect(a.detect_batch_size), "batch1": detect(1)}, a.repeats, a.warmup, self.device)
             ref_tps = length / per_text
@@ -647,6 +642,7 @@ class Bench:
                         "repeats": len(t["forward"]["times_s"]),
                     }
                 )
+        defaults = [self._detect_with_defaults(max(a.scale_batches), length) for length in a.scale_lengths]
         gen = []
         for batch in a.gen_scale_batches:
             for length in a.gen_scale_lengths:
@@ -664,7 +660,31 @@ class Bench:
                         "repeats": len(t["plain"]["times_s"]),
                     }
                 )
-        return {"context_len": a.prompt_len, "detection": det, "generation": gen}
+        return {"context_len": a.prompt_len, "detection": det, "detection_defaults": defaults, "generation": gen}
+
+    def _detect_with_defaults(self, texts_n: int, length: int) -> dict[str, Any]:
+        """``texts_n`` texts scored with the library's own batching (detect_batch_size, detect_max_tokens)."""
+        a = self.args
+        cfg, defaults = self.wm.watermark_cfg, WatermarkConfig()
+        prompts = self.inputs.rows(texts_n, a.prompt_len, salt=2)
+        texts = self.inputs.rows(texts_n, length, salt=3)
+
+        def run() -> Any:
+            cfg.detect_batch_size, cfg.detect_max_tokens = defaults.detect_batch_size, defaults.detect_max_tokens
+            try:
+                return self.wm.detect_ids(texts, prompts)
+            finally:
+                self.wm.close()
+
+        t = compare({"defaults": run}, a.scale_repeats, a.warmup, self.device, a.cell_budget)["defaults"]
+        return {
+            "texts": texts_n,
+            "text_len": length,
+            "detect_batch_size": defaults.detect_batch_size,
+            "detect_max_tokens": defaults.detect_max_tokens,
+            "median_s": t["median_s"],
+            "tokens_per_s": texts_n * length / t["median_s"],
+        }
 
     def memory(self) -> dict[str, Any]:
         a = self.args
@@ -902,6 +922,15 @@ def markdown(result: dict[str, Any]) -> str:
                 )
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
+        dd = sc.get("detection_defaults") or []
+        if dd:
+            lines += [
+                f"With the library's own batching (detect_batch_size={dd[0]['detect_batch_size']}, detect_max_tokens={dd[0]['detect_max_tokens']}), "
+                f"{dd[0]['texts']} texts, null=model: "
+                + ", ".join(f"{r['text_len']} tokens {r['tokens_per_s']:.0f}/s" for r in dd)
+                + ".",
+                "",
+            ]
         if sc["generation"]:
             gb = sorted({r["batch_size"] for r in sc["generation"]})
             gl = sorted({r["new_tokens"] for r in sc["generation"]})

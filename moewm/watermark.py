@@ -303,15 +303,15 @@ class MoELSHWatermark:
             if max(t) >= self.vocab_size or min(t) < 0:
                 raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
         order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
-        bs = self.watermark_cfg.detect_batch_size
+        cfg = self.watermark_cfg
+        batches = detection_batches([len(rows[i]) for i in order], cfg.detect_batch_size, cfg.detect_max_tokens)
         parts = []
-        batches = range(0, len(rows), bs)
         if progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="detect", unit="batch", leave=False)
-        for start in batches:
-            idx = order[start : start + bs]
+        for start, stop in batches:
+            idx = order[start:stop]
             parts.append(self._score_batch([rows[i] for i in idx], [len(prompt_ids[i]) for i in idx]))
         if not parts:
             return MoEDetectorOutput(*(np.zeros(0) for _ in range(7)))
@@ -443,6 +443,20 @@ class MoELSHWatermark:
             window_p_value=wp,
             notes=notes,
         )
+
+
+def detection_batches(lengths: Sequence[int], max_texts: int, max_tokens: Optional[int]) -> list[tuple[int, int]]:
+    """[start, stop) slices of rows sorted longest first: at most ``max_texts`` rows, and at most
+    ``max_tokens`` padded tokens (rows x the first, longest, row), except that a row longer than
+    ``max_tokens`` still gets a batch of its own."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < len(lengths):
+        rows = max_texts if max_tokens is None else max(1, min(max_texts, max_tokens // max(1, lengths[start])))
+        stop = min(start + rows, len(lengths))
+        out.append((start, stop))
+        start = stop
+    return out
 
 
 def green_mass_block(vocab_size: int, device: torch.device) -> int:

@@ -62,6 +62,7 @@ def test_smoke_writes_every_section(smoke):
     assert {(r["batch_size"], r["text_len"]) for r in result["scaling"]["detection"]} == {
         (b, n) for b in s["scale_batches"] for n in s["scale_lengths"]
     }
+    assert [r["text_len"] for r in result["scaling"]["detection_defaults"]] == s["scale_lengths"]
     assert {(r["batch_size"], r["new_tokens"]) for r in result["scaling"]["generation"]} == {
         (b, n) for b in s["gen_scale_batches"] for n in s["gen_scale_lengths"]
     }

@@ -245,3 +245,44 @@ def test_generation_never_samples_ids_the_tokenizer_lacks(tokenizer, key):
         out = wm.detect_ids(ids, [wm.encode_prompt(p) for p in PROMPTS[:4]])
     assert max(max(row) for row in ids) < len(tokenizer)
     assert (out.num_tokens_scored == 48).all() and out.z_score.min() > 4
+
+
+def test_detection_batches_respect_both_limits():
+    from moewm.watermark import detection_batches
+
+    lengths = [1000, 600, 500, 90, 80, 80, 70, 10]  # sorted longest first, as detect_ids sorts them
+    assert detection_batches(lengths, 16, None) == [(0, 8)]
+    assert detection_batches(lengths, 3, None) == [(0, 3), (3, 6), (6, 8)]
+    # 800 tokens: the 1000-token row alone (over the limit, never dropped), then 1 x 600, 1 x 500, 8 x 90 > 5 rows.
+    assert detection_batches(lengths, 16, 800) == [(0, 1), (1, 2), (2, 3), (3, 8)]
+    assert detection_batches([], 16, 800) == []
+
+
+@pytest.mark.parametrize("null", ["model", "uniform"])
+def test_batching_never_changes_a_score(micro_qwen, tokenizer, key, null):
+    gen = torch.Generator().manual_seed(3)
+    texts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (90, 17, 64, 40, 33, 120)]
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (4, 9, 2, 6, 3, 5)]
+    results = []
+    for batch, budget in ((1, None), (16, None), (16, 150), (4, 300)):
+        cfg = WatermarkConfig(null=null, detect_batch_size=batch, detect_max_tokens=budget)
+        wm = MoELSHWatermark(micro_qwen, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=8), watermark=cfg, key=key)
+        results.append(wm.detect_ids(texts, prompts))
+        wm.close()
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.num_green_tokens, results[0].num_green_tokens)
+        np.testing.assert_allclose(other.z_score, results[0].z_score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (WatermarkConfig(detect_batch_size=0), "watermark.detect_batch_size=0: must be >= 1"),
+        (WatermarkConfig(detect_max_tokens=0), "watermark.detect_max_tokens=0: must be >= 1 (or null for no limit)"),
+        (WatermarkConfig(null="flat"), "watermark.null='flat': allowed values are model, uniform"),
+    ],
+)
+def test_bad_watermark_settings_name_the_key(cfg, message):
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert message in str(err.value)
