@@ -8,6 +8,7 @@ never use it for real work.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -29,6 +30,8 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
     back = -cfg.token_idx
     start, end = wm.capture.start, wm.capture.end
     device = wm.device
+    # transformers 5 renames the KV-cache argument and output from past_key_values to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     wm.capture.detach()  # the reference must not depend on moewm's hooks
     try:
         past = None
@@ -54,11 +57,11 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
                 n += 1
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
-                past_key_values=past,
                 use_cache=True,
                 output_router_logits=True,
+                **{cache_arg: past},
             )
-            past = out.past_key_values
+            past = getattr(out, cache_arg)
             prev_probs = torch.softmax(out.logits[0, -1].double(), dim=-1).cpu()
             layers = []
             for logits in out.router_logits[start:end]:

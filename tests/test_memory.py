@@ -61,7 +61,8 @@ def test_kv_cache_and_watermark_estimates_match_what_is_allocated(checkpoints):
     model, tokenizer = load_model(cfg)
     batch, tokens = 3, 20
     with torch.no_grad():
-        cache = model(torch.randint(3, 259, (batch, tokens)), use_cache=True).past_key_values
+        out = model(torch.randint(3, 259, (batch, tokens)), use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     est = estimate(cfg, MemoryConfig(), batch_size=batch, prompt_tokens=tokens - 5, new_tokens=5, num_bits=16, pool_size=8)
     assert est.kv_cache_bytes == kv
