@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from moewm.config import ATTACK_KINDS, AttackConfig, ConfigError, GenerationConfig, ModelConfig
+from moewm.watermark import usable_tokens
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +142,6 @@ def copy_paste(wm_text: str, unwm_text: str, strength: float, spans: int, rng: n
 
 
 # -- token-level ---------------------------------------------------------------------------------
-def _valid_token_mask(tokenizer: Any, vocab_size: int) -> torch.Tensor:
-    valid = torch.zeros(vocab_size, dtype=torch.bool)
-    valid[: min(len(tokenizer), vocab_size)] = True
-    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
-    if special:
-        valid[torch.tensor(special)] = False
-    return valid
-
-
 def nearest_neighbours(embeddings: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
     """(len(tokens), k) nearest valid tokens by cosine of input embeddings, excluding the token itself."""
     emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=-1)
@@ -281,7 +273,7 @@ def attack_token_ids(
     if embeddings is None and model is not None:
         embeddings = model.get_input_embeddings().weight
     vocab = int(embeddings.shape[0]) if embeddings is not None else len(tokenizer)
-    valid = _valid_token_mask(tokenizer, vocab)
+    valid = usable_tokens(tokenizer, vocab)  # the same tokens a pool may hold
     if cfg.name == "substitution":
         if embeddings is None:
             raise ValueError("attack.name=substitution needs embeddings= (or model=) for nearest neighbours")

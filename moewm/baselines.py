@@ -52,15 +52,15 @@ import torch
 from transformers import SynthIDTextWatermarkingConfig, WatermarkDetector, WatermarkingConfig
 
 from moewm import stats
-from moewm.config import ConfigError, GenerationConfig, WatermarkConfig
+from moewm.config import ConfigError, WatermarkConfig
 from moewm.keys import WatermarkKey
 from moewm.length_curve import PositionScores, position_scores
 from moewm.watermark import (
     MoEDetectorOutput,
     MoELSHWatermark,
+    TextGeneration,
     _first_occurrences,
     encode_prompt,
-    generate_batched,
     model_vocab_size,
 )
 
@@ -109,7 +109,7 @@ def output_from_scores(ps: PositionScores, cfg: WatermarkConfig, notes_prefix: s
     )
 
 
-class _TransformersWatermark:
+class _TransformersWatermark(TextGeneration):
     """Shared generation path: transformers builds the watermark processor from ``watermarking_config``."""
 
     name = "baseline"
@@ -142,40 +142,12 @@ class _TransformersWatermark:
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
-    def generate_from_ids(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        generation: Optional[GenerationConfig] = None,
-        watermark: bool = True,
-        progress: bool = False,
-    ) -> list[list[int]]:
-        generation = generation or GenerationConfig()
-        generation.validate()
-        label = f"generate ({self.name})" if watermark else "generate (plain)"
-        return generate_batched(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            generation,
-            [],
-            progress=label if progress else None,
-            extra_generate_kwargs={"watermarking_config": self.watermarking_config} if watermark else None,
-        )
+    @property
+    def generation_label(self) -> str:  # type: ignore[override]
+        return self.name
 
-    def generate_ids(
-        self,
-        prompts: Sequence[str],
-        generation: Optional[GenerationConfig] = None,
-        watermark: bool = True,
-        progress: bool = False,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """(prompt token ids, new token ids, eos stripped) per prompt."""
-        prompt_ids = [self.encode_prompt(p) for p in prompts]
-        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
-
-    def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
-        _, new_ids = self.generate_ids(prompts, generation, watermark)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        return {"extra_generate_kwargs": {"watermarking_config": self.watermarking_config}}
 
     def _prompts(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]]) -> list[list[int]]:
         if prompt_ids is None:
@@ -403,7 +375,7 @@ class SynthIDWatermark(_TransformersWatermark):
         return MoEDetectorOutput.concat(parts)
 
 
-class NoWatermark:
+class NoWatermark(TextGeneration):
     """Null control: plain generation, scored by the MoE-LSH detector of the same key and configuration."""
 
     name = "none"
@@ -430,21 +402,11 @@ class NoWatermark:
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
         return self.inner.encode_prompt(prompt)
 
-    def generate_from_ids(self, prompt_ids, generation=None, watermark: bool = True, progress: bool = False) -> list[list[int]]:
-        """Always unwatermarked (``watermark`` is accepted for interface compatibility and ignored)."""
-        generation = generation or GenerationConfig()
-        generation.validate()
-        return generate_batched(
-            self.inner.model, self.inner.tokenizer, prompt_ids, generation, [], progress="generate (plain)" if progress else None
-        )
+    generation_label = "plain"
 
-    def generate_ids(self, prompts, generation=None, watermark: bool = True, progress: bool = False):
-        prompt_ids = [self.inner.encode_prompt(p) for p in prompts]
-        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
-
-    def generate(self, prompts, generation=None, watermark: bool = True) -> list[str]:
-        _, new_ids = self.generate_ids(prompts, generation)
-        return [self.inner.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        """Nothing: generation is always unwatermarked (``watermark=True`` is accepted and changes nothing)."""
+        return {}
 
     def detect_ids(self, text_ids, prompt_ids=None, progress: bool = False) -> MoEDetectorOutput:
         return self.inner.detect_ids(text_ids, prompt_ids, progress=progress)

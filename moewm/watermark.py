@@ -177,7 +177,56 @@ def _signature_hash(bits: torch.Tensor) -> torch.Tensor:
     return (bits.long() * coeffs).sum(-1)
 
 
-class MoELSHWatermark:
+class TextGeneration:
+    """Text-level generation for every watermarker (MoE-LSH and the baselines): prompts in, ids or text
+    out. A subclass provides ``tokenizer``, ``encode_prompt`` and ``generate_from_ids``."""
+
+    tokenizer: Any
+
+    def encode_prompt(self, prompt: Optional[str]) -> list[int]:
+        raise NotImplementedError
+
+    model: nn.Module
+    generation_label = "watermarked"
+
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        """What :func:`generate_batched` needs to add this watermark (processors, on_batch, extra_generate_kwargs)."""
+        raise NotImplementedError
+
+    def generate_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """New token ids (eos stripped) for already tokenized prompts."""
+        generation = generation or GenerationConfig()
+        generation.validate()
+        label = f"generate ({self.generation_label})" if watermark else "generate (plain)"
+        kwargs = self.watermark_generate_kwargs() if watermark else {}
+        return generate_batched(
+            self.model, self.tokenizer, prompt_ids, generation, kwargs.pop("processors", []), progress=label if progress else None, **kwargs
+        )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Generate continuations; returns (prompt token ids, new token ids) per prompt, eos stripped."""
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
+
+    def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
+        """Watermarked (or, with ``watermark=False``, plain) continuations of ``prompts`` as text."""
+        _, new_ids = self.generate_ids(prompts, generation, watermark)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+
+class MoELSHWatermark(TextGeneration):
     """Routing-keyed watermark for one model and key: ``generate`` text, ``detect`` it.
 
     The hooks that read the router stay on the model until :meth:`close` (or the end of a ``with``
@@ -237,42 +286,8 @@ class MoELSHWatermark:
         return self.model.get_input_embeddings().weight.device
 
     # -- generation ------------------------------------------------------------------------------
-    def generate_ids(
-        self,
-        prompts: Sequence[str],
-        generation: Optional[GenerationConfig] = None,
-        watermark: bool = True,
-        progress: bool = False,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Generate continuations; returns (prompt token ids, new token ids) per prompt, eos stripped."""
-        prompt_ids = [self.encode_prompt(p) for p in prompts]
-        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
-
-    def generate_from_ids(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        generation: Optional[GenerationConfig] = None,
-        watermark: bool = True,
-        progress: bool = False,
-    ) -> list[list[int]]:
-        """New token ids (eos stripped) for already tokenized prompts."""
-        generation = generation or GenerationConfig()
-        generation.validate()
-        label = "generate (watermarked)" if watermark else "generate (plain)"
-        return generate_batched(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            generation,
-            [self.logits_processor] if watermark else [],
-            on_batch=self.logits_processor.reset,
-            progress=label if progress else None,
-        )
-
-    def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
-        """Watermarked (or, with ``watermark=False``, plain) continuations of ``prompts`` as text."""
-        _, new_ids = self.generate_ids(prompts, generation, watermark)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        return {"processors": [self.logits_processor], "on_batch": self.logits_processor.reset}
 
     # -- detection -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:

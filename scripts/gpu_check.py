@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, MemoryConfig, ModelConfig, WatermarkConfig  # noqa: E402
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig  # noqa: E402
 from moewm.keys import WatermarkKey  # noqa: E402
 from moewm.memory import GIB, estimate, model_nbytes, profile_memory  # noqa: E402
 from moewm.models import load_model  # noqa: E402
