@@ -179,15 +179,15 @@ def _signature_hash(bits: torch.Tensor) -> torch.Tensor:
 
 class TextGeneration:
     """Text-level generation for every watermarker (MoE-LSH and the baselines): prompts in, ids or text
-    out. A subclass provides ``tokenizer``, ``encode_prompt`` and ``generate_from_ids``."""
+    out. A subclass provides ``model``, ``tokenizer``, ``encode_prompt`` and what its watermark adds to
+    :func:`generate_batched` (``watermark_generate_kwargs``)."""
 
+    model: nn.Module
     tokenizer: Any
+    generation_label = "watermarked"  # for the progress bar
 
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
         raise NotImplementedError
-
-    model: nn.Module
-    generation_label = "watermarked"
 
     def watermark_generate_kwargs(self) -> dict[str, Any]:
         """What :func:`generate_batched` needs to add this watermark (processors, on_batch, extra_generate_kwargs)."""
