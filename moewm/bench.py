@@ -808,6 +808,18 @@ def _mib(n: Optional[float]) -> str:
     return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
 
 
+def _grid(title: str, rows: list[dict[str, Any]], column: str, column_label: str, cell: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A batch-size x ``column`` Markdown table of ``cell(row)`` ("-" where the grid has no row)."""
+    batches = sorted({r["batch_size"] for r in rows})
+    columns = sorted({r[column] for r in rows})
+    by_key = {(r["batch_size"], r[column]): r for r in rows}
+    lines = [title, "", f"| batch \\ {column_label} | " + " | ".join(str(n) for n in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for b in batches:
+        cells = ["-" if (b, n) not in by_key else cell(by_key[(b, n)]) for n in columns]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The Markdown tables of a result (what BENCHMARKS.md keeps)."""
     lines: list[str] = [f"Command: `{result['command']}`", ""]
@@ -901,27 +913,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     sc = result.get("scaling")
     if sc:
-        batches = sorted({r["batch_size"] for r in sc["detection"]})
-        lengths = sorted({r["text_len"] for r in sc["detection"]})
-        cell = {(r["batch_size"], r["text_len"]): r for r in sc["detection"]}
-        lines += [
+        lines += _grid(
             f"### Detection scaling (context {sc['context_len']}): null=model / full-logits forward, null=uniform / logits_to_keep=1 forward; null=model seconds and scored tokens/s",
-            "",
-            "| batch \\ text tokens | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths),
-        ]
-        for b in batches:
-            cells = []
-            for n in lengths:
-                r = cell.get((b, n))
-                cells.append(
-                    "-"
-                    if r is None
-                    else f"{r['ratio_model_null_over_forward_full_logits']:.2f} / {r['ratio_uniform_null_over_forward']:.2f} "
-                    f"({r['detect_model_null_s']:.3f} s, {r['model_null_tokens_per_s']:.0f}/s)"
-                )
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
-        lines.append("")
+            sc["detection"],
+            "text_len",
+            "text tokens",
+            lambda r: f"{r['ratio_model_null_over_forward_full_logits']:.2f} / {r['ratio_uniform_null_over_forward']:.2f} "
+            f"({r['detect_model_null_s']:.3f} s, {r['model_null_tokens_per_s']:.0f}/s)",
+        )
         dd = sc.get("detection_defaults") or []
         if dd:
             lines += [
@@ -932,24 +931,13 @@ def markdown(result: dict[str, Any]) -> str:
                 "",
             ]
         if sc["generation"]:
-            gb = sorted({r["batch_size"] for r in sc["generation"]})
-            gl = sorted({r["new_tokens"] for r in sc["generation"]})
-            gcell = {(r["batch_size"], r["new_tokens"]): r for r in sc["generation"]}
-            lines += [
+            lines += _grid(
                 "### Generation scaling: MoE-LSH / plain and KGW / plain (plain tokens/s)",
-                "",
-                "| batch \\ new tokens | " + " | ".join(str(n) for n in gl) + " |",
-                "|---|" + "---:|" * len(gl),
-            ]
-            for b in gb:
-                cells = []
-                for n in gl:
-                    r = gcell.get((b, n))
-                    cells.append(
-                        "-" if r is None else f"{r['ratio_moe_lsh_over_plain']:.3f} / {r['ratio_kgw_over_plain']:.3f} ({r['plain_tokens_per_s']:.0f}/s)"
-                    )
-                lines.append(f"| {b} | " + " | ".join(cells) + " |")
-            lines.append("")
+                sc["generation"],
+                "new_tokens",
+                "new tokens",
+                lambda r: f"{r['ratio_moe_lsh_over_plain']:.3f} / {r['ratio_kgw_over_plain']:.3f} ({r['plain_tokens_per_s']:.0f}/s)",
+            )
     mem = result.get("memory")
     if mem:
         pk = mem["peak_bytes_above_start"]
