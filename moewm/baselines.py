@@ -379,6 +379,7 @@ class NoWatermark(TextGeneration):
     """Null control: plain generation, scored by the MoE-LSH detector of the same key and configuration."""
 
     name = "none"
+    generation_label = "plain"
 
     def __init__(self, inner: MoELSHWatermark) -> None:
         self.inner = inner
@@ -401,8 +402,6 @@ class NoWatermark(TextGeneration):
 
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
         return self.inner.encode_prompt(prompt)
-
-    generation_label = "plain"
 
     def watermark_generate_kwargs(self) -> dict[str, Any]:
         """Nothing: generation is always unwatermarked (``watermark=True`` is accepted and changes nothing)."""
