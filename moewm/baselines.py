@@ -51,18 +51,13 @@ import numpy as np
 import torch
 from transformers import SynthIDTextWatermarkingConfig, WatermarkDetector, WatermarkingConfig
 
-from moewm import stats
 from moewm.config import ConfigError, WatermarkConfig
+from moewm.detection import DetectorOutput, decide
 from moewm.keys import WatermarkKey
-from moewm.length_curve import PositionScores, position_scores
-from moewm.watermark import (
-    MoEDetectorOutput,
-    MoELSHWatermark,
-    TextGeneration,
-    _first_occurrences,
-    encode_prompt,
-    model_vocab_size,
-)
+from moewm.length_curve import PositionScores
+from moewm.poisson_binomial import upper_tail
+from moewm.scoring import first_occurrences
+from moewm.watermark import MoELSHWatermark, TextGeneration, encode_prompt, model_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +77,47 @@ def _check_ids(text_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {vocab_size - 1}]")
 
 
-def output_from_scores(ps: PositionScores, cfg: WatermarkConfig, notes_prefix: str = "") -> MoEDetectorOutput:
-    """A :class:`MoEDetectorOutput` from per-position Bernoulli draws (z, min_tokens, window as MoE-LSH)."""
-    z = stats.exact_gamma_z(ps.green, ps.gamma, ps.scored)
-    arrays = {k: v.cpu().numpy() for k, v in z.items()}
+def output_from_scores(ps: PositionScores, cfg: WatermarkConfig, notes_prefix: str = "", prefixes: bool = False,
+                       window: Optional[int] = None) -> DetectorOutput:
+    """A :class:`DetectorOutput` from per-position Bernoulli draws with known null probabilities.
+
+    The p-value is the exact Poisson-binomial (here binomial: one gamma) upper tail of the green count:
+    valid for any text as long as the scored draws are independent under a random key, which is why
+    the baselines score repeated n-grams (KGW) and repeated contexts (SynthID) once. The window p-value
+    is the best window's exact tail times the number of windows (Bonferroni, conservative).
+    """
     n_tokens = ps.tokens_scored()
-    short = n_tokens < cfg.min_tokens
-    zs = np.where(short, np.nan, arrays["z_score"])
-    notes = [f"{notes_prefix}too few scored tokens ({k} < watermark.min_tokens={cfg.min_tokens})" if s else "" for k, s in zip(n_tokens, short)]
+    green = ps.green.to(torch.float64).sum(-1)
+    num_green = green.long()
+    p_exact = upper_tail(ps.gamma, ps.scored, num_green).cpu().numpy()
+    z = ps.z()
+    p, prediction, notes = decide(p_exact, n_tokens, cfg.min_tokens, cfg.alpha)
+    if cfg.z_threshold is not None:  # legacy rule, kept for comparison only
+        prediction = np.nan_to_num(np.where(np.isnan(p), np.nan, z), nan=-np.inf) > cfg.z_threshold
+    draws = ps.scored.sum(-1).clamp(min=1).to(torch.float64)
     wz = wp = None
-    if cfg.window is not None:
-        best, count = ps.window_z(cfg.window)
-        wz = np.where(short, np.nan, best)
-        wp = stats.bonferroni(stats.p_value(wz), count)
-    return MoEDetectorOutput(
-        num_tokens_scored=n_tokens,
-        num_green_tokens=arrays["num_green_tokens"],
-        green_fraction=arrays["green_fraction"],
-        gamma_mean=arrays["gamma_mean"],
-        z_score=zs,
-        p_value=stats.p_value(zs),
-        prediction=np.nan_to_num(zs, nan=-np.inf) > cfg.z_threshold,
-        window_z_score=wz,
+    window = window or cfg.window
+    if window is not None:
+        wz, wp = ps.window_exact(window)
+        short = n_tokens < cfg.min_tokens
+        wz = np.where(short, np.nan, wz)
+        wp = np.where(short, np.nan, wp)
+    return DetectorOutput(
+        num_tokens_scored=n_tokens.astype(np.int64),
+        num_green_tokens=num_green.numpy().astype(np.int64),
+        green_fraction=(green / draws).numpy(),
+        gamma_mean=(ps.gamma.sum(-1) / draws).numpy(),
+        statistic=z,
+        z_score=np.where(np.isnan(p), np.nan, z),
+        p_value=p,
+        p_value_floor=np.zeros(len(n_tokens)),
+        num_reference_keys=np.zeros(len(n_tokens), dtype=np.int64),
+        p_value_model_null=p,
+        prediction=prediction,
+        window_statistic=wz,
         window_p_value=wp,
-        notes=notes,
+        notes=[f"{notes_prefix}{note}" if note else "" for note in notes],
+        prefix_p_value=ps.prefix_p_values() if prefixes else None,
     )
 
 
@@ -207,54 +219,28 @@ class KGWWatermark(_TransformersWatermark):
         return out
 
     def detect_ids(
-        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
-    ) -> MoEDetectorOutput:
-        """transformers' ``WatermarkDetector`` per text on (prompt tail + text): only continuation tokens are scored."""
-        _check_ids(text_ids, self.vocab_size)
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False,
+        prefixes: bool = False, window: Optional[int] = None,
+    ) -> DetectorOutput:
+        """Green count of the continuation's distinct n-grams (the green lists of transformers' own KGW
+        processor) and its exact binomial tail. Repeated n-grams are always scored once here: a repeat
+        is the same draw again, and counting it twice is what breaks KGW's p-value on greedy loops."""
+        parts = []
+        step = max(self.watermark_cfg.detect_batch_size, 64)
         prompts = self._prompts(text_ids, prompt_ids)
-        cfg = self.watermark_cfg
-        n = np.zeros(len(text_ids), dtype=np.int64)
-        g = np.zeros(len(text_ids), dtype=np.int64)
-        rows = self._rows(text_ids, prompts)
-        iterator: Any = rows
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(rows, desc="detect (kgw)", unit="text", leave=False)
-        for i, (row, _) in enumerate(iterator):
-            if len(row) - self.detector.processor.context_width < 1:
-                continue  # nothing the detector can score; n = 0 -> NaN below
-            ids = torch.tensor([[self._sentinel] + row], device=self.device)
-            out = self.detector(ids, z_threshold=cfg.z_threshold, return_dict=True)
-            n[i] = int(out.num_tokens_scored[0])
-            g[i] = int(out.num_green_tokens[0])
-        gamma = self.gamma
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = (g - gamma * n) / np.sqrt(n * gamma * (1 - gamma))
-        short = n < cfg.min_tokens
-        z = np.where(short | (n == 0), np.nan, z)
-        wz = wp = None
-        if cfg.window is not None:
-            ps = self.position_scores(text_ids, prompts)
-            best, count = ps.window_z(cfg.window)
-            wz = np.where(short, np.nan, best)
-            wp = stats.bonferroni(stats.p_value(wz), count)
-        return MoEDetectorOutput(
-            num_tokens_scored=n,
-            num_green_tokens=g,
-            green_fraction=g / np.maximum(n, 1),
-            gamma_mean=np.full(len(n), gamma),
-            z_score=z,
-            p_value=stats.p_value(z),
-            prediction=np.nan_to_num(z, nan=-np.inf) > cfg.z_threshold,
-            window_z_score=wz,
-            window_p_value=wp,
-            notes=[f"too few scored tokens ({k} < watermark.min_tokens={cfg.min_tokens})" if s else "" for k, s in zip(n, short)],
-        )
+        for s in range(0, len(text_ids), step):
+            ps = self.position_scores(text_ids[s : s + step], prompts[s : s + step], distinct=True)
+            parts.append(output_from_scores(ps, self.watermark_cfg, prefixes=prefixes, window=window))
+        if not parts:
+            return DetectorOutput.empty(0)
+        return DetectorOutput.concat(parts)
 
     @torch.no_grad()
-    def position_scores(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PositionScores:
-        """Green flag of every scored continuation token, from the detector's own processor.
+    def position_scores(
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, distinct: Optional[bool] = None
+    ) -> PositionScores:
+        """Green flag of every scored continuation token, from the detector's own processor
+        (``distinct``: score each n-gram once; default ``watermark.ignore_repeated``).
 
         The green list is a seeded ``randperm`` of the vocabulary per context (not vectorisable), so it is
         drawn once per distinct context of the batch and membership is then looked up in bulk.
@@ -292,11 +278,11 @@ class KGWWatermark(_TransformersWatermark):
                 hit[members] = torch.isin(targets[members], greenlist)
             green[at[:, 0], at[:, 1]] = hit
             scored[at[:, 0], at[:, 1]] = True
-            if self.watermark_cfg.ignore_repeated:  # the detector counts each distinct n-gram once per text
+            if self.watermark_cfg.ignore_repeated if distinct is None else distinct:  # each distinct n-gram once per text
                 _, gram_id = torch.unique(grams, dim=0, return_inverse=True)
                 keys = torch.full((len(rows), length), -1, dtype=torch.long)
                 keys[at[:, 0], at[:, 1]] = gram_id
-                scored = _first_occurrences(keys, scored)
+                scored = first_occurrences(keys, scored)
                 green &= scored
         gamma = torch.full((len(rows), length), self.gamma, dtype=torch.float64)
         return PositionScores.from_positions(green, gamma, scored)
@@ -351,8 +337,9 @@ class SynthIDWatermark(_TransformersWatermark):
         ids = ids.to(proc.device)
         g = proc.compute_g_values(ids).cpu().bool()  # (B, length, depth)
         mask = proc.compute_context_repetition_mask(ids).cpu().bool() & real
-        if eos is not None:
-            mask &= proc.compute_eos_token_mask(ids, eos)[:, ctx:].cpu().bool()
+        if eos is not None:  # nothing from the text's first eos on (the all-zero start context may itself be eos = 0)
+            text = ids[:, ctx:].cpu()
+            mask &= torch.cumsum((text == eos).long(), dim=1) == 0
         m = g.shape[-1]
         scored = mask.unsqueeze(-1).expand(-1, -1, m)
         gamma = torch.full(g.shape, self.p0, dtype=torch.float64)
@@ -361,18 +348,19 @@ class SynthIDWatermark(_TransformersWatermark):
         )
 
     def detect_ids(
-        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
-    ) -> MoEDetectorOutput:
-        """Mean-g z-test per text (batched; no model forward needed)."""
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False,
+        prefixes: bool = False, window: Optional[int] = None,
+    ) -> DetectorOutput:
+        """Exact binomial test of the g-values' count (batched; no model forward needed)."""
         bs = max(self.watermark_cfg.detect_batch_size, 64)
         prompts = self._prompts(text_ids, prompt_ids)
         parts = [
-            output_from_scores(self.position_scores(text_ids[s : s + bs], prompts[s : s + bs]), self.watermark_cfg)
+            output_from_scores(self.position_scores(text_ids[s : s + bs], prompts[s : s + bs]), self.watermark_cfg, prefixes=prefixes, window=window)
             for s in range(0, len(text_ids), bs)
         ]
         if not parts:
-            return MoEDetectorOutput(*(np.zeros(0) for _ in range(7)))
-        return MoEDetectorOutput.concat(parts)
+            return DetectorOutput.empty(0)
+        return DetectorOutput.concat(parts)
 
 
 class NoWatermark(TextGeneration):
@@ -407,11 +395,15 @@ class NoWatermark(TextGeneration):
         """Nothing: generation is always unwatermarked (``watermark=True`` is accepted and changes nothing)."""
         return {}
 
-    def detect_ids(self, text_ids, prompt_ids=None, progress: bool = False) -> MoEDetectorOutput:
-        return self.inner.detect_ids(text_ids, prompt_ids, progress=progress)
+    def capture(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False) -> Any:
+        return self.inner.capture(text_ids, prompt_ids, progress=progress)
 
-    def position_scores(self, text_ids, prompt_ids=None) -> PositionScores:
-        return position_scores(self.inner, text_ids, prompt_ids)
+    def score(self, captures: Any, prefixes: bool = False, progress: bool = False, window: Optional[int] = None) -> DetectorOutput:
+        return self.inner.score(captures, prefixes=prefixes, progress=progress, window=window)
+
+    def detect_ids(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+                   progress: bool = False, prefixes: bool = False, window: Optional[int] = None) -> DetectorOutput:
+        return self.inner.detect_ids(text_ids, prompt_ids, progress=progress, prefixes=prefixes, window=window)
 
     def close(self) -> None:
         self.inner.close()
@@ -440,7 +432,7 @@ def build_watermarker(
     """
     if kind not in BASELINE_KINDS:
         raise ConfigError(f"watermark.kind={kind!r}: allowed values are {BASELINE_KINDS}")
-    unknown = set(kw) - {"extractor", "encoder", "calibration"}
+    unknown = set(kw) - {"extractor", "encoder", "calibration", "cache_dir", "model_id"}
     if unknown:
         raise TypeError(f"build_watermarker(kind={kind!r}): unexpected arguments {sorted(unknown)}")
     if kind == "kgw":
@@ -449,5 +441,6 @@ def build_watermarker(
         return SynthIDWatermark(model, tokenizer, watermark_cfg, key)
     calibration = kw.get("calibration")
     calibration = getattr(calibration, "stats", calibration)  # a moewm.calibration.Calibration or its stats
-    inner = MoELSHWatermark(model, tokenizer, kw.get("extractor"), kw.get("encoder"), watermark_cfg, key, calibration)
+    inner = MoELSHWatermark(model, tokenizer, kw.get("extractor"), kw.get("encoder"), watermark_cfg, key, calibration,
+                            cache_dir=kw.get("cache_dir", "default"), model_id=kw.get("model_id", ""))
     return inner if kind == "moe_lsh" else NoWatermark(inner)

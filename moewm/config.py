@@ -2,7 +2,7 @@
 
 Each group of the app (``extractor``, ``encoder``, ``watermark``, ...) is one dataclass here, so a
 misspelled key or a wrong type fails at start-up with Hydra's own message. Range checks live in the
-``validate`` methods and in :mod:`moewm.validation` (checks against a model's layout).
+``validate`` methods and in :func:`moewm.schema.validate_app` (cross-field and model-layout checks).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Optional
 EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
 WATERMARK_KINDS = ("moe_lsh", "kgw", "synthid", "none")
+STATISTICS = ("z", "llr", "green")
 
 
 class ConfigError(ValueError):
@@ -89,7 +90,25 @@ class WatermarkConfig:
 
     kind: str = "moe_lsh"
     delta: float = 2.0
-    z_threshold: float = 4.0
+    # The decision: a text is called watermarked when its (valid) p-value is <= alpha.
+    alpha: float = 1e-3
+    # Reference keys that calibrate MoE-LSH p-values (p >= 1 / (reference_keys + 1)), and the
+    # Besag-Clifford stop: a text stops once this many reference keys reach its statistic (null: never).
+    reference_keys: int = 999
+    stop_after: Optional[int] = 10
+    # The statistic ranked against the reference keys: z (model-null z), llr (log-likelihood ratio of
+    # a delta-watermark against the model), green (raw green count).
+    statistic: str = "llr"
+    # The next-token distribution kept per scored token: the top-K usable tokens exactly, the rest as one
+    # mass. The diagnostics use all capture_top_k tokens; the calibrated statistic the first
+    # statistic_top_k (its cost grows with it, its power barely: see the README).
+    capture_top_k: int = 256
+    statistic_top_k: int = 64
+    # Texts longer than the model's context (null: its max_position_embeddings) run in overlapping windows.
+    max_context: Optional[int] = None
+    context_overlap: int = 128
+    # Legacy decision z > z_threshold (normal approximation, no guaranteed false-positive rate); null: off.
+    z_threshold: Optional[float] = None
     # Texts with fewer scored tokens get z = NaN and prediction False instead of a number.
     min_tokens: int = 16
     # Score each (signature, token) pair once per text: repeated pairs are not independent draws.
@@ -115,6 +134,26 @@ class WatermarkConfig:
     def validate(self) -> None:
         _require(self.kind in WATERMARK_KINDS, f"watermark.kind={self.kind!r}: allowed values are {WATERMARK_KINDS}")
         _require(self.delta >= 0, f"watermark.delta={self.delta}: must be >= 0")
+        _require(0 < self.alpha < 1, f"watermark.alpha={self.alpha}: allowed range is (0, 1)")
+        _require(1 <= self.reference_keys <= 100_000, f"watermark.reference_keys={self.reference_keys}: allowed range is [1, 100000]")
+        if self.stop_after is not None:
+            _require(1 <= self.stop_after <= self.reference_keys,
+                     f"watermark.stop_after={self.stop_after}: allowed range is [1, {self.reference_keys}] (watermark.reference_keys), or null")
+        if self.kind in ("moe_lsh", "none"):
+            floor = 1.0 / (self.reference_keys + 1)
+            _require(self.alpha >= floor - 1e-15,
+                     f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
+                     f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
+        _require(self.statistic in STATISTICS, f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}")
+        _require(self.capture_top_k >= 1, f"watermark.capture_top_k={self.capture_top_k}: must be >= 1")
+        _require(1 <= self.statistic_top_k <= self.capture_top_k,
+                 f"watermark.statistic_top_k={self.statistic_top_k}: allowed range is [1, {self.capture_top_k}] (watermark.capture_top_k)")
+        if self.max_context is not None:
+            _require(self.max_context >= 2, f"watermark.max_context={self.max_context}: must be >= 2 (or null for the model's)")
+        _require(self.context_overlap >= 64, f"watermark.context_overlap={self.context_overlap}: must be >= 64 (the largest extractor.token_idx lag)")
+        if self.max_context is not None:
+            _require(self.context_overlap < self.max_context,
+                     f"watermark.context_overlap={self.context_overlap}: allowed range is [64, {self.max_context - 1}] (watermark.max_context)")
         _require(self.min_tokens >= 1, f"watermark.min_tokens={self.min_tokens}: must be >= 1")
         if self.window is not None:
             _require(self.window >= 2, f"watermark.window={self.window}: must be >= 2 (or null to turn it off)")
@@ -323,6 +362,10 @@ class EvalConfig:
     w1_contexts: int = 64
     kmeans_clusters: int = 32
     window: int = 32
+    # Unwatermarked text scored in every run besides the job's own samples (moewm.nulls): greedy and
+    # top-p samples of the same prompts, and human-written corpora (null_texts chunks of each).
+    null_sets: list[str] = field(default_factory=lambda: ["greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative"])
+    null_texts: int = 64
 
     def validate(self) -> None:
         _require(all(n >= 1 for n in self.lengths), f"eval.lengths={list(self.lengths)}: every length must be >= 1")
@@ -330,3 +373,7 @@ class EvalConfig:
         _require(self.w1_contexts >= 1, f"eval.w1_contexts={self.w1_contexts}: must be >= 1")
         _require(self.kmeans_clusters >= 2, f"eval.kmeans_clusters={self.kmeans_clusters}: must be >= 2")
         _require(self.window >= 2, f"eval.window={self.window}: must be >= 2")
+        _require(self.null_texts >= 1, f"eval.null_texts={self.null_texts}: must be >= 1")
+        from moewm.nulls import check_null_sets
+
+        check_null_sets(self.null_sets)

@@ -16,10 +16,23 @@ BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "conf" / "data" / "pr
 class TextRecord:
     text: str
     prompt: Optional[str] = None
+    # Token ids of the text (and of its prompt) exactly as a model produced them: detection then skips
+    # tokenising again, which need not give back the same tokens.
+    ids: Optional[list[int]] = None
+    prompt_ids: Optional[list[int]] = None
+
+
+def _id_list(value: object, where: str, name: str) -> Optional[list[int]]:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ConfigError(f"{where}: {name!r} must be a list of non-negative integer token ids")
+    return list(value)
 
 
 def read_records(path: str | Path, text_field: str = "text") -> list[TextRecord]:
-    """Plain text (one text per line, blank lines skipped) or JSONL with ``text_field`` and optional ``prompt``."""
+    """Plain text (one text per line, blank lines skipped) or JSONL with ``text_field`` and optional
+    ``prompt``, ``ids`` and ``prompt_ids`` (token ids to score as they are)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"input/data.path={str(path)!r}: no such file")
@@ -34,9 +47,11 @@ def read_records(path: str | Path, text_field: str = "text") -> list[TextRecord]
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise ConfigError(f"{path}:{number}: a JSONL row needs a {text_field!r} field")
-                records.append(TextRecord(str(row[text_field]), row.get("prompt")))
+                if not isinstance(row, dict) or (text_field not in row and "ids" not in row):
+                    raise ConfigError(f"{path}:{number}: a JSONL row needs a {text_field!r} field (or token 'ids')")
+                where = f"{path}:{number}"
+                records.append(TextRecord(str(row.get(text_field, "")), row.get("prompt"),
+                                          _id_list(row.get("ids"), where, "ids"), _id_list(row.get("prompt_ids"), where, "prompt_ids")))
             else:
                 records.append(TextRecord(line.rstrip("\n")))
     if not records:

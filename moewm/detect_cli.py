@@ -1,4 +1,4 @@
-"""``mode=detect``: score a user's texts with the configured model, key and seed."""
+"""``mode=detect``: score a user's texts with the configured model, key and seed, with valid p-values."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from moewm.data import read_records
+from moewm.detection import DetectorOutput
 from moewm.io import write_json, write_jsonl
 from moewm.keys import WatermarkKey
 from moewm.schema import AppConfig
@@ -18,7 +19,8 @@ log = logging.getLogger("moewm")
 
 
 def detect_file(app: AppConfig, out_dir: Path) -> dict[str, Any]:
-    """Write detections.jsonl (one row per text with the detector's fields) and print a summary."""
+    """Write detections.jsonl (one row per text with the detector's fields), detection_summary.json
+    (alpha, the reference keys and the null the p-values rest on) and print one line per text."""
     from moewm.job import build_watermarker, ensure_valid_before_load, format_prompt, get_model
 
     ensure_valid_before_load(app)
@@ -27,36 +29,57 @@ def detect_file(app: AppConfig, out_dir: Path) -> dict[str, Any]:
     key = WatermarkKey.from_env(app.seed, app.secret_key)
     watermarker = build_watermarker(app, model, tokenizer, key, None)
     try:
-        text_ids, prompt_ids = [], []
+        text_ids, prompt_ids, retokenised = [], [], 0
         for i, record in enumerate(records):
-            if not record.text.strip():
-                raise ValueError(f"{app.input}: text {i + 1} is empty")
-            text_ids.append(list(tokenizer(record.text, add_special_tokens=False)["input_ids"]))
-            prompt = format_prompt(tokenizer, record.prompt, app.model.chat_template) if record.prompt else None
-            prompt_ids.append(encode_prompt(tokenizer, prompt))
-        output = watermarker.detect_ids(text_ids, prompt_ids, progress=app.progress)
+            if record.ids is not None:
+                ids = record.ids
+            else:
+                if not record.text.strip():
+                    raise ValueError(f"{app.input}: text {i + 1} is empty")
+                ids = list(tokenizer(record.text, add_special_tokens=False)["input_ids"])
+                retokenised += 1
+            if not ids:
+                raise ValueError(f"{app.input}: text {i + 1} has no tokens")
+            text_ids.append(ids)
+            if record.prompt_ids is not None:
+                prompt_ids.append(record.prompt_ids)
+            else:
+                prompt = format_prompt(tokenizer, record.prompt, app.model.chat_template) if record.prompt else None
+                prompt_ids.append(encode_prompt(tokenizer, prompt))
+        output: DetectorOutput = watermarker.detect_ids(text_ids, prompt_ids, progress=app.progress)
     finally:
         watermarker.close()
     rows = []
     for record, result in zip(records, output.results()):
         rows.append({"text": record.text, "prompt": record.prompt, **result.to_dict()})
     write_jsonl(out_dir / "detections.jsonl", rows)
-    z = output.z_score
+    cfg = app.watermark
+    calibrated = cfg.kind in ("moe_lsh", "none")
+    null = (f"rank among {cfg.reference_keys} public reference keys (exact for text written without the key, any origin; "
+            f"floor {1 / (cfg.reference_keys + 1):.2g}; Besag-Clifford stop after {cfg.stop_after} exceedances)") if calibrated else (
+            "exact binomial tail of the green count, repeated n-grams / contexts scored once")
+    p = output.p_value
     summary = {
         "input": str(app.input),
         "key_fingerprint": key.fingerprint,
         "model": app.model.name,
+        "watermark_kind": cfg.kind,
+        "alpha": cfg.alpha,
+        "decision": "p_value <= alpha" if cfg.z_threshold is None else f"z > {cfg.z_threshold} (legacy, no guaranteed false-positive rate)",
+        "statistic": cfg.statistic if calibrated else "green count",
+        "reference_keys": cfg.reference_keys if calibrated else 0,
+        "p_value_null": null,
         "n_texts": len(rows),
         "n_watermarked": int(output.prediction.sum()),
-        "n_too_short": int(np.isnan(z).sum()),
-        "z_threshold": app.watermark.z_threshold,
-        "z_mean": float(np.nanmean(z)) if np.isfinite(z).any() else float("nan"),
-        "z_max": float(np.nanmax(z)) if np.isfinite(z).any() else float("nan"),
+        "n_too_short": int(np.isnan(p).sum()),
+        "n_retokenised": retokenised,
+        "p_min": float(np.nanmin(p)) if np.isfinite(p).any() else float("nan"),
     }
     write_json(out_dir / "detection_summary.json", summary)
-    print(f"\nmoewm detect: {len(rows)} texts from {app.input} (key {key.fingerprint}, threshold z > {app.watermark.z_threshold})")
+    print(f"\nmoewm detect: {len(rows)} texts from {app.input} (key {key.fingerprint}, {cfg.kind}, watermarked when p <= {cfg.alpha:g})")
     for i, r in enumerate(rows):
-        verdict = "WATERMARKED" if r["prediction"] else ("too short" if r["note"] else "not detected")
-        print(f"  [{i}] z={r['z_score']:7.2f}  p={r['p_value']:.2e}  scored={r['num_tokens_scored']:4d}  {verdict}")
+        verdict = "WATERMARKED" if r["prediction"] else ("too short" if r["note"].startswith("too few") else "not detected")
+        print(f"  [{i}] p={r['p_value']:.3g}  tokens={r['num_tokens_scored']:4d}  {verdict}" + (f"  ({r['note']})" if r["note"] and verdict != "too short" else ""))
+    print(f"p-values: {null}")
     print(f"-> {out_dir / 'detections.jsonl'}")
     return summary

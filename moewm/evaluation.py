@@ -1,28 +1,30 @@
-"""Evaluation of one job: attack robustness, quality, detection vs length, null calibration, geometry.
+"""Evaluation of one job: detection at alpha with every null measured, attacks, quality, length, geometry.
 
-:func:`evaluate_job` takes the job's context (``moewm.job.JobContext``: config, model, tokenizer,
-watermarker, prompt / watermarked / unwatermarked token ids and their detections, calibration) and
-returns flat metrics (snake_case keys; floats, ints, strs and the bool ``null_ok``). "unwm" is the
-unwatermarked generation of the same prompts, the negatives of every ROC metric.
+:func:`detection_metrics` turns the job's detections into flat metrics; :func:`evaluate_job` adds what
+needs the job's context (``moewm.job.JobContext``). "wm" is the watermarked generation, "unwm" (or
+``plain``) the unwatermarked temperature-1 generation of the same prompts; every rate is at the
+decision threshold ``watermark.alpha`` on the (valid) p-value.
 
-Keys
-  attack_name, attack_strength; when an attack runs (name != none): z_attacked_mean,
-    detection_rate_attacked, auc_attacked, tpr_at_1pct_fpr_attacked (attacked watermarked vs unwm),
-    window_z_attacked_mean, window_detection_rate_attacked (Bonferroni-corrected max-over-windows
-    p-value below the threshold's), window_auc_attacked (max-window z, attacked vs unwm),
-    tokens_attacked_mean, attacked_changed_fraction (texts the attack changed). Token-level attacks
-    (substitution, insertion) edit the generated ids directly; the others edit the decoded text,
-    which is tokenized again for detection
-  window_z_wm_mean, window_z_unwm_mean (eval.window scored tokens)
+Keys of :func:`detection_metrics`
+  detection_rate, false_positive_rate (plain texts), fpr_<set> / n_<set> / fp_<set> and the diagnostic
+    fpr_model_null_<set> for every null set (:mod:`moewm.nulls`), null_ok, null_failures
+  auc, tpr_at_1pct_fpr, tpr_at_0p1pct_fpr: watermarked texts against every null text, scored by p-value
+    (n_null_texts negatives)
+  tokens_to_detect_0p02 / tokens_to_detect_alpha (median scored tokens after which p stays <= 0.02 / alpha,
+    over the texts that get there), never_detected_0p02 / never_detected_alpha
+  detection_rate_at_T, fpr_at_T, n_wm_at_T, n_unwm_at_T for T in eval.lengths
+  p_wm_median, p_unwm_median, z_wm_mean / z_wm_std / z_unwm_mean / z_unwm_std (diagnostic z),
+    green_fraction_wm_mean, green_fraction_unwm_mean, gamma_mean
+  p_value_floor, reference_keys_scored_mean (per null text) and early_stop_share (null texts that
+    stopped before all reference keys)
+Keys of :func:`evaluate_job`
+  window_detection_rate, window_fpr (eval.window tokens, p of the window maximum)
+  attack_name, attack_strength; when an attack runs: detection_rate_attacked, auc_attacked,
+    tpr_at_1pct_fpr_attacked, window_detection_rate_attacked, p_attacked_median, tokens_attacked_mean,
+    attacked_changed_fraction. Token-level attacks (substitution, insertion) edit the generated ids
+    directly; the others edit the decoded text, which is tokenized again for detection
   quality (eval.quality): distinct_{1,2,3}_{wm,unwm}, diversity_{wm,unwm}, log_diversity_{wm,unwm},
     length_mean_{wm,unwm}, length_std_{wm,unwm}, n_texts_{wm,unwm}
-  detection vs length, per T in eval.lengths that at least half the texts reach:
-    z_wm_at_T, z_unwm_at_T, tpr_at_T, detection_rate_at_T, fpr_at_T, n_wm_at_T, n_unwm_at_T
-  null calibration: null_n, null_z_mean, null_z_std, null_z_mean_se, null_z_p99,
-    false_positive_rate_empirical, false_positive_rate_nominal, null_fpr_pvalue, null_dispersion_pvalue,
-    null_ok (False, with a logged warning, when the null z mean is more than 3 standard errors from 0,
-    the empirical FPR at the threshold is significantly above the nominal one (binomial test,
-    p < 1e-3), or the z variance is significantly above 1 (chi-square test, p < 1e-3))
   geometry (eval.geometry, MoE-LSH with calibration): the ``geo_*`` keys of :mod:`moewm.geometry`
   eval_seconds
 """
@@ -30,135 +32,73 @@ Keys
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from scipy.stats import binomtest, chi2, norm
 
 from moewm import stats
 from moewm.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
 from moewm.config import EvalConfig
+from moewm.detection import DetectorOutput
 from moewm.geometry import geometry_metrics
-from moewm.length_curve import PositionScores, length_curve, position_scores
+from moewm.length_curve import length_metrics, tokens_to_detect_metrics
+from moewm.nulls import null_set_metrics
 from moewm.quality import quality_metrics
-from moewm.watermark import MoEDetectorOutput, MoELSHWatermark, usable_tokens
+from moewm.watermark import MoELSHWatermark, usable_tokens
 
 log = logging.getLogger(__name__)
 
-NULL_SIGMAS = 3.0
-NULL_ALPHA = 1e-3
+
+def _p_scores(p: np.ndarray) -> np.ndarray:
+    """Detection scores from p-values for ROC metrics: lower p is more watermarked; no p counts as p = 1."""
+    return -np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
 
 
-# -- helpers that tolerate empty texts -----------------------------------------------------------
-def detect_rows(watermarker: Any, text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]]) -> MoEDetectorOutput:
-    """``watermarker.detect_ids`` where empty texts get z = NaN instead of an error."""
-    idx = [i for i, t in enumerate(text_ids) if len(t) > 0]
-    n = len(text_ids)
-    full = MoEDetectorOutput(
-        num_tokens_scored=np.zeros(n, dtype=np.int64),
-        num_green_tokens=np.zeros(n, dtype=np.int64),
-        green_fraction=np.full(n, np.nan),
-        gamma_mean=np.full(n, np.nan),
-        z_score=np.full(n, np.nan),
-        p_value=np.full(n, np.nan),
-        prediction=np.zeros(n, dtype=bool),
-        notes=["empty text"] * n,
-    )
-    if not idx:
-        return full
-    det = watermarker.detect_ids([text_ids[i] for i in idx], [prompt_ids[i] for i in idx])
-    for name in ("num_tokens_scored", "num_green_tokens", "green_fraction", "gamma_mean", "z_score", "p_value", "prediction"):
-        values = getattr(det, name)
-        target = getattr(full, name)
-        if target.dtype != values.dtype:
-            target = target.astype(np.result_type(target.dtype, values.dtype))
-            setattr(full, name, target)
-        target[idx] = values
-    for j, i in enumerate(idx):
-        full.notes[i] = det.notes[j] if det.notes else ""
-    return full
+def _rate(p: np.ndarray | None, alpha: float) -> float:
+    if p is None or len(p) == 0:
+        return float("nan")
+    return float(np.mean(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=np.inf) <= alpha))
 
 
-def scores_rows(watermarker: Any, text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]]) -> PositionScores:
-    """:func:`moewm.length_curve.position_scores` where empty texts get no scored draws."""
-    idx = [i for i, t in enumerate(text_ids) if len(t) > 0]
-    if not idx:
-        z = torch.zeros(len(text_ids), 0)
-        return PositionScores(z.bool(), z.double(), z.bool())
-    ps = position_scores(watermarker, [text_ids[i] for i in idx], [prompt_ids[i] for i in idx])
-    if len(idx) == len(text_ids):
-        return ps
-    width = ps.green.shape[1]
-    green = torch.zeros(len(text_ids), width, dtype=torch.bool)
-    gamma = torch.zeros(len(text_ids), width, dtype=torch.float64)
-    scored = torch.zeros(len(text_ids), width, dtype=torch.bool)
-    at = torch.tensor(idx)
-    green[at], gamma[at], scored[at] = ps.green, ps.gamma, ps.scored
-    return PositionScores(green, gamma, scored, ps.draws_per_token)
-
-
-def windowed(ps: PositionScores, window: int, min_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Max-over-windows z and its Bonferroni-corrected p-value; NaN for texts under ``min_tokens``."""
-    best, count = ps.window_z(window)
-    best = np.where(ps.tokens_scored() < min_tokens, np.nan, best)
-    return best, stats.bonferroni(stats.p_value(best), count)
-
-
-# -- pieces --------------------------------------------------------------------------------------
-def null_calibration(null_z: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Does the detector's null hold on this model's unwatermarked text? (keys in the module docstring)"""
-    z = np.asarray(null_z, dtype=np.float64)
-    z = z[np.isfinite(z)]
-    n = len(z)
-    nominal = float(norm.sf(threshold))
-    out: dict[str, Any] = {"null_n": n, "false_positive_rate_nominal": nominal}
-    if n < 2:
-        out.update(null_z_mean=float("nan"), null_z_std=float("nan"), null_z_mean_se=float("nan"), null_z_p99=float("nan"),
-                   false_positive_rate_empirical=float("nan"), null_fpr_pvalue=float("nan"), null_dispersion_pvalue=float("nan"),
-                   null_ok=True)
-        return out
-    mean, std = float(z.mean()), float(z.std(ddof=1))
-    se = std / math.sqrt(n)
-    k = int((z > threshold).sum())
-    fpr_p = float(binomtest(k, n, nominal, alternative="greater").pvalue)
-    disp_p = float(chi2.sf((n - 1) * std**2, n - 1))  # H0: Var z = 1
-    mean_bad = abs(mean) > NULL_SIGMAS * se
-    fpr_bad = fpr_p < NULL_ALPHA
-    disp_bad = disp_p < NULL_ALPHA
-    ok = not (mean_bad or fpr_bad or disp_bad)
-    if not ok:
-        log.warning(
-            "null calibration off on unwatermarked text: z mean %.3f (SE %.3f), std %.3f, empirical FPR %.4f vs nominal %.2e "
-            "at z > %.2f (n=%d)%s%s%s",
-            mean, se, std, k / n, nominal, threshold, n,
-            "; mean off by > 3 SE" if mean_bad else "",
-            f"; FPR above nominal (binomial p={fpr_p:.2e})" if fpr_bad else "",
-            f"; variance above 1 (chi-square p={disp_p:.2e})" if disp_bad else "",
-        )
+def detection_metrics(
+    wm: DetectorOutput, plain: DetectorOutput, nulls: dict[str, DetectorOutput], alpha: float, lengths: Sequence[int]
+) -> dict[str, Any]:
+    """Rates at alpha, every null set's false-positive rate, ROC summaries and tokens to detect."""
+    out: dict[str, Any] = {"detection_rate": _rate(wm.p_value, alpha), "false_positive_rate": _rate(plain.p_value, alpha)}
+    out.update(null_set_metrics({"plain": plain, **nulls}, alpha))
+    negatives = np.concatenate([plain.p_value] + [d.p_value for d in nulls.values()])
+    sep = stats.separation(_p_scores(wm.p_value), _p_scores(negatives), threshold=-alpha - 1e-15)
+    out.update(auc=sep.auc, tpr_at_1pct_fpr=sep.tpr_at_1pct_fpr,
+               tpr_at_0p1pct_fpr=stats.tpr_at_fpr(_p_scores(wm.p_value), _p_scores(negatives), 0.001), n_null_texts=int(len(negatives)))
+    if wm.prefix_p_value is not None:
+        out.update(tokens_to_detect_metrics(wm.prefix_p_value, {"0p02": 0.02, "alpha": alpha}))
+        out.update(length_metrics(wm.prefix_p_value, plain.prefix_p_value or [], lengths, alpha))
     out.update(
-        null_z_mean=mean,
-        null_z_std=std,
-        null_z_mean_se=se,
-        null_z_p99=float(np.percentile(z, 99)),
-        false_positive_rate_empirical=k / n,
-        null_fpr_pvalue=fpr_p,
-        null_dispersion_pvalue=disp_p,
-        null_ok=bool(ok),
+        p_wm_median=float(np.nanmedian(wm.p_value)) if np.isfinite(wm.p_value).any() else float("nan"),
+        p_unwm_median=float(np.nanmedian(plain.p_value)) if np.isfinite(plain.p_value).any() else float("nan"),
+        z_wm_mean=stats.nan_safe_mean(wm.z_score), z_wm_std=stats.nan_safe_std(wm.z_score),
+        z_unwm_mean=stats.nan_safe_mean(plain.z_score), z_unwm_std=stats.nan_safe_std(plain.z_score),
+        green_fraction_wm_mean=stats.nan_safe_mean(wm.green_fraction),
+        green_fraction_unwm_mean=stats.nan_safe_mean(plain.green_fraction),
+        gamma_mean=stats.nan_safe_mean(np.r_[wm.gamma_mean, plain.gamma_mean]),
+        p_value_floor=float(np.nanmax(wm.p_value_floor)) if len(wm) else float("nan"),
     )
+    null_keys = np.concatenate([d.num_reference_keys for d in nulls.values()] + [plain.num_reference_keys]).astype(np.float64)
+    full = float(np.nanmax(np.r_[wm.num_reference_keys, null_keys])) if len(null_keys) else 0.0
+    out["reference_keys_scored_mean"] = float(null_keys.mean()) if len(null_keys) else float("nan")
+    out["early_stop_share"] = float(np.mean(null_keys < full)) if len(null_keys) and full > 0 else float("nan")
     return out
 
 
-def attack_metrics(ctx: Any, ev: EvalConfig, unwm_window_z: np.ndarray) -> dict[str, Any]:
+def attack_metrics(ctx: Any, ev: EvalConfig) -> dict[str, Any]:
     cfg = ctx.cfg
     attack = cfg.attack
     out: dict[str, Any] = {"attack_name": attack.name, "attack_strength": float(attack.strength)}
     if attack.name == "none":
         return out
     tok, wm = ctx.tokenizer, ctx.watermarker
-    thr = cfg.watermark.z_threshold
+    alpha = cfg.watermark.alpha
     texts = [tok.decode(ids, skip_special_tokens=True) for ids in ctx.wm_ids]
     if attack.name in TOKEN_ATTACKS:  # on the generated ids themselves: no decode / encode round trip
         att_ids = attack_token_ids(ctx.wm_ids, attack, tokenizer=tok, model=ctx.model, seed=attack.seed)
@@ -169,18 +109,20 @@ def attack_metrics(ctx: Any, ev: EvalConfig, unwm_window_z: np.ndarray) -> dict[
         changed = [a != t for a, t in zip(attacked, texts)]
         # an unchanged text keeps its original ids (decode / encode need not round-trip exactly)
         att_ids = [list(tok(a, add_special_tokens=False)["input_ids"]) if c else list(ctx.wm_ids[i]) for i, (a, c) in enumerate(zip(attacked, changed))]
-    det = detect_rows(wm, att_ids, ctx.prompt_ids)
-    sep = stats.separation(det.z_score, ctx.plain_det.z_score, thr)
-    wz, wp = windowed(scores_rows(wm, att_ids, ctx.prompt_ids), ev.window, cfg.watermark.min_tokens)
-    p_thr = float(norm.sf(thr))
+    keep = [i for i, t in enumerate(att_ids) if len(t) > 0]
+    if keep:
+        part = wm.detect_ids([att_ids[i] for i in keep], [ctx.prompt_ids[i] for i in keep], window=ev.window)
+        det = DetectorOutput.scatter(len(att_ids), keep, part)
+    else:
+        det = DetectorOutput.empty(len(att_ids))
+    negatives = np.concatenate([ctx.plain_det.p_value] + [d.p_value for d in ctx.null_dets.values()])
+    sep = stats.separation(_p_scores(det.p_value), _p_scores(negatives), threshold=-alpha - 1e-15)
     out.update(
-        z_attacked_mean=stats.nan_safe_mean(det.z_score),
-        detection_rate_attacked=sep.detection_rate,
+        detection_rate_attacked=_rate(det.p_value, alpha),
         auc_attacked=sep.auc,
         tpr_at_1pct_fpr_attacked=sep.tpr_at_1pct_fpr,
-        window_z_attacked_mean=stats.nan_safe_mean(wz),
-        window_detection_rate_attacked=float(np.mean(np.nan_to_num(wp, nan=1.0) < p_thr)),
-        window_auc_attacked=stats.separation(wz, unwm_window_z, thr).auc,
+        window_detection_rate_attacked=_rate(det.window_p_value, alpha),
+        p_attacked_median=float(np.nanmedian(det.p_value)) if np.isfinite(det.p_value).any() else float("nan"),
         tokens_attacked_mean=float(np.mean([len(x) for x in att_ids])),
         attacked_changed_fraction=float(np.mean(changed)),
     )
@@ -222,32 +164,22 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_job(ctx: Any) -> dict[str, Any]:
-    """All evaluation metrics of one job (module docstring)."""
+    """All evaluation metrics of one job beyond :func:`detection_metrics` (module docstring)."""
     t0 = time.perf_counter()
     cfg = ctx.cfg
     ev: EvalConfig = getattr(cfg, "eval", None) or EvalConfig()
     ev.validate()
     wm = ctx.watermarker
-    thr = cfg.watermark.z_threshold
-    min_tokens = cfg.watermark.min_tokens
-    out: dict[str, Any] = {}
-
-    out.update(null_calibration(ctx.plain_det.z_score, thr))
-
-    wm_ps = scores_rows(wm, ctx.wm_ids, ctx.prompt_ids)
-    unwm_ps = scores_rows(wm, ctx.plain_ids, ctx.prompt_ids)
-    curve = length_curve(wm_ps, unwm_ps, ev.lengths, thr)
-    out.update(curve)
-    wz_wm, _ = windowed(wm_ps, ev.window, min_tokens)
-    wz_unwm, _ = windowed(unwm_ps, ev.window, min_tokens)
-    out["window_z_wm_mean"] = stats.nan_safe_mean(wz_wm)
-    out["window_z_unwm_mean"] = stats.nan_safe_mean(wz_unwm)
-
+    alpha = cfg.watermark.alpha
+    out: dict[str, Any] = {
+        "window_detection_rate": _rate(ctx.wm_det.window_p_value, alpha),
+        "window_fpr": _rate(ctx.plain_det.window_p_value, alpha),
+    }
     if ev.quality:
         out.update(quality_metrics(ctx.wm_ids, suffix="_wm"))
         out.update(quality_metrics(ctx.plain_ids, suffix="_unwm"))
 
-    out.update(attack_metrics(ctx, ev, wz_unwm))
+    out.update(attack_metrics(ctx, ev))
 
     calibration = getattr(ctx, "calibration", None)
     if ev.geometry and calibration is not None and isinstance(wm, MoELSHWatermark):

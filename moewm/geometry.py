@@ -216,7 +216,7 @@ def next_token_distributions(watermarker: Any, contexts: Sequence[Sequence[int]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     back = -int(watermarker.extractor_cfg.token_idx)
     delta = float(watermarker.watermark_cfg.delta)
-    capture = watermarker.capture
+    capture = watermarker.capture_hooks
     capture.attach()
     ps, qs, greens = [], [], []
     for start in range(0, len(contexts), batch_size):

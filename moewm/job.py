@@ -12,7 +12,7 @@ import logging
 import resource
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +28,11 @@ from moewm.models import load_model
 from moewm.quality import pad_id, perplexity
 from moewm.schema import AppConfig
 from moewm.tracking import Tracker
-from moewm.watermark import MoEDetectorOutput, encode_prompt
+from moewm.capture import cached_captures, capture_cache_key
+from moewm.detection import DetectorOutput
+from moewm.evaluation import detection_metrics
+from moewm.nulls import build_null_sets
+from moewm.watermark import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,11 @@ class JobContext:
     prompt_ids: list[list[int]]
     wm_ids: list[list[int]]
     plain_ids: list[list[int]]
-    wm_det: MoEDetectorOutput
-    plain_det: MoEDetectorOutput
+    wm_det: DetectorOutput
+    plain_det: DetectorOutput
     calibration: Any
     out_dir: Path
+    null_dets: dict[str, DetectorOutput] = field(default_factory=dict)
 
 
 # -- per-process caches ---------------------------------------------------------------------------
@@ -96,8 +101,13 @@ def build_watermarker(app: AppConfig, model: Any, tokenizer: Any, key: Watermark
     """The configured scheme (moe_lsh, or a baseline) behind one duck-typed interface."""
     from moewm.baselines import build_watermarker as build
 
-    return build(app.watermark.kind, model, tokenizer, app.watermark, key,
-                 extractor=app.extractor, encoder=app.encoder, calibration=calibration)
+    return build(app.watermark.kind, model, tokenizer, app.watermark, key, extractor=app.extractor, encoder=app.encoder,
+                 calibration=calibration, cache_dir=cache_root() / "reference_keys", model_id=_cache_key(app.model, app.memory))
+
+
+def cache_root() -> Path:
+    """Caches shared by the jobs of every sweep: reference-key banks, calibration, null-text captures."""
+    return Path(app_output_root()) / "cache"
 
 
 def _needs_calibration(app: AppConfig) -> bool:
@@ -123,7 +133,8 @@ def run_job(app: AppConfig, out_dir: Path, *, run_name: str, group: Optional[str
         "num_bits": app.encoder.num_bits,
         "pool_size": app.encoder.pool_size,
         "delta": app.watermark.delta,
-        "z_threshold": app.watermark.z_threshold,
+        "alpha": app.watermark.alpha,
+        "statistic": app.watermark.statistic,
         "memory_profile": app.memory.name,
     }
     tracker = Tracker.start(app.logger, run_dir=out_dir, name=run_name, group=group, config=public_config(app, key))
@@ -178,7 +189,7 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
 
         rows = [p + t for p, t in zip(prompt_ids, plain_ids)]
         calibration = calibrate(model, tokenizer, app.extractor, app.encoder, rows,
-                                cache_dir=Path(app_output_root()) / "calibration", model_id=_cache_key(app.model, app.memory))
+                                cache_dir=cache_root() / "calibration", model_id=_cache_key(app.model, app.memory))
 
     watermarker = build_watermarker(app, model, tokenizer, key, calibration)
     try:
@@ -187,45 +198,40 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
         wm_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        wm_det = watermarker.detect_ids(wm_ids, prompt_ids, progress=progress)
-        plain_det = watermarker.detect_ids(plain_ids, prompt_ids, progress=progress)
+        nulls = build_null_sets(app.eval.null_sets, model, tokenizer, prompt_ids, app.generation, app.eval.null_texts,
+                                encode_prompt(tokenizer, None), _cache_key(app.model, app.memory), progress=progress)
+        null_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        detected = detect_job_texts(watermarker, app, prompt_ids, wm_ids, plain_ids, nulls, progress)
         detect_seconds = time.perf_counter() - t0
-
-        sep = stats.separation(wm_det.z_score, plain_det.z_score, app.watermark.z_threshold)
-        pad = pad_id(tokenizer)
-        ppl_wm = perplexity(model, prompt_ids, wm_ids, app.generation.batch_size, pad)
-        ppl_plain = perplexity(model, prompt_ids, plain_ids, app.generation.batch_size, pad)
+        wm_det, plain_det = detected.wm, detected.plain
+        if detected.wm_captures is not None:
+            ppl_wm, ppl_plain = capture_perplexity(detected.wm_captures), capture_perplexity(detected.plain_captures)
+        else:
+            pad = pad_id(tokenizer)
+            ppl_wm = perplexity(model, prompt_ids, wm_ids, app.generation.batch_size, pad)
+            ppl_plain = perplexity(model, prompt_ids, plain_ids, app.generation.batch_size, pad)
         peak, peak_kind = _peak_memory_mb(device)
-        scored = int(wm_det.num_tokens_scored.sum() + plain_det.num_tokens_scored.sum())
+        scored = int(sum(int(d.num_tokens_scored.sum()) for d in [wm_det, plain_det, *detected.nulls.values()]))
         metrics = dict(
             base,
             status="ok",
             n_samples=len(prompts),
-            z_wm_mean=stats.nan_safe_mean(wm_det.z_score),
-            z_wm_std=stats.nan_safe_std(wm_det.z_score),
-            z_unwm_mean=stats.nan_safe_mean(plain_det.z_score),
-            z_unwm_std=stats.nan_safe_std(plain_det.z_score),
-            detection_rate=sep.detection_rate,
-            false_positive_rate=sep.false_positive_rate,
-            auc=sep.auc,
-            tpr_at_1pct_fpr=sep.tpr_at_1pct_fpr,
-            null_z_p99=sep.null_z_p99,
-            green_fraction_wm_mean=stats.nan_safe_mean(wm_det.green_fraction),
-            green_fraction_unwm_mean=stats.nan_safe_mean(plain_det.green_fraction),
-            gamma_mean=stats.nan_safe_mean(np.r_[wm_det.gamma_mean, plain_det.gamma_mean]),
+            **detection_metrics(wm_det, plain_det, detected.nulls, app.watermark.alpha, app.eval.lengths),
             ppl_wm_mean=stats.nan_safe_mean(ppl_wm),
             ppl_unwm_mean=stats.nan_safe_mean(ppl_plain),
             tokens_wm_mean=float(np.mean([len(x) for x in wm_ids])),
             tokens_unwm_mean=float(np.mean([len(x) for x in plain_ids])),
-            gen_tokens_per_s_wm=_tokens(wm_ids) / max(wm_seconds, 1e-9),
-            gen_tokens_per_s_plain=_tokens(plain_ids) / max(plain_seconds, 1e-9),
+            generate_seconds=wm_seconds,
+            null_sets_seconds=null_seconds,
+            detect_seconds=detect_seconds,
             detect_tokens_per_s=scored / max(detect_seconds, 1e-9),
             peak_memory_mb=peak,
             peak_memory_kind=peak_kind,
             model_loads_in_process=LOAD_COUNT["loads"],
         )
         ctx = JobContext(app, model, tokenizer, watermarker, prompts, prompt_ids, wm_ids, plain_ids, wm_det, plain_det,
-                         calibration, out_dir)
+                         calibration, out_dir, detected.nulls)
         metrics.update(_evaluate(ctx))
         metrics["job_seconds"] = time.perf_counter() - t_start
     finally:
@@ -233,11 +239,99 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
 
     samples = _samples(tokenizer, prompts, wm_ids, plain_ids, wm_det, plain_det, ppl_wm, ppl_plain)
     write_jsonl(out_dir / "samples.jsonl", samples)
+    write_jsonl(out_dir / "nulls.jsonl", null_rows(detected.nulls, plain_det))
+    write_json(out_dir / "length_curve.json", length_curve_table(wm_det, plain_det, app.eval.lengths, app.watermark.alpha))
     write_json(out_dir / "metrics.json", metrics)
     tracker.summary(metrics)
-    tracker.histograms({"z_wm": wm_det.z_score, "z_unwm": plain_det.z_score})
+    tracker.histograms({"z_wm": wm_det.z_score, "z_unwm": plain_det.z_score, "p_wm": wm_det.p_value, "p_unwm": plain_det.p_value})
     tracker.table("samples", samples)
     return metrics
+
+
+@dataclass
+class JobDetections:
+    """Every detection of a job: its own texts (with per-prefix p-values) and the null sets."""
+
+    wm: DetectorOutput
+    plain: DetectorOutput
+    nulls: dict[str, DetectorOutput]
+    wm_captures: Optional[list[Any]] = None
+    plain_captures: Optional[list[Any]] = None
+
+
+def detect_job_texts(scheme: Any, app: AppConfig, prompt_ids: list[list[int]], wm_ids: list[list[int]], plain_ids: list[list[int]],
+                     nulls: list[Any], progress: bool) -> JobDetections:
+    """Detect the job's texts and every null set. A scheme that captures (MoE-LSH) runs each text through
+    the model once; captures of key-independent texts (plain, null sets) are cached for the whole sweep."""
+    window = app.eval.window
+    model_key = _cache_key(app.model, app.memory)
+    if not hasattr(scheme, "capture"):
+        wm = _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), wm_ids, prompt_ids)
+        plain = _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), plain_ids, prompt_ids)
+        out = {n.name: _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress), n.text_ids, n.prompt_ids) for n in nulls}
+        return JobDetections(wm, plain, out)
+
+    def captured(texts: list[list[int]], prompts: list[list[int]], fixed: bool) -> tuple[list[int], list[Any]]:
+        keep = [i for i, t in enumerate(texts) if len(t) > 0]
+        t, p = [texts[i] for i in keep], [prompts[i] for i in keep]
+        if not keep:
+            return keep, []
+        if not fixed:
+            return keep, scheme.capture(t, p, progress=progress)
+        rows = [list(a) + list(b) for a, b in zip(p, t)]
+        name = capture_cache_key(model_key, app.extractor, scheme.capture_settings, rows, [len(x) for x in p])
+        return keep, cached_captures(name, cache_root() / "captures", lambda: scheme.capture(t, p, progress=progress))
+
+    def scored(texts: list[list[int]], prompts: list[list[int]], fixed: bool, prefixes: bool, win: Optional[int]) -> tuple[DetectorOutput, list[Any]]:
+        keep, caps = captured(texts, prompts, fixed)
+        if not keep:
+            return DetectorOutput.empty(len(texts)), []
+        det = scheme.score(caps, prefixes=prefixes, progress=progress, window=win)
+        full: list[Any] = [None] * len(texts)
+        for j, i in enumerate(keep):
+            full[i] = caps[j]
+        return DetectorOutput.scatter(len(texts), keep, det), full
+
+    wm, wm_caps = scored(wm_ids, prompt_ids, False, True, window)
+    plain, plain_caps = scored(plain_ids, prompt_ids, True, True, window)
+    out = {n.name: scored(n.text_ids, n.prompt_ids, True, False, None)[0] for n in nulls}
+    return JobDetections(wm, plain, out, wm_caps, plain_caps)
+
+
+def _detect_nonempty(detect: Any, texts: list[list[int]], prompts: list[list[int]]) -> DetectorOutput:
+    keep = [i for i, t in enumerate(texts) if len(t) > 0]
+    if not keep:
+        return DetectorOutput.empty(len(texts))
+    return DetectorOutput.scatter(len(texts), keep, detect([texts[i] for i in keep], [prompts[i] for i in keep]))
+
+
+def capture_perplexity(captures: list[Any]) -> np.ndarray:
+    """Perplexity of each text from its capture (scored tokens, under the generating model); NaN for none."""
+    out = np.full(len(captures), np.nan)
+    for i, c in enumerate(captures):  # one mean per text
+        if c is not None and c.num_scored:
+            out[i] = float(torch.exp(-c.logprob.double().mean()))
+    return out
+
+
+def null_rows(nulls: dict[str, DetectorOutput], plain: DetectorOutput) -> list[dict[str, Any]]:
+    """One row per unwatermarked text scored: its set, p-value, statistic and tokens (for calibration plots)."""
+    rows = []
+    for name, det in {"plain": plain, **nulls}.items():
+        for i in range(len(det)):
+            rows.append({"set": name, "p_value": float(det.p_value[i]), "p_value_model_null": float(det.p_value_model_null[i]),
+                         "statistic": float(det.statistic[i]), "num_tokens_scored": int(det.num_tokens_scored[i]),
+                         "num_reference_keys": int(det.num_reference_keys[i])})
+    return rows
+
+
+def length_curve_table(wm: DetectorOutput, plain: DetectorOutput, lengths: list[int], alpha: float) -> dict[str, Any]:
+    from moewm.length_curve import length_metrics
+
+    m = length_metrics(wm.prefix_p_value or [], plain.prefix_p_value or [], lengths, alpha, min_fraction=0.0)
+    kept = [t for t in lengths if f"detection_rate_at_{t}" in m]
+    return {"alpha": alpha, "lengths": kept, "detection_rate": [m[f"detection_rate_at_{t}"] for t in kept],
+            "fpr": [m[f"fpr_at_{t}"] for t in kept], "n_wm": [m[f"n_wm_at_{t}"] for t in kept], "n_unwm": [m[f"n_unwm_at_{t}"] for t in kept]}
 
 
 def _evaluate(ctx: JobContext) -> dict[str, Any]:
@@ -247,13 +341,17 @@ def _evaluate(ctx: JobContext) -> dict[str, Any]:
 
 
 def _samples(tokenizer: Any, prompts: list[str], wm_ids: list[list[int]], plain_ids: list[list[int]],
-             wm_det: MoEDetectorOutput, plain_det: MoEDetectorOutput, ppl_wm: np.ndarray, ppl_plain: np.ndarray) -> list[dict[str, Any]]:
+             wm_det: DetectorOutput, plain_det: DetectorOutput, ppl_wm: np.ndarray, ppl_plain: np.ndarray) -> list[dict[str, Any]]:
     rows = []
     for i, prompt in enumerate(prompts):
         rows.append({
             "prompt": prompt,
             "text_wm": tokenizer.decode(wm_ids[i], skip_special_tokens=True),
             "text_unwm": tokenizer.decode(plain_ids[i], skip_special_tokens=True),
+            "p_wm": float(wm_det.p_value[i]),
+            "p_unwm": float(plain_det.p_value[i]),
+            "detected_wm": bool(wm_det.prediction[i]),
+            "detected_unwm": bool(plain_det.prediction[i]),
             "z_wm": float(wm_det.z_score[i]),
             "z_unwm": float(plain_det.z_score[i]),
             "tokens_wm": len(wm_ids[i]),

@@ -1,13 +1,13 @@
-"""Detection versus text length, and windowed detection, from per-position scores.
+"""Detection versus text length, tokens to detect, and the baselines' per-position draws.
 
-Every watermark here scores a text as a sum of Bernoulli draws with known null probabilities:
-MoE-LSH and KGW one draw per scored token (green or not, probability gamma_t), SynthID one draw per
-token and tournament layer (g = 1 or not, probability p0). :class:`PositionScores` holds those draws
-left-aligned in reading order, so the z-score of the first T scored tokens is a difference of cumulative
-sums: one vectorised pass gives z at every length.
+Every detector can give the p-value of each prefix of a text (MoE-LSH by ranking each prefix's
+statistic among the reference keys, the baselines by the exact binomial tail of each prefix's count).
+From those: the detection rate and false-positive rate at alpha after T scored tokens
+(:func:`length_metrics`), and MarkMyWords' "watermark size", the tokens after which a text's p-value
+stays at or below a threshold (:func:`tokens_to_detect`).
 
-Length-curve metrics at each T (``lengths``) compare watermarked texts with unwatermarked texts cut to
-the same number of scored tokens; texts with fewer than T scored tokens are left out at that T.
+:class:`PositionScores` holds the baselines' Bernoulli draws left-aligned in reading order (KGW one per
+scored token, SynthID one per token and tournament layer).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binom
 
 from moewm import stats
 
@@ -98,73 +99,83 @@ class PositionScores:
             out[:, j] = torch.where(ok, z, torch.full_like(z, float("nan"))).numpy()
         return out
 
-    def window_z(self, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """Max z over windows of ``window`` scored tokens (moewm.stats.window_z) and the window count.
-
-        Windows slide by one draw, so with several draws per token (SynthID) the count (used for the
-        Bonferroni correction) is the number of draw-aligned windows actually searched.
-        """
+    def window_exact(self, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Max z over windows of ``window`` scored tokens and its p-value: the exact binomial tail of the
+        best window times the number of windows (Bonferroni). Needs one gamma per text (the baselines)."""
         best, count = stats.window_z(self.green, self.gamma, self.scored, int(window) * self.draws_per_token)
-        return best.numpy(), count.numpy()
+        m = self.draws_per_token
+        draws = self.scored.sum(-1).numpy()
+        size = np.minimum(int(window) * m, draws)
+        gamma = self._constant_gamma()
+        # the best window's green count, recovered from its z (same size, one gamma)
+        with np.errstate(invalid="ignore"):
+            greens = np.round(best.numpy() * np.sqrt(size * gamma * (1 - gamma)) + size * gamma)
+        tail = binom.sf(greens - 1, size, gamma)
+        p = np.minimum(1.0, tail * count.numpy())
+        return best.numpy(), np.where(np.isfinite(best.numpy()), p, np.nan)
+
+    def _constant_gamma(self) -> np.ndarray:
+        g = self.gamma.numpy()
+        s = self.scored.numpy()
+        first = np.array([row[mask][0] if mask.any() else np.nan for row, mask in zip(g, s)])
+        if not np.allclose(np.where(s, g, first[:, None]), first[:, None], equal_nan=True):
+            raise ValueError("PositionScores: exact window and prefix tails need one gamma per text")
+        return first
+
+    def prefix_p_values(self) -> list[np.ndarray]:
+        """Per text, the exact binomial p-value after each scored token (one gamma per text)."""
+        m = self.draws_per_token
+        gamma = self._constant_gamma()
+        green = self.green.to(torch.int64).cumsum(-1).numpy()
+        n = self.scored.to(torch.int64).cumsum(-1).numpy()
+        out = []
+        for i in range(len(self)):  # one vectorised tail per text
+            tokens = int(self.scored[i].sum()) // m
+            ends = np.arange(1, tokens + 1) * m - 1
+            out.append(binom.sf(green[i, ends] - 1, n[i, ends], gamma[i]) if tokens else np.zeros(0))
+        return out
 
 
-def _moe_position_scores(wm: Any, text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]], batch_size: int) -> PositionScores:
-    rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
-    order = np.argsort([-len(r) for r in rows], kind="stable")
-    parts = []
-    for start in range(0, len(rows), batch_size):
-        idx = order[start : start + batch_size]
-        s = wm.token_scores([rows[i] for i in idx], [len(prompt_ids[i]) for i in idx])
-        parts.append(PositionScores.from_positions(s["green"], s["gamma"], s["scored"]))
-    return PositionScores.concat(parts).take(np.argsort(order, kind="stable"))
+def tokens_to_detect(prefix_p: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+    """Per text, the number of scored tokens after which its p-value stays <= ``threshold`` (NaN: never)."""
+    out = np.full(len(prefix_p), np.nan)
+    for i, p in enumerate(prefix_p):  # one vectorised scan per text
+        p = np.asarray(p, dtype=np.float64)
+        if p.size == 0 or not p[-1] <= threshold:
+            continue
+        above = np.nonzero(~(p <= threshold))[0]
+        out[i] = (above[-1] + 2) if above.size else 1
+    return out
 
 
-def position_scores(
-    watermarker: Any,
-    text_ids: Sequence[Sequence[int]],
-    prompt_ids: Optional[Sequence[Sequence[int]]] = None,
-    batch_size: Optional[int] = None,
-) -> PositionScores:
-    """Per-position draws of any watermarker: its own ``position_scores`` or MoE-LSH's ``token_scores``."""
-    if len(text_ids) == 0:
-        raise ValueError("text_ids: no texts to score")
-    if hasattr(watermarker, "position_scores"):
-        return watermarker.position_scores(text_ids, prompt_ids)
-    if not hasattr(watermarker, "token_scores"):
-        raise TypeError(f"{type(watermarker).__name__} has neither position_scores nor token_scores")
-    if prompt_ids is None:
-        prompt_ids = [watermarker.encode_prompt(None) for _ in text_ids]
-    bs = batch_size or watermarker.watermark_cfg.detect_batch_size
-    return _moe_position_scores(watermarker, text_ids, prompt_ids, bs)
+def tokens_to_detect_metrics(prefix_p: Sequence[np.ndarray], thresholds: dict[str, float], suffix: str = "") -> dict[str, float]:
+    """Median tokens to detect (over texts that get there) and the share never detected, per threshold."""
+    out: dict[str, float] = {}
+    for name, thr in thresholds.items():
+        t = tokens_to_detect(prefix_p, thr)
+        ok = np.isfinite(t)
+        out[f"tokens_to_detect_{name}{suffix}"] = float(np.median(t[ok])) if ok.any() else float("nan")
+        out[f"never_detected_{name}{suffix}"] = float(1.0 - ok.mean()) if len(t) else float("nan")
+    return out
 
 
-def length_curve(
-    wm_scores: PositionScores,
-    null_scores: PositionScores,
+def length_metrics(
+    wm_prefix: Sequence[np.ndarray],
+    null_prefix: Sequence[np.ndarray],
     lengths: Sequence[int],
-    z_threshold: float,
+    alpha: float,
     min_fraction: float = 0.5,
 ) -> dict[str, float]:
-    """Metrics at each length T that at least ``min_fraction`` of both text sets reach.
-
-    Keys per T: ``z_wm_at_T`` / ``z_unwm_at_T`` (mean z of the first T scored tokens),
-    ``tpr_at_T`` (TPR at 1% FPR against the unwatermarked texts at the same T), ``detection_rate_at_T``
-    and ``fpr_at_T`` (z > threshold), ``n_wm_at_T`` / ``n_unwm_at_T`` (texts long enough).
-    """
-    lengths = [int(t) for t in lengths]
-    zw = wm_scores.z_at_lengths(lengths)
-    zn = null_scores.z_at_lengths(lengths)
+    """At each length T that at least ``min_fraction`` of both sets reach: ``detection_rate_at_T`` and
+    ``fpr_at_T`` (p of the first T scored tokens <= alpha), ``n_wm_at_T`` / ``n_unwm_at_T``."""
     out: dict[str, float] = {}
-    for j, t in enumerate(lengths):
-        pos = zw[:, j][np.isfinite(zw[:, j])]
-        neg = zn[:, j][np.isfinite(zn[:, j])]
-        if len(pos) < max(1, min_fraction * len(zw)) or len(neg) < max(1, min_fraction * len(zn)):
+    for t in (int(x) for x in lengths):
+        pos = np.array([p[t - 1] for p in wm_prefix if len(p) >= t])
+        neg = np.array([p[t - 1] for p in null_prefix if len(p) >= t])
+        if len(pos) < max(1, min_fraction * len(wm_prefix)) or len(neg) < max(1, min_fraction * len(null_prefix)):
             continue
-        out[f"z_wm_at_{t}"] = float(pos.mean())
-        out[f"z_unwm_at_{t}"] = float(neg.mean())
-        out[f"tpr_at_{t}"] = stats.tpr_at_fpr(pos, neg, 0.01)
-        out[f"detection_rate_at_{t}"] = float(np.mean(pos > z_threshold))
-        out[f"fpr_at_{t}"] = float(np.mean(neg > z_threshold))
+        out[f"detection_rate_at_{t}"] = float(np.mean(pos <= alpha))
+        out[f"fpr_at_{t}"] = float(np.mean(neg <= alpha))
         out[f"n_wm_at_{t}"] = int(len(pos))
         out[f"n_unwm_at_{t}"] = int(len(neg))
     return out

@@ -7,7 +7,8 @@ list's size varies from position to position; the encoder therefore reports it e
 Variants (``encoder.kind``) differ only in how features are projected, all under the same key:
 ``simhash`` random Gaussian hyperplanes through the origin; ``centered`` the same after subtracting the
 calibration mean; ``whitened`` hyperplanes drawn in the whitened space (Sigma^-1/2); ``pca`` the top
-principal directions mixed by a keyed random rotation.
+principal directions mixed by a keyed random rotation. The pools themselves are drawn in
+:mod:`moewm.keybank`, which builds the deployed key and the reference keys by the same code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from moewm.config import ConfigError, EncoderConfig
 from moewm.keys import WatermarkKey
 
-_SIM_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -72,39 +72,6 @@ def projection_for(
         extra = top @ _gaussian(key, "pca-extra", rank, nb - rank)
         planes = torch.cat([planes, extra / extra.norm(dim=0, keepdim=True)], dim=1)
     return planes, mean
-
-
-def semantic_pools(
-    embeddings: torch.Tensor, valid: torch.Tensor, cfg: EncoderConfig, key: WatermarkKey
-) -> torch.Tensor:
-    """Pool i = the ``pool_size`` valid tokens nearest (cosine of input embeddings) to a keyed anchor."""
-    valid_ids = torch.nonzero(valid, as_tuple=True)[0]
-    n_valid = valid_ids.numel()
-    if cfg.pool_size > n_valid:
-        raise ConfigError(f"encoder.pool_size={cfg.pool_size}: allowed range is [1, {n_valid}] (usable tokens)")
-    gen = key.generator("anchors")
-    if cfg.num_bits <= n_valid:
-        anchor_pos = torch.randperm(n_valid, generator=gen)[: cfg.num_bits]
-    else:
-        anchor_pos = torch.randint(n_valid, (cfg.num_bits,), generator=gen)
-    anchors = valid_ids[anchor_pos]
-    emb = embeddings.detach().to(device="cpu")
-    anchor_vecs = torch.nn.functional.normalize(emb[anchors].double(), dim=-1)  # (nb, H)
-    sims = torch.empty(cfg.num_bits, emb.shape[0], dtype=torch.float64)
-    for start in range(0, emb.shape[0], _SIM_CHUNK):  # chunks over the vocabulary bound the float64 copy
-        block = torch.nn.functional.normalize(emb[start : start + _SIM_CHUNK].double(), dim=-1)
-        sims[:, start : start + block.shape[0]] = anchor_vecs @ block.T
-    sims[:, ~valid.cpu()] = float("-inf")
-    return torch.topk(sims, cfg.pool_size, dim=1).indices  # (nb, pool_size), anchor first
-
-
-def random_pools(valid: torch.Tensor, cfg: EncoderConfig, key: WatermarkKey) -> torch.Tensor:
-    """Pools of uniformly drawn tokens (``semantic_pools=false``), each bit's pool drawn independently."""
-    valid_ids = torch.nonzero(valid, as_tuple=True)[0]
-    if cfg.pool_size > valid_ids.numel():
-        raise ConfigError(f"encoder.pool_size={cfg.pool_size}: allowed range is [1, {valid_ids.numel()}] (usable tokens)")
-    scores = torch.rand(cfg.num_bits, valid_ids.numel(), generator=key.generator("random-pools"))
-    return valid_ids[torch.topk(scores, cfg.pool_size, dim=1).indices]
 
 
 class LSHEncoder:
@@ -186,22 +153,3 @@ class LSHEncoder:
         """Scores with ``delta`` added to the green tokens of each row (scores (B, V), bits (B, nb))."""
         green = self.green_columns(bits).to(scores.dtype) * delta
         return scores.index_add(1, self.pool_tokens, green)
-
-
-def build_encoder(
-    cfg: EncoderConfig,
-    key: WatermarkKey,
-    feature_dim: int,
-    embeddings: torch.Tensor,
-    valid_tokens: torch.Tensor,
-    vocab_size: int,
-    calibration: Optional[CalibrationStats] = None,
-) -> LSHEncoder:
-    """Derive hyperplanes and pools from the key; deterministic on any machine (drawn on the CPU)."""
-    cfg.validate(vocab_size=vocab_size)
-    projection, center = projection_for(cfg, key, feature_dim, calibration)
-    if cfg.semantic_pools:
-        pools = semantic_pools(embeddings, valid_tokens, cfg, key)
-    else:
-        pools = random_pools(valid_tokens, cfg, key)
-    return LSHEncoder(projection, center, pools, vocab_size, key.fingerprint, cfg.kind, usable=valid_tokens)

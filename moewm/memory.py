@@ -424,10 +424,10 @@ def _activation_bytes(config: Any, batch: int, prompt: int, new: int, dtype_byte
     scores = batch * heads * seq * seq * dtype_bytes
     # Last-token logits while generating; while detecting with the model null, the blocks of next-token
     # distributions (logits, probabilities, pool columns) that the detector uses on a GPU.
-    from moewm.watermark import green_mass_block
+    from moewm.capture import head_block
 
     vocab = int(text.vocab_size)
-    logits = 3 * max(batch, green_mass_block(vocab, torch.device("cuda"))) * vocab * 4
+    logits = 3 * max(batch, head_block(vocab, torch.device("cuda"))) * vocab * 4
     routing = sel_layers * batch * seq * width * (dtype_bytes + 4) + batch * seq * feature_dim * 4
     return working + scores + logits + routing
 

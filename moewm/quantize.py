@@ -505,13 +505,12 @@ def signature_flip_rate(
         flips = changed = positions = 0
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            sa = wa.token_scores(chunk, [0] * len(chunk))
-            sb = wb.token_scores(chunk, [0] * len(chunk))
-            mask = sa["scored"].cpu()
-            diff = (sa["bits"].cpu() != sb["bits"].cpu())[mask]
-            flips += int(diff.sum())
-            changed += int(diff.any(-1).sum())
-            positions += int(mask.sum())
+            empty = [[] for _ in chunk]
+            for ca, cb in zip(wa.capture(chunk, empty), wb.capture(chunk, empty)):  # the same scored positions
+                diff = wa.encoder.signature(ca.features.to(wa.encoder.device)) != wb.encoder.signature(cb.features.to(wb.encoder.device))
+                flips += int(diff.sum())
+                changed += int(diff.any(-1).sum())
+                positions += ca.num_scored
     finally:
         wa.close()
         wb.close()

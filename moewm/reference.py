@@ -28,11 +28,11 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
     center = enc.center.cpu().double()
     ids = list(prompt_ids) + list(text_ids)
     back = -cfg.token_idx
-    start, end = wm.capture.start, wm.capture.end
+    start, end = wm.capture_hooks.start, wm.capture_hooks.end
     device = wm.device
     # transformers 5 renames the KV-cache argument and output from past_key_values to cache.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    wm.capture.detach()  # the reference must not depend on moewm's hooks
+    wm.capture_hooks.detach()  # the reference must not depend on moewm's hooks
     try:
         past = None
         history: list[torch.Tensor] = []
@@ -72,6 +72,6 @@ def reference_detect(wm: MoELSHWatermark, text_ids: Sequence[int], prompt_ids: S
                 layers.append(probs.cpu())
             history.append(torch.cat(layers))
     finally:
-        wm.capture.attach()
+        wm.capture_hooks.attach()
     z = (green_count - mean) / math.sqrt(var) if var > 0 else float("nan")
     return {"num_tokens_scored": n, "num_green_tokens": green_count, "z_score": z, "gamma_sum": mean}

@@ -8,7 +8,9 @@ for the token at position t comes from the features at position ``t + extractor.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import hashlib
+import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,99 +18,23 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from moewm import stats
+from moewm import scoring
+from moewm.capture import CaptureSettings, TextCapture, capture_texts
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
+from moewm.detection import DetectionResult, DetectorOutput, decide
+from moewm.keybank import build_bank, reference_bank
 from moewm.keys import WatermarkKey
 from moewm.lm_head import SplitLMHead, split_lm_head
-from moewm.lsh import CalibrationStats, LSHEncoder, build_encoder
+from moewm.lsh import CalibrationStats, LSHEncoder
+from moewm.poisson_binomial import upper_tail
+from moewm.quality import pad_id
 from moewm.routing import FeatureCapture
+from moewm.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
+
+# Kept for code written against the first release.
+MoEDetectorOutput = DetectorOutput
 
 log = logging.getLogger(__name__)
-
-# Fixed (public) coefficients for hashing a signature into one integer; only used to find repeats.
-_HASH_COEFFS = torch.randint(
-    -(2**62), 2**62, (4096,), generator=torch.Generator().manual_seed(0x5EED), dtype=torch.long
-)
-
-
-@dataclass
-class DetectionResult:
-    """Detection statistics of one text (names follow transformers' WatermarkDetectorOutput)."""
-
-    num_tokens_scored: int
-    num_green_tokens: int
-    green_fraction: float
-    gamma_mean: float
-    z_score: float
-    p_value: float
-    prediction: bool
-    window_z_score: Optional[float] = None
-    window_p_value: Optional[float] = None
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class MoEDetectorOutput:
-    """Batched detection output: one array entry per text."""
-
-    num_tokens_scored: np.ndarray
-    num_green_tokens: np.ndarray
-    green_fraction: np.ndarray
-    gamma_mean: np.ndarray
-    z_score: np.ndarray
-    p_value: np.ndarray
-    prediction: np.ndarray
-    window_z_score: Optional[np.ndarray] = None
-    window_p_value: Optional[np.ndarray] = None
-    notes: list[str] = field(default_factory=list)
-
-    def results(self) -> list[DetectionResult]:
-        out = []
-        for i in range(len(self.z_score)):
-            out.append(
-                DetectionResult(
-                    num_tokens_scored=int(self.num_tokens_scored[i]),
-                    num_green_tokens=int(self.num_green_tokens[i]),
-                    green_fraction=float(self.green_fraction[i]),
-                    gamma_mean=float(self.gamma_mean[i]),
-                    z_score=float(self.z_score[i]),
-                    p_value=float(self.p_value[i]),
-                    prediction=bool(self.prediction[i]),
-                    window_z_score=None if self.window_z_score is None else float(self.window_z_score[i]),
-                    window_p_value=None if self.window_p_value is None else float(self.window_p_value[i]),
-                    note=self.notes[i] if self.notes else "",
-                )
-            )
-        return out
-
-    @staticmethod
-    def concat(parts: Sequence["MoEDetectorOutput"]) -> "MoEDetectorOutput":
-        def cat(name: str) -> Optional[np.ndarray]:
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else np.concatenate(values)
-
-        names = ("num_tokens_scored", "num_green_tokens", "green_fraction", "gamma_mean", "z_score", "p_value", "prediction")
-        fields: dict[str, Any] = {n: cat(n) for n in names}
-        fields["window_z_score"] = cat("window_z_score")
-        fields["window_p_value"] = cat("window_p_value")
-        fields["notes"] = [note for p in parts for note in p.notes]
-        return MoEDetectorOutput(**fields)
-
-    def take(self, order: np.ndarray) -> "MoEDetectorOutput":
-        """Rows reordered by ``order`` (used to undo length-sorting)."""
-        fields: dict[str, Any] = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, np.ndarray):
-                fields[name] = value[order]
-            elif name == "notes":
-                fields[name] = [value[i] for i in order] if value else []
-            else:
-                fields[name] = value
-        return MoEDetectorOutput(**fields)
-
 
 class RoutingWatermarkProcessor(LogitsProcessor):
     """Adds ``delta`` to the green list keyed by the routing of the current context position.
@@ -154,27 +80,6 @@ class TokenizerVocabularyMask(LogitsProcessor):
         scores = scores.clone()
         scores[:, self.tokenizer_size :] = float("-inf")
         return scores
-
-
-def _first_occurrences(keys: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Mask of scored positions whose key did not occur at an earlier scored position of the same row."""
-    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    s = torch.gather(scored, -1, order).long()
-    new_group = torch.ones_like(sorted_keys, dtype=torch.bool)
-    new_group[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
-    cs = s.cumsum(-1)
-    before_total = cs - s
-    start = torch.where(new_group, before_total, torch.zeros_like(before_total))
-    group_before = before_total - torch.cummax(start, dim=-1).values
-    keep_sorted = (s > 0) & (group_before == 0)
-    keep = torch.zeros_like(scored)
-    keep.scatter_(-1, order, keep_sorted)
-    return keep
-
-
-def _signature_hash(bits: torch.Tensor) -> torch.Tensor:
-    coeffs = _HASH_COEFFS[: bits.shape[-1]].to(bits.device)
-    return (bits.long() * coeffs).sum(-1)
 
 
 class TextGeneration:
@@ -230,7 +135,10 @@ class MoELSHWatermark(TextGeneration):
     """Routing-keyed watermark for one model and key: ``generate`` text, ``detect`` it.
 
     The hooks that read the router stay on the model until :meth:`close` (or the end of a ``with``
-    block), so ``logits_processor`` can also be passed to a plain ``model.generate``.
+    block), so ``logits_processor`` can also be passed to a plain ``model.generate``. Detection is a
+    capture (one forward per text) scored under this key and ranked among ``watermark.reference_keys``
+    public reference keys, whose bank is cached under ``cache_dir`` ("default": $MOEWM_CACHE_DIR or
+    ~/.cache/moewm; None: memory only).
     """
 
     def __init__(
@@ -242,6 +150,8 @@ class MoELSHWatermark(TextGeneration):
         watermark: Optional[WatermarkConfig] = None,
         key: Optional[WatermarkKey] = None,
         calibration: Optional[CalibrationStats] = None,
+        cache_dir: Optional[str | Path] = "default",
+        model_id: str = "",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -252,19 +162,19 @@ class MoELSHWatermark(TextGeneration):
         self.key = key or WatermarkKey.from_env(0)
         self.vocab_size = model_vocab_size(model)
         check_tokenizer(tokenizer, self.vocab_size)
-        self.capture = FeatureCapture(model, self.extractor_cfg)
+        self.capture_hooks = FeatureCapture(model, self.extractor_cfg)
         embeddings = model.get_input_embeddings().weight
-        self.encoder = build_encoder(
-            self.encoder_cfg,
-            self.key,
-            self.capture.dim,
-            embeddings,
-            usable_tokens(tokenizer, self.vocab_size),
-            self.vocab_size,
-            calibration,
-        ).to(embeddings.device)
+        usable = usable_tokens(tokenizer, self.vocab_size)
+        self._calibration = calibration
+        # The deployed key is a bank of one, drawn by the same code as the reference keys.
+        true_bank = build_bank(self.encoder_cfg, [self.key], self.capture_hooks.dim, embeddings, usable, self.vocab_size, calibration)
+        self.encoder = true_bank.encoder(0).to(embeddings.device)
+        self._true_tables = BankTables.of(true_bank, embeddings.device)
+        self._reference: Optional[BankTables] = None
+        self.cache_dir: Optional[Path] = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self.model_id = model_id or model_identity(model)
         self.logits_processor = RoutingWatermarkProcessor(
-            self.capture, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
+            self.capture_hooks, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
         )
         self._split_head: Optional[SplitLMHead] = None
         self._split_head_checked = False
@@ -272,10 +182,10 @@ class MoELSHWatermark(TextGeneration):
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         """Remove the hooks from the model."""
-        self.capture.detach()
+        self.capture_hooks.detach()
 
     def __enter__(self) -> "MoELSHWatermark":
-        self.capture.attach()
+        self.capture_hooks.attach()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -294,7 +204,8 @@ class MoELSHWatermark(TextGeneration):
         return encode_prompt(self.tokenizer, prompt)
 
     def detect(self, texts: Sequence[str], prompts: Optional[Sequence[Optional[str]]] = None) -> list[DetectionResult]:
-        """Score texts (optionally each after its prompt) in batched single forward passes."""
+        """Score texts (optionally each after its prompt). Text is tokenised again here: to score the
+        exact tokens a model produced, use :meth:`detect_ids`."""
         if prompts is not None and len(prompts) != len(texts):
             raise ValueError(f"prompts: got {len(prompts)} prompts for {len(texts)} texts; they must match one to one")
         text_ids = []
@@ -305,159 +216,139 @@ class MoELSHWatermark(TextGeneration):
         prompt_ids = [self.encode_prompt(prompts[i] if prompts is not None else None) for i in range(len(texts))]
         return self.detect_ids(text_ids, prompt_ids).results()
 
-    def detect_ids(
+    # -- capture once, score many ----------------------------------------------------------------
+    @property
+    def capture_settings(self) -> CaptureSettings:
+        cfg = self.watermark_cfg
+        return CaptureSettings(
+            back=-self.extractor_cfg.token_idx,
+            top_k=cfg.capture_top_k,
+            max_context=cfg.max_context or 0,
+            overlap=cfg.context_overlap,
+            batch_size=cfg.detect_batch_size,
+            max_tokens=cfg.detect_max_tokens,
+        )
+
+    @property
+    def statistic_spec(self) -> StatisticSpec:
+        cfg = self.watermark_cfg
+        return StatisticSpec(kind=cfg.statistic, null=cfg.null, delta=cfg.delta, ignore_repeated=cfg.ignore_repeated)
+
+    def capture(
         self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
-    ) -> MoEDetectorOutput:
-        """Score token sequences; ``prompt_ids`` (context, not scored) may be given per text."""
+    ) -> list[TextCapture]:
+        """One forward per text: what every key's detector needs of it (:mod:`moewm.capture`)."""
         if prompt_ids is None:
             prompt_ids = [self.encode_prompt(None) for _ in text_ids]
-        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
+        if len(prompt_ids) != len(text_ids):
+            raise ValueError(f"prompt_ids: got {len(prompt_ids)} prompts for {len(text_ids)} texts; they must match one to one")
         for i, t in enumerate(text_ids):
             if len(t) == 0:
                 raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
             if max(t) >= self.vocab_size or min(t) < 0:
                 raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
-        order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
+        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
+        split = self.split_head()
+        self.capture_hooks.attach()
+        return capture_texts(self.model, self.capture_hooks, self.encoder.usable, rows, [len(p) for p in prompt_ids],
+                             self.capture_settings, split=split, pad_id=pad_id(self.tokenizer), progress=progress)
+
+    def reference_tables(self, device: Optional[torch.device] = None) -> BankTables:
+        """The public reference keys for this model and encoder (built once, cached in memory and on disk)."""
+        device = device or self.device
+        count = self.watermark_cfg.reference_keys
+        if self._reference is None or self._reference.num_keys != count or self._reference.device != torch.device(device):
+            embeddings = self.model.get_input_embeddings().weight
+            bank = reference_bank(self.encoder_cfg, count, self.capture_hooks.dim, embeddings, self.encoder.usable,
+                                  self.vocab_size, self._calibration, cache_dir=self.cache_dir, model_id=self.model_id)
+            self._reference = BankTables.of(bank, device)
+        return self._reference
+
+    def score(self, captures: Sequence[TextCapture], prefixes: bool = False, progress: bool = False,
+              window: Optional[int] = None) -> DetectorOutput:
+        """Detection of captured texts: the statistic under the deployed key, ranked among the reference keys
+        (``prefixes``: also the p-value after every scored token; ``window``: windowed detection over that
+        many tokens, default ``watermark.window``)."""
+        if not captures:
+            return DetectorOutput.empty(0)
         cfg = self.watermark_cfg
-        batches = detection_batches([len(rows[i]) for i in order], cfg.detect_batch_size, cfg.detect_max_tokens)
-        parts = []
+        device = self.device
+        ref = self.reference_tables(device)
+        order = np.argsort([-c.num_scored for c in captures], kind="stable")
+        batches = detection_batches([captures[i].num_scored for i in order], cfg.detect_batch_size, cfg.detect_max_tokens)
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="detect", unit="batch", leave=False)
+            batches = tqdm(batches, desc="score", unit="batch", leave=False)
+        parts = []
         for start, stop in batches:
             idx = order[start:stop]
-            parts.append(self._score_batch([rows[i] for i in idx], [len(prompt_ids[i]) for i in idx]))
-        if not parts:
-            return MoEDetectorOutput(*(np.zeros(0) for _ in range(7)))
-        return MoEDetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
+            parts.append(self._score_batch([captures[i] for i in idx], ref, prefixes, window or cfg.window))
+        return DetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
 
-    @torch.no_grad()
-    def token_scores(self, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Per-position green / gamma / scored mask for a batch (one forward pass, right padding)."""
-        device = self.device
-        batch, length = len(rows), max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((batch, length), pad, dtype=torch.long)
-        attention = torch.zeros((batch, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attention[i, : len(r)] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-        model_null = self.watermark_cfg.null == "model"
-        split = self.split_head() if model_null else None
-        back = -self.extractor_cfg.token_idx
-        self.capture.attach()
-        if split is not None:
-            # Decoder only: the output head runs later in blocks, on the scored positions alone.
-            source = split.decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
-            offset = 0
-        else:
-            # The model null needs the next-token distribution at t - 1 only for scored t >= max(prompt, back);
-            # the uniform null needs no logits at all.
-            offset = min(max(min(prompt_lengths), back) - 1, length - 1) if model_null else length - 1
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=length - offset
-            )
-            source = out.logits
-            del out
-        features = self.capture.features(batch)  # (B, L, D)
-        self.capture.clear()
-        bits = self.encoder.signature(features.to(self.encoder.device))
-        shifted = torch.zeros_like(bits)
-        shifted[:, back:] = bits[:, :-back]
-        prompt_len = torch.tensor(list(prompt_lengths), device=device).unsqueeze(1)
-        # Special tokens can never be green and are not text: they are context, not scored trials.
-        usable = self.encoder.usable[input_ids]
-        scored = (positions >= prompt_len) & (positions >= back) & attention.bool() & usable
-        green = self.encoder.is_green(shifted, input_ids) & scored
-        if model_null:
-            gamma = self.model_green_mass(source, shifted, scored, offset, split)
-        else:
-            gamma = self.encoder.gamma(shifted)
-        del source
-        if self.watermark_cfg.ignore_repeated:
-            keys = _signature_hash(shifted) * 1_000_003 + input_ids
-            scored = _first_occurrences(keys, scored)
-        return {"green": green, "gamma": gamma, "scored": scored, "bits": shifted}
+    def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
+        cfg = self.watermark_cfg
+        spec = self.statistic_spec
+        batch = CaptureBatch.stack(captures, self.device)
+        result = calibrated(batch, self._true_tables, ref, spec, stop_after=cfg.stop_after, window=window, prefixes=prefixes,
+                            top_k=cfg.statistic_top_k)
+        draws = result.draws
+        assert draws is not None
+        green, scored = draws.green[0], draws.scored[0]
+        # Diagnostics under the parametric null, with the exact green-list size (deployed key only).
+        gamma = scoring.exact_gamma(batch, self._true_tables, spec.null)[0] * scored
+        n = scored.sum(-1)
+        num_green = green.sum(-1)
+        diag = scoring.statistic(scoring.KeyDraws(draws.green, gamma.unsqueeze(0), draws.scored), StatisticSpec(kind="z"))[0]
+        model_null_p = upper_tail(gamma, scored, num_green)
+        n_np = n.cpu().numpy()
+        p, prediction, notes = decide(result.p_value, n_np, cfg.min_tokens, cfg.alpha)
+        z = diag.cpu().numpy()
+        if cfg.z_threshold is not None:  # legacy rule, kept for comparison only
+            prediction = np.nan_to_num(np.where(n_np < cfg.min_tokens, np.nan, z), nan=-np.inf) > cfg.z_threshold
+        window_p = None
+        if result.window_p_value is not None:
+            window_p = np.where(n_np < cfg.min_tokens, np.nan, result.window_p_value)
+        prefix = None
+        if result.prefix_p_value is not None:
+            prefix = [row[: int(c.num_scored)] for row, c in zip(result.prefix_p_value, captures)]
+        return DetectorOutput(
+            num_tokens_scored=n_np.astype(np.int64),
+            num_green_tokens=num_green.cpu().numpy().astype(np.int64),
+            green_fraction=(num_green.double() / n.clamp(min=1)).cpu().numpy(),
+            gamma_mean=(gamma.sum(-1) / n.clamp(min=1)).cpu().numpy(),
+            statistic=result.statistic,
+            z_score=np.where(n_np < cfg.min_tokens, np.nan, z),
+            p_value=p,
+            p_value_floor=np.full(len(captures), 1.0 / (ref.num_keys + 1)),
+            num_reference_keys=result.keys_scored.astype(np.int64),
+            p_value_model_null=np.where(n_np < cfg.min_tokens, np.nan, model_null_p.cpu().numpy()),
+            prediction=prediction,
+            window_statistic=result.window_statistic,
+            window_p_value=window_p,
+            notes=[note or (f"scored in {c.windows} windows of the model's context" if c.windows > 1 else "") for note, c in zip(notes, captures)],
+            prefix_p_value=prefix,
+        )
+
+    def detect_ids(
+        self,
+        text_ids: Sequence[Sequence[int]],
+        prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+        progress: bool = False,
+        prefixes: bool = False,
+        window: Optional[int] = None,
+    ) -> DetectorOutput:
+        """Score token sequences; ``prompt_ids`` (context, not scored) may be given per text."""
+        return self.score(self.capture(text_ids, prompt_ids, progress=progress), prefixes=prefixes, progress=progress, window=window)
 
     def split_head(self) -> Optional[SplitLMHead]:
         """The model's decoder and output head, checked once against its own logits (see moewm.lm_head)."""
         if not self._split_head_checked:
-            self.capture.detach()
+            self.capture_hooks.detach()
             probe = self.encoder.pool_tokens[:8].to(self.device).unsqueeze(0)
             self._split_head = split_lm_head(self.model, probe)
             self._split_head_checked = True
         return self._split_head
-
-    def model_green_mass(
-        self,
-        source: torch.Tensor,
-        bits: torch.Tensor,
-        scored: torch.Tensor,
-        offset: int = 0,
-        split: Optional[SplitLMHead] = None,
-    ) -> torch.Tensor:
-        """P(token at t is green | context, token is text) under the unwatermarked model, (B, L) float64.
-
-        The distribution for the token at position t is the model's output at t - 1; special tokens are
-        never scored, so the mass is renormalised over the usable tokens. ``source[:, p - offset]`` is,
-        for model position p, the last hidden state (with ``split``: its head makes the logits here) or
-        the logits. Only the ``scored`` positions are computed (others get 0), all rows together, in
-        blocks (:func:`green_mass_block`); each position is computed on its own, so the blocking changes
-        no value.
-        """
-        enc = self.encoder
-        dev = source.device
-        usable = enc.usable.to(device=dev, dtype=torch.float32)
-        membership = enc.membership.to(device=dev, dtype=torch.float32)
-        pool = enc.pool_tokens.to(dev)
-        rows, cols = torch.nonzero(scored[:, 1:].to(dev), as_tuple=True)
-        cols = cols + 1  # predicted position t; the model's output for it sits at t - 1
-        mass = torch.zeros(bits.shape[:2], dtype=torch.float64, device=dev)
-        block = green_mass_block(self.vocab_size, dev)
-        for lo in range(0, rows.numel(), block):
-            r, t = rows[lo : lo + block], cols[lo : lo + block]
-            x = source[r, t - 1 - offset]
-            logits = split.logits(x) if split is not None else x
-            probs = torch.softmax(logits.float(), dim=-1)
-            usable_mass = (probs @ usable).double()
-            # green_columns' values as a float 0/1 mask: the count of set pools owning each column, capped at 1.
-            green_cols = (bits[r, t].to(device=dev, dtype=torch.float32) @ membership).clamp_(max=1.0)
-            # gather (not advanced indexing): the same copy of the pool columns, about twice as fast on CPU.
-            green_mass = torch.gather(probs, 1, pool.expand(probs.shape[0], -1)).mul_(green_cols).sum(-1).double()
-            mass[r, t] = green_mass / usable_mass.clamp(min=1e-30)
-        return mass.clamp(0.0, 1.0)
-
-    def _score_batch(self, rows: list[list[int]], prompt_lengths: list[int]) -> MoEDetectorOutput:
-        cfg = self.watermark_cfg
-        s = self.token_scores(rows, prompt_lengths)
-        z = stats.exact_gamma_z(s["green"], s["gamma"], s["scored"])
-        arrays = {k: v.cpu().numpy() for k, v in z.items()}
-        n = arrays["num_tokens_scored"]
-        short = n < cfg.min_tokens
-        arrays["z_score"] = np.where(short, np.nan, arrays["z_score"])
-        notes = [f"too few scored tokens ({k} < watermark.min_tokens={cfg.min_tokens})" if sh else "" for k, sh in zip(n, short)]
-        p = stats.p_value(arrays["z_score"])
-        prediction = np.nan_to_num(arrays["z_score"], nan=-np.inf) > cfg.z_threshold
-        wz = wp = None
-        if cfg.window is not None:
-            best, count = stats.window_z(s["green"], s["gamma"], s["scored"], cfg.window)
-            wz = np.where(short, np.nan, best.cpu().numpy())
-            wp = stats.bonferroni(stats.p_value(wz), count.cpu().numpy())
-        return MoEDetectorOutput(
-            num_tokens_scored=n,
-            num_green_tokens=arrays["num_green_tokens"],
-            green_fraction=arrays["green_fraction"],
-            gamma_mean=arrays["gamma_mean"],
-            z_score=arrays["z_score"],
-            p_value=p,
-            prediction=prediction,
-            window_z_score=wz,
-            window_p_value=wp,
-            notes=notes,
-        )
 
 
 def detection_batches(lengths: Sequence[int], max_texts: int, max_tokens: Optional[int]) -> list[tuple[int, int]]:
@@ -474,11 +365,18 @@ def detection_batches(lengths: Sequence[int], max_texts: int, max_tokens: Option
     return out
 
 
-def green_mass_block(vocab_size: int, device: torch.device) -> int:
-    """Positions per block of the model null: about 2 MiB of float32 logits on CPU (cache-sized: whole
-    1k-token rows were three times slower) and 16 MiB on GPU (few launches, little memory)."""
-    budget = (1 << 22) if device.type == "cuda" else (1 << 19)
-    return max(16, budget // vocab_size)
+def default_cache_dir() -> Path:
+    """Where reference-key banks and null-text captures are cached: $MOEWM_CACHE_DIR or ~/.cache/moewm."""
+    return Path(os.environ.get("MOEWM_CACHE_DIR") or Path.home() / ".cache" / "moewm")
+
+
+def model_identity(model: nn.Module) -> str:
+    """A short name for a model's weights in cache keys: its path, class and a digest of its embeddings."""
+    config = getattr(model, "config", None)
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb.flatten()[:: max(1, emb.numel() // 65536)].float().cpu().numpy().tobytes()
+    digest = hashlib.sha256(sample).hexdigest()[:12]
+    return f"{getattr(config, '_name_or_path', '')}|{type(model).__name__}|{tuple(emb.shape)}|{digest}"
 
 
 def encode_prompt(tokenizer: Any, prompt: Optional[str]) -> list[int]:

@@ -129,7 +129,7 @@ def test_multirun_writes_summary_wandb_and_never_the_secret(tmp_path):
     assert failed.error.str.contains("extractor.end_layer_idx=99").all()
     assert set(ok.seed) == {0, 1}
     for column in ["key_fingerprint", "z_wm_mean", "z_unwm_mean", "auc", "tpr_at_1pct_fpr", "detection_rate",
-                   "false_positive_rate", "gamma_mean", "ppl_wm_mean", "gen_tokens_per_s_wm", "detect_tokens_per_s",
+                   "false_positive_rate", "gamma_mean", "ppl_wm_mean", "null_ok", "fpr_greedy", "detect_tokens_per_s",
                    "peak_memory_mb", "override.seed"]:
         assert column in df.columns, column
     assert (ok.model_loads_in_process == 1).all(), "the model must be loaded once per in-process multirun"

@@ -9,7 +9,6 @@ from conftest import PROMPTS, TEST_SECRET
 from moewm.baselines import KGWWatermark, NoWatermark, SynthIDWatermark, build_watermarker, key_int
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
-from moewm.length_curve import position_scores
 from moewm.watermark import MoELSHWatermark
 
 GEN = GenerationConfig(max_new_tokens=72, min_new_tokens=72, batch_size=8)
@@ -49,7 +48,7 @@ def test_each_scheme_detects_its_own_watermark_and_not_the_others(schemes):
 def test_outputs_fill_the_moe_detector_fields(schemes):
     wms, prompt_ids, texts = schemes
     kgw = wms["kgw"].detect_ids(texts["kgw"], prompt_ids)
-    assert (kgw.num_tokens_scored == 72).all()  # the continuation only, each token once
+    assert (kgw.num_tokens_scored <= 72).all() and (kgw.num_tokens_scored > 50).all()  # the continuation's distinct n-grams
     assert kgw.prediction.all() and (kgw.p_value < 1e-4).all()
     assert np.allclose(kgw.gamma_mean, int(259 * 0.25) / 259)
     assert np.allclose(kgw.green_fraction, kgw.num_green_tokens / kgw.num_tokens_scored)
@@ -65,17 +64,19 @@ def test_outputs_fill_the_moe_detector_fields(schemes):
 def test_kgw_scores_only_the_continuation_with_the_transformers_detector(schemes, tokenizer):
     wms, prompt_ids, texts = schemes
     kgw: KGWWatermark = wms["kgw"]
-    out = kgw.detect_ids(texts["kgw"], prompt_ids)
-    # the same counts as transformers' WatermarkDetector on the full row minus the prompt's own n-grams
+    # per-position green flags of the continuation: the same counts as transformers' WatermarkDetector on
+    # the full row minus the prompt's own n-grams
+    ps = kgw.position_scores(texts["kgw"], prompt_ids, distinct=False)
     full = kgw.detector(torch.tensor([[kgw._sentinel] + prompt_ids[0] + texts["kgw"][0]]), return_dict=True)
     prompt_only = kgw.detector(torch.tensor([[kgw._sentinel] + prompt_ids[0]]), return_dict=True)
-    assert out.num_tokens_scored[0] == full.num_tokens_scored[0] - prompt_only.num_tokens_scored[0]
-    assert out.num_green_tokens[0] == full.num_green_tokens[0] - prompt_only.num_green_tokens[0]
-    # per-position green flags (length curve, windows) sum to the detector's counts
-    ps = position_scores(kgw, texts["kgw"], prompt_ids)
-    assert (ps.tokens_scored() == out.num_tokens_scored).all()
-    assert (ps.green.sum(-1).numpy() == out.num_green_tokens).all()
-    np.testing.assert_allclose(ps.z(), out.z_score, rtol=1e-10)
+    assert ps.tokens_scored()[0] == full.num_tokens_scored[0] - prompt_only.num_tokens_scored[0]
+    assert int(ps.green[0].sum()) == full.num_green_tokens[0] - prompt_only.num_green_tokens[0]
+    # detection scores each distinct n-gram once (its exact binomial test needs distinct draws)
+    out = kgw.detect_ids(texts["kgw"], prompt_ids)
+    distinct = kgw.position_scores(texts["kgw"], prompt_ids, distinct=True)
+    assert (distinct.tokens_scored() == out.num_tokens_scored).all()
+    assert (distinct.green.sum(-1).numpy() == out.num_green_tokens).all()
+    np.testing.assert_allclose(distinct.z(), out.z_score, rtol=1e-10)
 
 
 def test_kgw_ignore_repeated_matches_the_detector(micro_qwen, tokenizer):
@@ -162,7 +163,7 @@ def test_window_and_min_tokens(schemes, micro_qwen, tokenizer):
     for kind in ("kgw", "synthid"):
         wm = build_watermarker(kind, micro_qwen, tokenizer, WatermarkConfig(delta=4.0, window=16, min_tokens=16), key)
         out = wm.detect_ids(texts[kind][:2] + [texts[kind][0][:5]], prompt_ids[:3])
-        assert np.isfinite(out.window_z_score[:2]).all() and (out.window_z_score[:2] > 4).all()
+        assert np.isfinite(out.window_statistic[:2]).all() and (out.window_statistic[:2] > 4).all()
         assert (out.window_p_value[:2] < norm.sf(4.0)).all()
         assert np.isnan(out.z_score[2]) and not out.prediction[2] and "min_tokens=16" in out.notes[2]
 
@@ -184,10 +185,17 @@ def test_kgw_position_scores_match_the_detector_for_every_seeding_scheme(micro_q
     gen = torch.Generator().manual_seed(4)
     texts = torch.randint(3, 256, (6, 30), generator=gen).tolist()
     prompts = [[65, 66, 67, 68], [70], [], [71, 72], [73, 74, 75], [76]]
-    out = kgw.detect_ids(texts, prompts)
     ps = kgw.position_scores(texts, prompts)
-    assert (ps.tokens_scored() == out.num_tokens_scored).all()
-    assert (ps.green.sum(-1).numpy() == out.num_green_tokens).all()
     need = width - (scheme == "selfhash")
     expected = [30 - max(0, need - len(p)) for p in prompts]  # tokens without a full context are not scored
-    assert out.num_tokens_scored.tolist() == expected
+    assert ps.tokens_scored().tolist() == expected
+    # detection counts each distinct n-gram once, as transformers' detector does with ignore_repeated_ngrams
+    out = kgw.detect_ids(texts, prompts)
+    dedup = build_watermarker("kgw", micro_qwen, tokenizer, WatermarkConfig(kgw_seeding_scheme=scheme, kgw_context_width=width,
+                                                                            ignore_repeated=True, min_tokens=1), WatermarkKey(TEST_SECRET, 3))
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        if len(prompt) < need:
+            continue  # the detector would score the sentinel's n-grams too
+        row, _ = dedup._rows([text], [prompt])[0]
+        ref = dedup.detector(torch.tensor([[dedup._sentinel] + row]), return_dict=True)
+        assert out.num_tokens_scored[i] == ref.num_tokens_scored[0] and out.num_green_tokens[i] == ref.num_green_tokens[0]

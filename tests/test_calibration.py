@@ -8,7 +8,7 @@ from conftest import PROMPTS, TEST_SECRET
 from moewm.calibration import cache_key, calibrate, calibration_rows
 from moewm.config import ENCODER_KINDS, EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
-from moewm.lsh import build_encoder
+from moewm.keybank import build_encoder
 from moewm.routing import FeatureCapture
 from moewm.watermark import MoELSHWatermark, usable_tokens
 

@@ -23,8 +23,9 @@ def _wm(model, tokenizer, key, extractor=None, encoder=None, watermark=None):
         tokenizer,
         extractor or ExtractorConfig(),
         encoder or EncoderConfig(num_bits=16, pool_size=8),
-        watermark or WatermarkConfig(delta=4.0),
+        watermark or WatermarkConfig(delta=4.0, capture_top_k=256),  # the whole usable vocabulary: diagnostics exact
         key,
+        cache_dir=None,
     )
 
 
@@ -48,7 +49,9 @@ def test_text_api_round_trip(micro_qwen, tokenizer, key):
         texts = wm.generate(PROMPTS[:4], GEN)
         results = wm.detect(texts, PROMPTS[:4])
     assert all(isinstance(t, str) and t for t in texts)
-    assert all(r.z_score > 4 and r.prediction for r in results)
+    # The micro model writes arbitrary bytes: decoding and encoding again changes many tokens (invalid UTF-8
+    # comes back as replacement characters), so the text API scores edited text; detect_ids scores the ids.
+    assert all(r.z_score > 4 and r.p_value < 0.2 for r in results)
     assert set(results[0].to_dict()) >= {"num_tokens_scored", "num_green_tokens", "green_fraction", "z_score", "p_value", "prediction"}
 
 
@@ -72,7 +75,7 @@ def test_routing_inside_generate_equals_full_forward(micro_qwen, tokenizer, key)
 
         class Recorder:
             def __call__(self, input_ids, scores):
-                seen.append(wm.capture.features(input_ids.shape[0], positions=slice(-1, None))[:, -1].clone())
+                seen.append(wm.capture_hooks.features(input_ids.shape[0], positions=slice(-1, None))[:, -1].clone())
                 return original(input_ids, scores)
 
         prompts = PROMPTS[:4]  # different lengths: exercises left padding
@@ -84,7 +87,7 @@ def test_routing_inside_generate_equals_full_forward(micro_qwen, tokenizer, key)
         for i in range(len(prompts)):
             row = prompt_ids[i] + new_ids[i]
             micro_qwen(input_ids=torch.tensor([row]), use_cache=False)
-            full = wm.capture.features(1)[0]
+            full = wm.capture_hooks.features(1)[0]
             positions = range(len(prompt_ids[i]) - 1, len(row) - 1)
             expected = full[list(positions)]
             torch.testing.assert_close(during[i], expected, atol=1e-5, rtol=1e-4)
@@ -141,15 +144,14 @@ def test_green_list_is_union_of_active_pools(micro_qwen, tokenizer, key):
 
 
 def test_ignore_repeated_and_window(micro_qwen, tokenizer, key):
-    with _wm(micro_qwen, tokenizer, key, watermark=WatermarkConfig(delta=4.0, ignore_repeated=True, window=16)) as wm:
+    with _wm(micro_qwen, tokenizer, key, watermark=WatermarkConfig(delta=4.0, ignore_repeated=True, window=16, capture_top_k=256)) as wm:
         prompt_ids, wm_ids = wm.generate_ids(PROMPTS[:2], GEN)
         repeated = [[tokenizer.convert_tokens_to_ids("a")] * 40]
         out = wm.detect_ids(wm_ids + repeated, prompt_ids + [prompt_ids[0]])
         wm.watermark_cfg.ignore_repeated = False
         full = wm.detect_ids(repeated, [prompt_ids[0]])
-    assert out.window_z_score is not None and np.isfinite(out.window_z_score[:2]).all()
-    assert (out.window_z_score[:2] >= out.z_score[:2] - 1e-9).all() or (out.window_z_score[:2] > 4).all()
-    assert (out.window_p_value[:2] <= 1).all()
+    assert out.window_statistic is not None and np.isfinite(out.window_statistic[:2]).all()
+    assert (out.window_p_value[:2] <= 0.01).all()  # the window maximum is calibrated by the reference keys too
     # a run of one token repeats (signature, token) pairs: deduplication scores far fewer of them
     assert out.num_tokens_scored[2] < full.num_tokens_scored[0]
 

@@ -148,12 +148,12 @@ def test_w1_on_a_micro_model(micro_qwen, tokenizer, key):
         # the green mask is exactly the green list the processor biases for the next token
         ids = torch.tensor([contexts[0]])
         micro_qwen(input_ids=ids, use_cache=False)
-        bits = wm.encoder.signature(wm.capture.features(1)[:, -1])
+        bits = wm.encoder.signature(wm.capture_hooks.features(1)[:, -1])
         expected = wm.encoder.bias_logits(torch.zeros(1, wm.vocab_size), bits, 1.0)[0] > 0
         _, _, green = next_token_distributions(wm, contexts)
         assert torch.equal(torch.from_numpy(green[0]), expected)
         m = w1_metrics(wm, contexts, top_k=20)
-        x = torch.randn(200, wm.capture.dim).softmax(-1)
+        x = torch.randn(200, wm.capture_hooks.dim).softmax(-1)
         g = geometry_metrics(x, wm.encoder, micro_qwen.get_input_embeddings().weight, watermarker=wm, contexts=contexts, w1_top_k=20, kmeans_clusters=8)
     assert m["geo_w1_mean"] > 0
     assert m["geo_green_mass_wm"] > m["geo_green_mass_unwm"]

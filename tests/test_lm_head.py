@@ -1,5 +1,5 @@
-"""The model null's next-token distribution, from the split decoder + head or from full logits, equals
-the model's own softmax at every scored position."""
+"""The capture's next-token distribution, from the split decoder + head or from full logits, equals the
+model's own softmax at every scored position."""
 
 import pytest
 import torch
@@ -56,18 +56,7 @@ def test_split_head_reproduces_each_family_and_refuses_an_unknown_post_processin
     assert split_lm_head(ScaledLogits(micro_model("qwen2_moe")), probe) is None
 
 
-@pytest.mark.parametrize("path", ["split", "full_logits"])
-def test_model_null_gamma_matches_the_direct_computation(tokenizer, key, path, monkeypatch):
-    """Blocks of 16 positions (large vocabulary) spanning rows, padding and prompts skipped, on both paths."""
-    model = micro_model("qwen2_moe", vocab_size=40000)
-    wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=32), watermark=WatermarkConfig(null="model"), key=key)
-    if path == "full_logits":
-        monkeypatch.setattr("moewm.watermark.split_lm_head", lambda *a: None)
-    gen = torch.Generator().manual_seed(0)
-    prompt_lengths = [3, 9, 5]
-    rows = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 12, 41)]
-    s = wm.token_scores(rows, prompt_lengths)
-    assert (wm.split_head() is not None) == (path == "split")
+def _direct_logits(model, rows):
     length = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -75,32 +64,63 @@ def test_model_null_gamma_matches_the_direct_computation(tokenizer, key, path, m
         ids[i, : len(r)] = torch.tensor(r)
         attention[i, : len(r)] = 1
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=torch.arange(length).expand(len(rows), -1), use_cache=False).logits
+        return model(input_ids=ids, attention_mask=attention, position_ids=torch.arange(length).expand(len(rows), -1), use_cache=False).logits
+
+
+def _check_capture(wm, model, rows, prompt_lengths, k):
+    caps = wm.capture([r[p:] for r, p in zip(rows, prompt_lengths)], [r[:p] for r, p in zip(rows, prompt_lengths)])
+    logits = _direct_logits(model, rows)
+    usable = wm.encoder.usable.double()
+    for i, (r, p) in enumerate(zip(rows, prompt_lengths)):
+        c = caps[i]
+        assert c.num_scored == len(r) - p and c.tokens.tolist() == r[p:]
+        logp = torch.log_softmax(logits[i, p - 1 : len(r) - 1].double(), dim=-1)
+        probs = logp.exp() * usable
+        probs = probs / probs.sum(-1, keepdim=True)
+        top = torch.topk(probs, k, dim=-1)
+        torch.testing.assert_close(c.top_probs.double(), top.values, rtol=1e-4, atol=1e-7)
+        assert (c.top_ids.long() == top.indices).float().mean() > 0.99  # ties may swap
+        torch.testing.assert_close(c.tail.double(), (1 - top.values.sum(-1)).clamp(min=0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c.logprob.double(), logp.gather(1, torch.tensor(r[p:]).unsqueeze(1)).squeeze(1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["split", "full_logits"])
+def test_capture_keeps_the_models_next_token_distribution(tokenizer, key, path, monkeypatch):
+    """Blocks of the output head (large vocabulary) spanning rows, padding and prompts skipped, on both paths."""
+    model = micro_model("qwen2_moe", vocab_size=40000)
+    wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=32), watermark=WatermarkConfig(capture_top_k=64),
+                         key=key, cache_dir=None)
+    if path == "full_logits":
+        monkeypatch.setattr("moewm.watermark.split_lm_head", lambda *a: None)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 12, 41)]
+    _check_capture(wm, model, rows, [3, 9, 5], 64)
+    assert (wm.split_head() is not None) == (path == "split")
     wm.close()
+
+
+def test_diagnostic_gamma_is_the_exact_green_mass_when_the_capture_holds_the_whole_distribution(tokenizer, key, micro_qwen):
+    wm = MoELSHWatermark(micro_qwen, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=8),
+                         watermark=WatermarkConfig(capture_top_k=256, statistic_top_k=64, reference_keys=19, alpha=0.05), key=key, cache_dir=None)
+    rows = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 25)]
+    out = wm.detect_ids([r[2:] for r in rows], [r[:2] for r in rows])
+    caps = wm.capture([r[2:] for r in rows], [r[:2] for r in rows])
+    logits = _direct_logits(micro_qwen, rows)
     enc = wm.encoder
-    expected = torch.zeros(len(rows), length, dtype=torch.float64)
-    for i in range(len(rows)):
-        probs = torch.softmax(logits[i, :-1].double(), dim=-1)
-        green = enc.green_columns(s["bits"][i, 1:]).double()
-        expected[i, 1:] = (probs[:, enc.pool_tokens] * green).sum(-1) / (probs * enc.usable.double()).sum(-1)
-    scored = s["scored"]
-    assert int(scored.sum()) == sum(len(r) - p for r, p in zip(rows, prompt_lengths))
-    torch.testing.assert_close(s["gamma"][scored], expected[scored], rtol=1e-5, atol=1e-7)
-    assert torch.all(s["gamma"][~scored] == 0)
+    for i, r in enumerate(rows):
+        probs = torch.softmax(logits[i, 1 : len(r) - 1].double(), dim=-1)
+        bits = enc.signature(caps[i].features)
+        green = enc.green_columns(bits).double()
+        mass = (probs[:, enc.pool_tokens] * green).sum(-1) / (probs * enc.usable.double()).sum(-1)
+        assert out.gamma_mean[i] == pytest.approx(float(mass.mean()), rel=1e-5)
+    wm.close()
 
 
-def test_granite_detection_uses_the_scaled_logits(tokenizer, key):
-    """Granite's logits are head(h) / logits_scaling: the split path must divide, or gamma is wrong."""
+def test_granite_capture_uses_the_scaled_logits(tokenizer, key):
+    """Granite's logits are head(h) / logits_scaling: the split path must divide, or the distribution is wrong."""
     model = _granite_moe()
-    wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=8, pool_size=8), watermark=WatermarkConfig(null="model"), key=key)
+    wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=8, pool_size=8), watermark=WatermarkConfig(capture_top_k=64), key=key, cache_dir=None)
     rows = [torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(1)).tolist()]
-    s = wm.token_scores(rows, [4])
+    _check_capture(wm, model, rows, [4], 64)
     assert wm.split_head() is not None
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor(rows), use_cache=False).logits[0, :-1].double()
     wm.close()
-    probs = torch.softmax(logits, dim=-1)
-    enc = wm.encoder
-    expected = (probs[:, enc.pool_tokens] * enc.green_columns(s["bits"][0, 1:]).double()).sum(-1) / (probs * enc.usable.double()).sum(-1)
-    scored = s["scored"][0, 1:]
-    torch.testing.assert_close(s["gamma"][0, 1:][scored], expected[scored], rtol=1e-5, atol=1e-7)

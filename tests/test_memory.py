@@ -70,7 +70,7 @@ def test_kv_cache_and_watermark_estimates_match_what_is_allocated(checkpoints):
 
     with MoELSHWatermark(model, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), key=WatermarkKey("s", 0)) as wm:
         actual = wm.encoder.nbytes()
-        assert est.feature_dim == wm.capture.dim
+        assert est.feature_dim == wm.capture_hooks.dim
     assert actual <= est.watermark_bytes <= 2 * actual  # an upper bound (pools may overlap), and a tight one
 
 
