@@ -40,6 +40,14 @@ class OncePerProcess(logging.Filter):
         return True
 
 
+def shown_path(path: Path) -> Path:
+    """A path as the user should see it: relative to the working directory when under it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
+
+
 def _num(value: Any) -> Optional[float]:
     if isinstance(value, bool) or value is None:
         return None
@@ -53,6 +61,11 @@ def _num(value: Any) -> Optional[float]:
 def _g(value: Any, digits: int = 3) -> str:
     number = _num(value)
     return "-" if number is None else f"{number:.{digits}g}"
+
+
+def _f2(value: Any) -> str:
+    number = _num(value)
+    return "-" if number is None else f"{number:.2f}"
 
 
 def _pct(rate: float) -> str:
@@ -109,7 +122,7 @@ def _files_line(out_dir: Path, metrics: Mapping[str, Any]) -> str:
     present = [name for name in FILES if (out_dir / name).exists()]
     if "metrics.json" in present:
         present[present.index("metrics.json")] = f"metrics.json ({len(metrics)} keys)"
-    return f"  files            {out_dir}/  {', '.join(present)}"
+    return f"  files            {shown_path(out_dir)}/  {', '.join(present)}"
 
 
 def job_summary(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
@@ -142,8 +155,8 @@ def job_summary(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
         never = _num(m.get("never_detected_share"))
         lines.append(f"  tokens to detect median {median:.0f}" + (f" ({_pct(never)} never detected)" if never is not None else ""))
     if _num(m.get("z_wm_mean")) is not None:
-        lines.append(f"  z-score          watermarked {_g(m['z_wm_mean'])} +- {_g(m.get('z_wm_std'))} | "
-                     f"unwatermarked {_g(m.get('z_unwm_mean'))} +- {_g(m.get('z_unwm_std'))}")
+        lines.append(f"  z-score          watermarked {_f2(m['z_wm_mean'])} +- {_f2(m.get('z_wm_std'))} | "
+                     f"unwatermarked {_f2(m.get('z_unwm_mean'))} +- {_f2(m.get('z_unwm_std'))}")
     ppl_wm, ppl_un = _num(m.get("ppl_wm_mean")), _num(m.get("ppl_unwm_mean"))
     if ppl_wm is not None and ppl_un is not None:
         change = f" ({100 * (ppl_wm / ppl_un - 1):+.0f} %)" if ppl_un else ""
@@ -183,7 +196,7 @@ def job_line(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
         parts.append(f"AUC {_g(m['auc'])}")
     if _num(m.get("ppl_wm_mean")) is not None and _num(m.get("ppl_unwm_mean")) is not None:
         parts.append(f"ppl {_g(m['ppl_wm_mean'])} vs {_g(m['ppl_unwm_mean'])}")
-    return "  ".join(parts[:1]) + " " + " | ".join(parts[1:]) + f" -> {out_dir}"
+    return parts[0] + " " + " | ".join(parts[1:]) + f" -> {shown_path(out_dir)}"
 
 
 # -- the sweep table ------------------------------------------------------------------------------
@@ -329,7 +342,7 @@ def sweep_report(df: pd.DataFrame, sweep_dir: Path, plots: Sequence[Path], sync:
     first = next((r for r in df.to_dict("records") if r.get("status") == "ok"), {}) if len(df) else {}
     lines = ["", f"sweep: {len(df)} jobs, {ok} ok, {len(df) - ok} failed" + (f"; swept {', '.join(keys)}" if keys else "")]
     lines.append(sweep_table(df, threshold_text(first) if first else ""))
-    lines.append(f"files: {sweep_dir}/  summary.csv" + (f", {', '.join(Path(p).name for p in plots)}" if plots else ""))
+    lines.append(f"files: {shown_path(sweep_dir)}/  summary.csv" + (f", {', '.join(Path(p).name for p in plots)}" if plots else ""))
     if url:
         lines.append(f"W&B: {url}")
     elif sync:

@@ -160,11 +160,10 @@ def sync_command(sweep_dir: Path) -> Optional[str]:
     Run directories are what every wandb release's ``sync`` accepts (0.19 to the newest), so the
     command names them by two shell globs rather than by the sweep folder.
     """
+    from moewm.console import shown_path
+
     sweep_dir = Path(sweep_dir)
-    try:
-        shown = sweep_dir.resolve().relative_to(Path.cwd().resolve())
-    except ValueError:
-        shown = sweep_dir
+    shown = shown_path(sweep_dir)
     globs = [pattern for pattern in ("wandb/offline-run-*", "*/wandb/offline-run-*") if any(sweep_dir.glob(pattern))]
     if not globs:
         return None
