@@ -27,11 +27,29 @@ def job_name(overrides: list[str]) -> str:
     return ",".join(kept) or "defaults"
 
 
-def _run_mode(app: AppConfig, out_dir: Path, name: str, group: Optional[str]) -> None:
-    from moewm.job import metrics_table, run_job
+def run_identity(hc: Any) -> tuple[str, Optional[str]]:
+    """(name, group) of a job's W&B run: named after its swept values, grouped by experiment and sweep.
+
+    A single run is named by its overrides and grouped by its experiment preset, if any.
+    """
+    from moewm.sweep import group_name, label, parse_overrides, read_swept_keys
+
+    overrides = list(hc.overrides.task)
+    experiment = hc.runtime.choices.get("experiment")
+    if hc.mode != RunMode.MULTIRUN:
+        return job_name(overrides), experiment
+    sweep_dir = Path(hc.sweep.dir)
+    keys = read_swept_keys(sweep_dir)
+    name = label(parse_overrides(overrides), keys) if keys else job_name(overrides)
+    return name, group_name(experiment, keys, sweep_dir)
+
+
+def _run_mode(app: AppConfig, out_dir: Path, name: str, group: Optional[str], multirun: bool) -> None:
+    from moewm.console import job_line, job_summary
+    from moewm.job import run_job
 
     metrics = run_job(app, out_dir, run_name=name, group=group)
-    print(f"\nmoewm metrics ({name}) -> {out_dir / 'metrics.json'}\n{metrics_table(metrics)}")
+    print(job_line(metrics, out_dir, name) if multirun else job_summary(metrics, out_dir, name))
 
 
 def _detect_mode(app: AppConfig, out_dir: Path) -> None:
@@ -53,18 +71,19 @@ def _dispatch(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
-    name = job_name(list(hc.overrides.task))
-    group = Path(hc.sweep.dir).name if multirun else None
+    name, group = run_identity(hc)
     try:
         app = to_app_config(cfg)
     except Exception as err:  # a type error in a value Hydra could not check (e.g. an interpolation)
         raise ConfigError(str(err)) from None
+    # A preset's top-level tags and logger.tags both reach W&B.
+    app.logger.tags = list(dict.fromkeys([*app.tags, *app.logger.tags]))
     if app.mode == "estimate":
         _estimate_mode(app, out_dir)
     elif app.mode == "detect":
         _detect_mode(app, out_dir)
     else:
-        _run_mode(app, out_dir, name, group)
+        _run_mode(app, out_dir, name, group, multirun)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("moewm")
 
@@ -45,32 +45,45 @@ class SecretScrubCallback(Callback):
 
 
 class SweepSummaryCallback(Callback):
-    """When a multirun ends (any launcher): summary.csv, plots, a W&B summary run; exit 1 if a job failed."""
+    """When a multirun ends (any launcher): summary.csv, plots, the sweep table, a sweep-level W&B run; exit 1 if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from moewm.console import sweep_report
         from moewm.report import summarize
+        from moewm.tracking import sync_command
 
         sweep_dir = Path(config.hydra.sweep.dir)
         df, plots = summarize(sweep_dir)
         failed = int((df.get("status") != "ok").sum()) if len(df) else 0
-        log.info("sweep summary: %s (%d jobs, %d failed)", sweep_dir / "summary.csv", len(df), failed)
-        print(f"\nsweep summary: {sweep_dir / 'summary.csv'} ({len(df)} jobs, {failed} failed)")
-        self._log_to_wandb(config, sweep_dir, df, plots)
+        url = self._log_to_wandb(config, sweep_dir, df, plots)
+        print(sweep_report(df, sweep_dir, [p.path for p in plots], sync=None if url else sync_command(sweep_dir), url=url))
         if failed:
             raise SystemExit(1)
 
     @staticmethod
-    def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: Any, plots: list[Path]) -> None:
+    def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: Any, plots: list[Any]) -> Optional[str]:
+        """The sweep-level run, in the jobs' group: the summary table, the plots, the means over ok jobs; its URL when online."""
         from moewm.config import LoggerConfig
+        from moewm.sweep import group_name, swept_keys
         from moewm.tracking import Tracker
 
         logger = config.get("logger")
         if logger is None or logger.get("kind") == "none":
-            return
-        cfg = LoggerConfig(kind=logger.kind, project=logger.project, entity=logger.get("entity"), mode=logger.get("mode"))
-        tracker = Tracker.start(cfg, run_dir=sweep_dir, name=f"summary-{sweep_dir.name}", group=sweep_dir.name,
-                                config={"sweep_dir": str(sweep_dir), "jobs": len(df)}, job_type="sweep-summary")
+            return None
+        tags = list(dict.fromkeys([*(config.get("tags") or []), *(logger.get("tags") or [])]))
+        cfg = LoggerConfig(kind=logger.kind, project=logger.project, entity=logger.get("entity"), mode=logger.get("mode"), tags=tags)
+        params = config.hydra.sweeper.get("params")
+        keys = swept_keys(list(config.hydra.overrides.task), OmegaConf.to_container(params) if params is not None else None)
+        experiment = config.hydra.runtime.choices.get("experiment")
+        tracker = Tracker.start(cfg, run_dir=sweep_dir, name="sweep summary", group=group_name(experiment, keys, sweep_dir),
+                                config={"sweep_dir": str(sweep_dir), "jobs": len(df), "swept": keys, "experiment": experiment},
+                                job_type="sweep-summary")
         rows = df.astype(object).where(df.notna(), None).to_dict("records")
         tracker.table("summary", [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in r.items()} for r in rows])
-        tracker.images(plots)
+        ok = df[df["status"] == "ok"] if "status" in df else df
+        means = {f"mean_{c}": float(ok[c].mean()) for c in ok.select_dtypes("number").columns if ok[c].notna().any()}
+        tracker.summary({"jobs": len(df), "jobs_ok": len(ok), **means})
+        tracker.images([p.path for p in plots], [p.caption for p in plots])
+        url = tracker.url
         tracker.finish()
+        return url

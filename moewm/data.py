@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from moewm.config import ConfigError, DataConfig
 
@@ -30,6 +30,19 @@ def _id_list(value: object, where: str, name: str) -> Optional[list[int]]:
     return list(value)
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a byte that is not UTF-8 is a ConfigError naming the file and line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+
+
 def read_records(path: str | Path, text_field: str = "text") -> list[TextRecord]:
     """Plain text (one text per line, blank lines skipped) or JSONL with ``text_field`` and optional
     ``prompt``, ``ids`` and ``prompt_ids`` (token ids to score as they are)."""
@@ -38,22 +51,21 @@ def read_records(path: str | Path, text_field: str = "text") -> list[TextRecord]
         raise ConfigError(f"input/data.path={str(path)!r}: no such file")
     records = []
     is_jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if is_jsonl:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or (text_field not in row and "ids" not in row):
-                    raise ConfigError(f"{path}:{number}: a JSONL row needs a {text_field!r} field (or token 'ids')")
-                where = f"{path}:{number}"
-                records.append(TextRecord(str(row.get(text_field, "")), row.get("prompt"),
-                                          _id_list(row.get("ids"), where, "ids"), _id_list(row.get("prompt_ids"), where, "prompt_ids")))
-            else:
-                records.append(TextRecord(line.rstrip("\n")))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        if is_jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or (text_field not in row and "ids" not in row):
+                raise ConfigError(f"{path}:{number}: a JSONL row needs a {text_field!r} field (or token 'ids')")
+            where = f"{path}:{number}"
+            records.append(TextRecord(str(row.get(text_field, "")), row.get("prompt"),
+                                      _id_list(row.get("ids"), where, "ids"), _id_list(row.get("prompt_ids"), where, "prompt_ids")))
+        else:
+            records.append(TextRecord(line.rstrip("\r\n")))
     if not records:
         raise ConfigError(f"input/data.path={str(path)!r}: the file holds no texts")
     return records

@@ -1,14 +1,17 @@
-"""Weights & Biases: one run per job, grouped by sweep; offline unless the user opts in; never fatal.
+"""Weights & Biases: one run per job, named after its swept values and grouped by sweep; offline unless the user opts in; never fatal.
 
 The config sent to W&B is the resolved config with the secret replaced by its fingerprint. Any W&B
 failure (no network, bad API key, a broken install) falls back to offline, then to no tracking, with a
-warning: losing a dashboard must never lose a job's results, which are on disk first.
+warning: losing a dashboard must never lose a job's results, which are on disk first. Only wandb's
+public API is used (``init``, the run's ``summary`` / ``log`` / ``finish``, ``Table``, ``Image``,
+``Histogram``), so any release from 0.19.10 on works.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,8 +31,9 @@ def resolve_mode(cfg: LoggerConfig) -> str:
 class Tracker:
     """A thin, failure-proof wrapper around one W&B run (a no-op when tracking is off or broken)."""
 
-    def __init__(self, run: Any = None) -> None:
+    def __init__(self, run: Any = None, mode: Optional[str] = None) -> None:
         self.run = run
+        self.mode = mode  # the mode wandb.init succeeded in: online, offline or disabled
 
     @property
     def active(self) -> bool:
@@ -70,7 +74,7 @@ class Tracker:
                     reinit="finish_previous",
                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True),
                 )
-                return cls(run)
+                return cls(run, attempt)
             except Exception as err:  # noqa: BLE001 - any W&B failure must not kill a job
                 log.warning("W&B init in %s mode failed (%s: %s)%s", attempt, type(err).__name__, err,
                             "; falling back to offline" if attempt == "online" else "; tracking is off for this job")
@@ -118,11 +122,49 @@ class Tracker:
 
         self._safe("table", do)
 
-    def images(self, paths: Sequence[Path]) -> None:
+    def images(self, paths: Sequence[Path], captions: Optional[Sequence[str]] = None) -> None:
         import wandb
 
-        self._safe("images", lambda: self.run.log({Path(p).stem: wandb.Image(str(p)) for p in paths}))
+        captions = list(captions) if captions is not None else [None] * len(paths)
+        self._safe("images", lambda: self.run.log(
+            {Path(p).stem: wandb.Image(str(p), caption=c) for p, c in zip(paths, captions)}))
+
+    @property
+    def offline(self) -> bool:
+        return self.run is not None and self.mode == "offline"
+
+    @property
+    def url(self) -> Optional[str]:
+        """The run's page on W&B (None offline or when tracking is off)."""
+        if self.run is None or self.mode != "online":
+            return None
+        try:
+            return self.run.url
+        except Exception:  # noqa: BLE001
+            return None
 
     def finish(self, failed: bool = False) -> None:
         self._safe("finish", lambda: self.run.finish(exit_code=1 if failed else 0))
         self.run = None
+
+
+def offline_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Offline W&B runs of a sweep: the sweep-level run in SWEEP/wandb/, each job's in SWEEP/<job>/wandb/."""
+    sweep_dir = Path(sweep_dir)
+    return sorted(sweep_dir.glob("wandb/offline-run-*")) + sorted(sweep_dir.glob("*/wandb/offline-run-*"))
+
+
+def sync_command(sweep_dir: Path) -> Optional[str]:
+    """The exact ``wandb sync`` that uploads a sweep's offline runs (None when it has none).
+
+    Run directories are what every wandb release's ``sync`` accepts (0.19 to the newest), so the
+    command names them by two shell globs rather than by the sweep folder.
+    """
+    from moewm.console import shown_path
+
+    sweep_dir = Path(sweep_dir)
+    shown = shown_path(sweep_dir)
+    globs = [pattern for pattern in ("wandb/offline-run-*", "*/wandb/offline-run-*") if any(sweep_dir.glob(pattern))]
+    if not globs:
+        return None
+    return "wandb sync " + " ".join(f"{shlex.quote(str(shown))}/{pattern}" for pattern in globs)

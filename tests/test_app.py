@@ -128,41 +128,76 @@ def test_multirun_writes_summary_wandb_and_never_the_secret(tmp_path):
     assert len(ok) == 2 and len(failed) == 2
     assert failed.error.str.contains("extractor.end_layer_idx=99").all()
     assert set(ok.seed) == {0, 1}
-    for column in ["key_fingerprint", "z_wm_mean", "z_unwm_mean", "auc", "tpr_at_1pct_fpr", "detection_rate",
-                   "false_positive_rate", "gamma_mean", "ppl_wm_mean", "null_ok", "fpr_greedy", "detect_tokens_per_s",
-                   "peak_memory_mb", "override.seed"]:
+    for column in ["label", "key_fingerprint", "z_wm_mean", "z_unwm_mean", "auc", "tpr_at_1pct_fpr", "detection_rate",
+                   "false_positive_rate", "ppl_wm_mean", "null_ok", "fpr_greedy", "detect_tokens_per_s", "peak_memory_mb", "override.seed"]:
         assert column in df.columns, column
+    assert len(set(df.label)) == 4 and "seed=0 extractor.end_layer_idx=null" in set(df.label)
     assert (ok.model_loads_in_process == 1).all(), "the model must be loaded once per in-process multirun"
-    assert (sweep / "z_per_seed.png").exists()
+    assert (sweep / "z_per_job.png").exists() and (sweep / "roc.png").exists()
     job = sweep / str(ok.job.iloc[0])
     metrics = json.loads((job / "metrics.json").read_text())
     samples = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
     assert metrics["n_samples"] == 4 and len(samples) == 4 and {"prompt", "text_wm", "text_unwm", "z_wm", "z_unwm"} <= set(samples[0])
 
-    # W&B offline run files, read back with wandb's own reader
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    [run_file] = list(job.rglob("run-*.wandb"))
-    store = datastore.DataStore()
-    store.open_for_scan(str(run_file))
-    summary_keys, config_text = set(), ""
-    while True:
-        data = store.scan_data()
-        if data is None:
-            break
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "summary":
-            summary_keys |= {item.key for item in record.summary.update}
-        if record.WhichOneof("record_type") == "run":
-            config_text += str(record.run.config)
-    assert {"z_wm_mean", "auc", "status"} <= summary_keys
-    assert "fingerprint:" in config_text
+    # the terminal: a line per job, the sweep table, and the exact command that uploads the offline runs
+    out = proc.stdout
+    assert "sweep: 4 jobs, 2 ok, 2 failed; swept seed, extractor.end_layer_idx" in out
+    [sync] = [line for line in out.splitlines() if line.startswith("W&B (offline): wandb sync ")]
+    assert sync == "W&B (offline): wandb sync sweep/wandb/offline-run-* sweep/*/wandb/offline-run-*"  # relative to cwd
+    assert len(list(sweep.glob("wandb/offline-run-*"))) == 1  # the sweep-level run
+    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 4  # one per job, failed ones included
+    assert "Traceback" not in out
 
     # the secret appears in no file the sweep wrote (W&B folders included)
     leaks = [str(p) for p, data in _all_text(sweep) if SECRET.encode() in data]
     assert not leaks, leaks
+
+
+def test_a_run_prints_one_short_block_ending_with_its_files(tmp_path):
+    out_dir = tmp_path / "run"
+    proc = _run([*SMOKE, "logger=none", f"hydra.run.dir={out_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) <= 30, proc.stdout
+    assert lines[-1].split()[:2] == ["files", "run/"]  # relative to the working directory
+    assert any(line.strip().startswith("detected") for line in lines)
+    assert "INFO" not in proc.stdout + proc.stderr  # INFO lines go to the job's app.log
+
+
+def test_help_lists_groups_modes_and_examples(tmp_path):
+    proc = _run(["--help"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ["mode=", "detect", "estimate", "experiment: bits_sweep, layer_sweep, seed_sensitivity",
+                 "model:", "python -m moewm -m seed='range(10)'", "mode=detect input="]:
+        assert text in proc.stdout, text
+    assert "powered by Hydra" not in proc.stdout
+
+
+def test_a_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    proc = _run(["mode=detect", f"input={texts}", "model=micro_moe", "logger=none", f"hydra.run.dir={tmp_path / 'd'}"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert f"{texts}:2: not UTF-8 (byte 0xe9 at column 4)" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = _run(["data=file", f"data.path={texts}", *SMOKE, "logger=none", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, timeout=120)
+    assert proc.returncode == 2 and "not UTF-8" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_ten_seed_sweep_ends_with_one_screen(tmp_path):
+    """README's sweep, exactly: 10 keys on tiny_moe, W&B offline; the terminal ends with the table and wandb sync."""
+    sweep = tmp_path / "sweep"
+    proc = _run(["-m", "seed=range(10)", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = pd.read_csv(sweep / "summary.csv")
+    assert len(df) == 10 and (df.status == "ok").all() and list(df.label) == [f"seed={s}" for s in range(10)]
+    lines = proc.stdout.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("sweep: 10 jobs"))
+    assert len(lines) - start <= 25, "\n".join(lines[start:])
+    assert lines[-1].startswith("W&B (offline): wandb sync ")
+    assert len(lines) <= 60, proc.stdout  # 1 + 2 per job from Hydra and moewm, then the table
+    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 10
 
 
 def test_secret_on_the_command_line_is_scrubbed_and_detect_mode_scores_a_file(tmp_path):
