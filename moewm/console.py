@@ -18,7 +18,7 @@ import pandas as pd
 
 from moewm.sweep import value_text, varying_keys
 
-NULL_SET = re.compile(r"^fpr_(?!at_\d)(?P<set>.+)$")  # fpr_plain, fpr_greedy, ...; not the length curve's fpr_at_64
+NULL_SET = re.compile(r"^fpr_(?!at_\d)(?!model_null_)(?P<set>.+)$")  # fpr_plain, fpr_greedy, ...; not fpr_at_64 nor the diagnostic fpr_model_null_*
 MAX_TABLE_ROWS = 40
 FILES = ("metrics.json", "samples.jsonl", "nulls.jsonl", "length_curve.json", "detections.jsonl")
 
@@ -83,10 +83,10 @@ def _count(rate: Any, n: Any) -> str:
 
 
 def threshold_text(metrics: Mapping[str, Any]) -> str:
-    """The decision rule the rates refer to: ``p < 0.001`` (or ``z > 4`` from a job that reports no alpha)."""
+    """The decision rule the rates refer to: ``p <= 0.001`` (or ``z > 4`` from a job that reports no alpha)."""
     alpha = _num(metrics.get("alpha"))
     if alpha is not None:
-        return f"p < {alpha:g}"
+        return f"p <= {alpha:g}"
     z = _num(metrics.get("z_threshold"))
     return f"z > {z:g}" if z is not None else "the job's threshold"
 
@@ -150,9 +150,9 @@ def job_summary(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
         text = " | ".join(f"{s} {_count(r, size)}" for s, (r, size) in rates.items())
         verdict = _null_verdict(m)
         lines.append(f"  false positives  {text}" + (f"  -> {verdict}" if verdict else ""))
-    median = _num(m.get("tokens_to_detect_median"))
+    median = _num(m.get("tokens_to_detect_alpha"))
     if median is not None:
-        never = _num(m.get("never_detected_share"))
+        never = _num(m.get("never_detected_alpha"))
         lines.append(f"  tokens to detect median {median:.0f}" + (f" ({_pct(never)} never detected)" if never is not None else ""))
     if _num(m.get("z_wm_mean")) is not None:
         lines.append(f"  z-score          watermarked {_f2(m['z_wm_mean'])} +- {_f2(m.get('z_wm_std'))} | "
@@ -226,7 +226,7 @@ def _frame(df: pd.DataFrame) -> pd.DataFrame:
     numeric = {
         "detect": [_num(r.get("detection_rate")) for r in records],
         "FP max": [_fpr_max(r) for r in records],
-        "tokens": [_num(r.get("tokens_to_detect_median")) for r in records],
+        "tokens": [_num(r.get("tokens_to_detect_alpha")) for r in records],
         "AUC": [_num(r.get("auc")) for r in records],
         "ppl wm": [_num(r.get("ppl_wm_mean")) for r in records],
         "ppl plain": [_num(r.get("ppl_unwm_mean")) for r in records],

@@ -40,7 +40,7 @@ def write_job(job_dir: Path, overrides: Iterable[str], seed: int, *, calibrated:
         (job_dir / "nulls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in nulls))
         (job_dir / "length_curve.json").write_text(json.dumps(
             {"lengths": [16, 32, 64, 128], "detection_rate": [0.2, 0.5, 0.8, 0.95], "fpr": [0.0, 0.001, 0.0, 0.0]}))
-        metrics.update(alpha=1e-3, tokens_to_detect_median=38.0, never_detected_share=0.12, tpr_at_0p1pct_fpr=0.8,
+        metrics.update(alpha=1e-3, tokens_to_detect_alpha=38.0, never_detected_alpha=0.12, tpr_at_0p1pct_fpr=0.8,
                        null_ok=True, **{f"fpr_{s}": (1 / n if s == "greedy" else 0.0) for s in NULL_SETS},
                        **{f"n_{s}": n for s in NULL_SETS})
     (job_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))

@@ -16,7 +16,7 @@ def test_a_run_prints_the_numbers_that_matter_and_ends_with_its_files(tmp_path):
     text = job_summary(metrics, tmp_path, "seed=0")
     lines = text.strip().splitlines()
     assert len(lines) <= 14, text
-    assert "at p < 0.001" in text and "AUC 0.99" in text
+    assert "at p <= 0.001" in text and "AUC 0.99" in text
     assert "plain 0/16 | greedy 1/16 | top_p 0/16 | human_docstrings 0/16" in text
     assert "tokens to detect median 38 (12 % never detected)" in text
     assert "95.0 watermarked vs 78.6 plain (+21 %)" in text
