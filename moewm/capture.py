@@ -92,7 +92,7 @@ def windows_for(length: int, context: int, overlap: int) -> list[tuple[int, int,
         start = stop - overlap
 
 
-def _batches(lengths: Sequence[int], max_texts: int, max_tokens: Optional[int]) -> list[tuple[int, int]]:
+def detection_batches(lengths: Sequence[int], max_texts: int, max_tokens: Optional[int]) -> list[tuple[int, int]]:
     """[start, stop) slices of rows sorted longest first, at most ``max_texts`` rows and ``max_tokens``
     padded tokens each (a row longer than that still gets a batch of its own)."""
     out: list[tuple[int, int]] = []
@@ -136,7 +136,7 @@ def capture_texts(
             segments.append((i, start, stop, keep))
     order = sorted(range(len(segments)), key=lambda j: -(segments[j][2] - segments[j][1]))
     parts: list[list[tuple[int, dict[str, torch.Tensor]]]] = [[] for _ in rows]
-    batches = _batches([segments[j][2] - segments[j][1] for j in order], settings.batch_size, settings.max_tokens)
+    batches = detection_batches([segments[j][2] - segments[j][1] for j in order], settings.batch_size, settings.max_tokens)
     if progress:
         from tqdm.auto import tqdm
 

@@ -115,9 +115,10 @@ class PositionScores:
         return best.numpy(), np.where(np.isfinite(best.numpy()), p, np.nan)
 
     def _constant_gamma(self) -> np.ndarray:
+        """Each text's one gamma (NaN for a text with no draws); refuses texts whose gammas differ."""
         g = self.gamma.numpy()
         s = self.scored.numpy()
-        first = np.array([row[mask][0] if mask.any() else np.nan for row, mask in zip(g, s)])
+        first = np.where(s.any(-1), g[np.arange(len(g)), s.argmax(-1)] if len(g) else np.zeros(0), np.nan)
         if not np.allclose(np.where(s, g, first[:, None]), first[:, None], equal_nan=True):
             raise ValueError("PositionScores: exact window and prefix tails need one gamma per text")
         return first

@@ -111,21 +111,22 @@ def validate_app(app: AppConfig) -> None:
 
 
 def warn_if_model_null_misfits(app: AppConfig) -> bool:
-    """Warn (and return True) when the model null is asked to judge text the model did not sample.
+    """Warn (and return True) when the legacy z rule (``watermark.z_threshold``) would judge text the model did not sample.
 
-    ``null=model`` takes gamma_t from the model's own distribution, so it is exact only for text drawn
+    The decision is the calibrated p-value, valid for text of any origin; only the legacy rule rests on the
+    model null. ``null=model`` takes gamma_t from the model's own distribution, so it is exact only for text drawn
     from it at temperature 1. Greedy, low-temperature, top-k/top-p or repetition-penalised text is
     not: its tokens are likelier than their probability says, and when a key's pools hold likely tokens
     the unwatermarked z drifts above 0 (greedy tiny_moe text scored z = 3.7 with one key). The job's
     measured null (``null_ok``) shows how far; the warning says why before any weights load.
     """
-    if app.mode != "run" or app.watermark.kind != "moe_lsh" or app.watermark.null != "model":
+    if app.mode != "run" or app.watermark.kind != "moe_lsh" or app.watermark.null != "model" or app.watermark.z_threshold is None:
         return False
     if app.generation.samples_from_model:
         return False
     g = app.generation
     logging.getLogger(__name__).warning(
-        "watermark.null=model assumes unwatermarked text sampled from the model at temperature 1, but "
+        "watermark.z_threshold (legacy rule) with watermark.null=model assumes unwatermarked text sampled from the model at temperature 1, but "
         "generation has do_sample=%s temperature=%s top_k=%s top_p=%s repetition_penalty=%s: the null z "
         "of the unwatermarked texts may be biased (check null_ok in metrics.json)",
         g.do_sample, g.temperature, g.top_k, g.top_p, g.repetition_penalty,

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from moewm import scoring
-from moewm.capture import CaptureSettings, TextCapture, capture_texts
+from moewm.capture import CaptureSettings, TextCapture, capture_texts, detection_batches
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
 from moewm.detection import DetectionResult, DetectorOutput, decide
 from moewm.keybank import build_bank, reference_bank
@@ -349,20 +349,6 @@ class MoELSHWatermark(TextGeneration):
             self._split_head = split_lm_head(self.model, probe)
             self._split_head_checked = True
         return self._split_head
-
-
-def detection_batches(lengths: Sequence[int], max_texts: int, max_tokens: Optional[int]) -> list[tuple[int, int]]:
-    """[start, stop) slices of rows sorted longest first: at most ``max_texts`` rows, and at most
-    ``max_tokens`` padded tokens (rows x the first, longest, row), except that a row longer than
-    ``max_tokens`` still gets a batch of its own."""
-    out: list[tuple[int, int]] = []
-    start = 0
-    while start < len(lengths):
-        rows = max_texts if max_tokens is None else max(1, min(max_texts, max_tokens // max(1, lengths[start])))
-        stop = min(start + rows, len(lengths))
-        out.append((start, stop))
-        start = stop
-    return out
 
 
 def default_cache_dir() -> Path:

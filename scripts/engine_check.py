@@ -33,7 +33,7 @@ def main() -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     gen = GenerationConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=16)
     with MoELSHWatermark(model, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8),
-                         WatermarkConfig(delta=2.0), WatermarkKey("engine-check", 0)) as wm:
+                         WatermarkConfig(delta=2.0, capture_top_k=256), WatermarkKey("engine-check", 0)) as wm:
         prompt_ids, wm_ids = wm.generate_ids(prompts, gen)
         _, plain_ids = wm.generate_ids(prompts, gen, watermark=False)
         wm.detect_ids(wm_ids[:2], prompt_ids[:2])  # warm-up

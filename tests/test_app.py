@@ -49,14 +49,15 @@ def test_every_option_composes_and_validates(group, option):
     "overrides,warns",
     [
         ([], False),
-        (["generation.do_sample=false"], True),
-        (["generation.temperature=0.7"], True),
-        (["generation.top_p=0.9"], True),
-        (["generation.do_sample=false", "watermark.null=uniform"], False),
-        (["generation.do_sample=false", "watermark=kgw"], False),
+        (["generation.do_sample=false"], False),  # the calibrated p-value holds for any decoding
+        (["generation.do_sample=false", "watermark.z_threshold=4"], True),
+        (["generation.temperature=0.7", "watermark.z_threshold=4"], True),
+        (["generation.top_p=0.9", "watermark.z_threshold=4"], True),
+        (["generation.do_sample=false", "watermark.null=uniform", "watermark.z_threshold=4"], False),
+        (["generation.do_sample=false", "watermark=kgw", "watermark.z_threshold=4"], False),
     ],
 )
-def test_model_null_warns_when_the_text_is_not_a_model_sample(overrides, warns, caplog):
+def test_model_null_warns_when_the_legacy_z_rule_judges_text_that_is_not_a_model_sample(overrides, warns, caplog):
     app = to_app_config(_compose(["model=micro_moe", *overrides]))
     with caplog.at_level("WARNING", logger="moewm.schema"):
         validate_app(app)
@@ -202,15 +203,21 @@ def test_the_readme_ten_seed_sweep_ends_with_one_screen(tmp_path):
 
 def test_secret_on_the_command_line_is_scrubbed_and_detect_mode_scores_a_file(tmp_path):
     texts = tmp_path / "texts.jsonl"
+    ids = list(range(40, 90))
     texts.write_text(json.dumps({"text": "Return the number of items in the list and the", "prompt": "Hello"}) + "\n"
-                     + json.dumps({"text": "x"}) + "\n")
+                     + json.dumps({"text": "x"}) + "\n" + json.dumps({"text": "(ids given)", "ids": ids, "prompt_ids": [1]}) + "\n")
     out = tmp_path / "run"
     proc = _run(["mode=detect", f"input={texts}", f"secret_key={SECRET}", "model=micro_moe", "watermark.min_tokens=4",
                  "logger=none", f"hydra.run.dir={out}"], tmp_path, env_extra={"MOEWM_SECRET_KEY": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and {"z_score", "p_value", "prediction", "num_tokens_scored"} <= set(rows[0])
-    assert rows[1]["z_score"] is None and "min_tokens" in rows[1]["note"]  # too short: NaN, no exception
+    assert len(rows) == 3 and {"z_score", "p_value", "p_value_floor", "num_reference_keys", "prediction", "num_tokens_scored"} <= set(rows[0])
+    assert rows[1]["p_value"] is None and "min_tokens" in rows[1]["note"]  # too short: NaN, no exception
+    assert rows[2]["num_tokens_scored"] == len(ids)  # scored as given, not tokenised again
+    summary = json.loads((out / "detection_summary.json").read_text())
+    assert summary["alpha"] == 1e-3 and summary["reference_keys"] == 999 and "reference keys" in summary["p_value_null"]
+    assert summary["n_retokenised"] == 2
+    assert "p=" in proc.stdout and "tokens=" in proc.stdout
     leaks = [str(p) for p, data in _all_text(out) if SECRET.encode() in data]
     assert not leaks, leaks
 

@@ -36,17 +36,25 @@ def tiny():
 def null_texts(tiny):
     """Unwatermarked texts of five origins (token ids, prompts): fixed, so the test is repeatable."""
     model, tok = tiny
-    prompts = open("conf/data/prompts.txt").read().splitlines()[:24]
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:16]
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
-    gen = GenerationConfig(max_new_tokens=64, min_new_tokens=48, batch_size=24, sampling_seed=7)
+    gen = GenerationConfig(max_new_tokens=48, min_new_tokens=40, batch_size=16, sampling_seed=7)
     sets: dict[str, tuple[list, list]] = {}
     for name in ("greedy", "top_p"):
         sets[name] = (generate_batched(model, tok, prompt_ids, null_generation(name, gen), []), prompt_ids)
     sets["plain"] = (generate_batched(model, tok, prompt_ids, gen, []), prompt_ids)
-    for corpus, count in (("human_docstrings", 64), ("devils_dictionary", 48), ("kjv_narrative", 48)):
+    for corpus, count in (("human_docstrings", 72), ("devils_dictionary", 56), ("kjv_narrative", 56)):
         ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in human_texts(corpus, count)]
         sets[corpus] = (ids, [[] for _ in ids])
     return sets
+
+
+@pytest.fixture(scope="module")
+def captured(tiny, null_texts):
+    """Every null text captured once (captures do not depend on the key): each test only scores."""
+    texts, prompts, origin = _all(null_texts)
+    with _wm(tiny, 0) as wm:
+        return wm.capture(texts, prompts), origin
 
 
 def _wm(tiny, seed: int, **watermark) -> MoELSHWatermark:
@@ -65,7 +73,7 @@ def _all(null_texts):
     return texts, prompts, np.array(origin)
 
 
-def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_origin(tiny, null_texts):
+def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_origin(tiny, captured):
     """The promise: for any fixed text written without the key, p is uniform over the draw of the key.
     Each text is scored under its own key (so the p-values are independent) against the same 199
     reference keys. (Under one fixed key, texts of one genre share that key's luck: their p-values are
@@ -73,12 +81,11 @@ def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_orig
     from moewm.keybank import build_bank
     from moewm.scoring import BankTables, CaptureBatch, calibrated
 
-    texts, prompts, origin = _all(null_texts)
+    captures, origin = captured
     with _wm(tiny, 0, reference_keys=199, alpha=0.01) as wm:
-        captures = wm.capture(texts, prompts)
         ref = wm.reference_tables()
         model, _ = tiny
-        keys = [WatermarkKey(SECRET, 100 + i) for i in range(len(texts))]
+        keys = [WatermarkKey(SECRET, 100 + i) for i in range(len(captures))]
         bank = build_bank(wm.encoder_cfg, keys, wm.capture_hooks.dim, model.get_input_embeddings().weight, wm.encoder.usable, wm.vocab_size)
         tables = BankTables.of(bank)
         spec = wm.statistic_spec
@@ -95,10 +102,9 @@ def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_orig
         assert int((p[origin == name] <= 0.05).sum()) <= binom.ppf(0.9995, n, 0.05), name
 
 
-def test_false_positives_at_alpha_stay_within_the_binomial_bound_and_the_decision_is_p(tiny, null_texts):
-    texts, prompts, _ = _all(null_texts)
+def test_false_positives_at_alpha_stay_within_the_binomial_bound_and_the_decision_is_p(tiny, captured):
     with _wm(tiny, 3) as wm:  # the defaults: R = 999, Besag-Clifford stop, llr statistic, alpha = 1e-3
-        out = wm.detect_ids(texts, prompts)
+        out = wm.score(captured[0])
     n = int(np.isfinite(out.p_value).sum())
     assert n >= 200
     assert out.prediction.sum() <= binom.ppf(0.995, n, ALPHA), out.p_value[out.prediction]
@@ -109,11 +115,11 @@ def test_false_positives_at_alpha_stay_within_the_binomial_bound_and_the_decisio
     assert (out.p_value_floor == 1 / 1000).all()
 
 
-def test_the_old_model_null_is_shown_to_fail_on_greedy_and_human_text(tiny, null_texts):
+def test_the_old_model_null_is_shown_to_fail_on_greedy_and_human_text(tiny, captured):
     """The model-null z is a diagnostic: it is exact only for temperature-1 samples, and this is why."""
-    texts, prompts, origin = _all(null_texts)
+    captures, origin = captured
     with _wm(tiny, 0, reference_keys=99, alpha=0.01) as wm:
-        out = wm.detect_ids(texts, prompts)
+        out = wm.score(captures)
     off = (origin != "plain") & np.isfinite(out.p_value_model_null)
     diag_rate = float(np.mean(out.p_value_model_null[off] <= 0.01))
     calibrated_rate = float(np.mean(out.p_value[off] <= 0.01))
@@ -140,9 +146,9 @@ def test_the_uniform_null_diagnostic_is_exact_on_uniformly_random_text(tiny):
 
 def test_watermarked_text_reaches_the_floor(tiny):
     model, tok = tiny
-    prompts = open("conf/data/prompts.txt").read().splitlines()[:12]
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:8]
     with _wm(tiny, 5) as wm:
-        prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=64, min_new_tokens=64, batch_size=12))
+        prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=64, min_new_tokens=64, batch_size=8))
         out = wm.detect_ids(ids, prompt_ids, prefixes=True)
     assert np.mean(out.p_value <= 0.01) >= 0.75 and np.mean(out.p_value <= ALPHA) >= 0.25, out.p_value
     assert (out.num_reference_keys[out.p_value <= ALPHA] == 999).all()
@@ -166,12 +172,35 @@ def test_baseline_exact_tests_are_valid_on_the_null_sets(tiny, null_texts, kind)
     assert out.prediction.sum() <= binom.ppf(0.995, len(p), ALPHA)
 
 
-def test_decision_follows_alpha(tiny, null_texts):
+def test_decision_follows_alpha(tiny, captured):
     """alpha is the decision threshold: at alpha = 0.05 about 5 % of null texts are flagged, not more."""
-    texts, prompts, _ = _all(null_texts)
     with _wm(tiny, 2, alpha=0.05, reference_keys=199) as wm:
-        out = wm.detect_ids(texts, prompts)
+        out = wm.score(captured[0])
     n = int(np.isfinite(out.p_value).sum())
     k = int(out.prediction.sum())
     assert binom.ppf(0.0005, n, 0.05) <= k <= binom.ppf(0.9995, n, 0.05), (k, n)
     assert dataclasses.replace(WatermarkConfig(), alpha=0.05).alpha == 0.05
+
+
+def test_texts_longer_than_the_context_are_scored_in_overlapping_windows(tiny):
+    """tiny_moe has 512 positions: a 1,300-token text runs in four windows (stride 384); every token is scored once,
+    each with at least the overlap as context, and the first window equals a plain capture of it."""
+    from moewm.capture import windows_for
+
+    model, tok = tiny
+    text = " ".join(human_texts("kjv_narrative", 12))
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])[:1300]
+    assert len(ids) == 1300
+    with _wm(tiny, 0, reference_keys=99, alpha=0.01) as wm:
+        [long] = wm.capture([ids], [[]])
+        [head] = wm.capture([ids[:512]], [[]])
+        out = wm.score([long])
+    assert long.windows == 4 and long.num_scored == 1299  # the first token has no context
+    assert torch.equal(long.tokens, torch.tensor(ids[1:]))
+    torch.testing.assert_close(long.features[:511], head.features)
+    torch.testing.assert_close(long.top_probs[:511], head.top_probs)
+    assert "4 windows" in out.notes[0] and np.isfinite(out.p_value[0])
+    spans = windows_for(1300, 512, 128)
+    kept = [p for start, stop, keep in spans for p in range(max(start, keep), stop)]
+    assert kept == list(range(1300))  # each position from exactly one window
+    assert all(keep - start >= 128 for start, _, keep in spans[1:])
