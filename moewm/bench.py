@@ -1,10 +1,16 @@
-"""Benchmarks: generation, detection, routing capture, scaling and memory, timed in one process and one run.
+"""Benchmarks: generation, detection, calibrated detection, routing capture, scaling and memory, timed in one process and one run.
 
 ``python -m moewm.bench`` (tiny_moe on the best device) writes ``bench.json`` and prints Markdown tables;
-``--smoke`` shrinks every size so a run takes seconds. Every comparison runs on identical inputs of fixed
-length (greedy decoding, ``min_new_tokens = max_new_tokens``), after warm-up, and the methods that are
-compared are interleaved repeat by repeat (in rotated order), so a change in background load hits them
-alike; times are medians, and a ratio is the median of the per-round ratios, which cancels drifts of
+``--smoke`` shrinks every size so a run takes seconds; ``--sections`` / ``--skip`` pick sections.
+
+Detection is what :meth:`MoELSHWatermark.detect_ids` does: a capture (one forward per text, the output
+head in blocks) and calibrated scoring (the deployed key ranked among ``watermark.reference_keys``
+public reference keys with Besag-Clifford stopping); the reference bank is built (or loaded) before
+anything is timed, and its build time is reported on its own.
+
+Every comparison runs on identical inputs of fixed length (greedy decoding, ``min_new_tokens =
+max_new_tokens``), after warm-up, and the methods that are compared are interleaved repeat by repeat
+(in rotated order), so a change in background load hits them alike; times are medians, and a ratio is the median of the per-round ratios, which cancels drifts of
 machine speed between rounds. Ratios within one run are the meaningful output; absolute times depend on
 the machine and its load (recorded in the JSON).
 """
@@ -26,13 +32,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from transformers import LogitsProcessorList, WatermarkingConfig
 
+from moewm import keybank
+from moewm.capture import detection_batches
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
 from moewm.reference import reference_detect
-from moewm.watermark import MoELSHWatermark, usable_tokens
+from moewm.scoring import BankTables
+from moewm.watermark import MoELSHWatermark, TokenizerVocabularyMask, model_vocab_size, usable_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +51,18 @@ BENCH_SECRET = "moewm-benchmark-public-key"
 
 TARGETS = {
     "generation_watermarked_over_plain": 1.10,
-    "detection_over_forward": 1.3,
+    # The capture (detection's one forward per text, output head in blocks) against a full-logits forward.
+    "capture_over_forward": 1.3,
     "reference_speedup_at_128": 10.0,
     "watermark_memory_fraction": 0.05,
 }
+# Calibrated detection (R = 999 reference keys, stop_after = 10, half the texts watermarked) against one
+# full-logits forward over the same padded batches, per model: tiny_moe on a CPU (a 7M-parameter model,
+# the forward is cheap: the hard case) and full-width qwen_moe (random init, layers reduced to fit).
+CALIBRATED_TARGETS = {"tiny_moe": 5.0, "qwen_moe": 1.2}
+CALIBRATED_TARGET_DEFAULT = 5.0
+
+SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory")
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -77,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-lengths", type=_ints, default=[64, 256, 1024], help="detection scaling: text lengths")
     s.add_argument("--gen-scale-batches", type=_ints, default=[1, 4, 16], help="generation scaling: batch sizes")
     s.add_argument("--gen-scale-lengths", type=_ints, default=[32, 128], help="generation scaling: new tokens")
+    s.add_argument("--cal-texts", type=int, default=32, help="calibrated detection: texts (half watermarked, half plain samples)")
+    s.add_argument("--cal-lengths", type=_ints, default=[64, 128], metavar="MIN,MAX", help="calibrated detection: text tokens, drawn per text in [MIN, MAX]")
+    s.add_argument("--cal-reference-keys", type=_ints, default=[99, 249, 999, 2499], help="calibrated detection scaling: reference keys R")
+    s.add_argument("--cal-texts-grid", type=_ints, default=[8, 32, 128], help="calibrated detection scaling: number of texts")
     s.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     s.add_argument("--scale-repeats", type=int, default=3, help="timed repeats per scaling cell (at most)")
     s.add_argument("--cell-budget", type=float, default=20.0, help="seconds of timed repeats per scaling cell: big cells get fewer repeats")
@@ -84,14 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: a seconds-long check that everything runs")
     w = p.add_argument_group("watermark")
     w.add_argument("--num-bits", type=int, default=EncoderConfig.num_bits)
-    w.add_argument("--pool-size", type=int, default=EncoderConfig.pool_size)
+    w.add_argument("--pool-size", type=int, default=None,
+                   help=f"encoder.pool_size (default: {EncoderConfig.pool_size}, or usable tokens / (2 x num_bits) when smaller, as for a "
+                   "random-init model with a byte-level tokenizer, so that green lists do not cover the whole vocabulary)")
     w.add_argument("--delta", type=float, default=WatermarkConfig.delta)
     w.add_argument("--kgw-gamma", type=float, default=WatermarkConfig.kgw_gamma)
+    w.add_argument("--reference-keys", type=int, default=WatermarkConfig.reference_keys, help="watermark.reference_keys (R) of every detection")
+    w.add_argument("--stop-after", type=_optional_int, default=WatermarkConfig.stop_after, help="watermark.stop_after (Besag-Clifford h; 'none': all R keys)")
+    w.add_argument("--random-pools", action="store_true",
+                   help="encoder.semantic_pools=false: the same scoring cost, and a reference bank that builds in seconds at a 152k vocabulary on a CPU")
+    w.add_argument("--cache-dir", default="default", help="reference-bank cache ('default': $MOEWM_CACHE_DIR or ~/.cache/moewm; 'none': memory only)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="bench.json", help="where the JSON goes")
     o.add_argument("--markdown", default=None, help="also write the Markdown tables to this file")
-    o.add_argument("--skip", default="", help="comma-separated sections to skip: generation,detection,reference,capture,scaling,memory")
+    o.add_argument("--sections", default="", help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}")
+    o.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     return p
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.strip().lower() in ("none", "null", "") else int(text)
 
 
 def apply_smoke(args: argparse.Namespace) -> None:
@@ -101,6 +135,11 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.reference_lengths, args.reference_texts = [12], 1
     args.scale_batches, args.scale_lengths = [1, 2], [8, 16]
     args.gen_scale_batches, args.gen_scale_lengths = [1, 2], [4]
+    args.cal_texts, args.cal_lengths, args.cal_texts_grid = 4, [16, 20], [2, 4]
+    args.reference_keys = min(args.reference_keys, 49)
+    args.cal_reference_keys = [19, args.reference_keys]
+    if args.stop_after is not None:
+        args.stop_after = min(args.stop_after, 10)
     args.repeats, args.scale_repeats, args.warmup = 1, 1, 1
 
 
@@ -381,6 +420,93 @@ def generate_fn(
     return run
 
 
+# -- texts for calibrated detection -----------------------------------------------------------------
+
+
+def sampled_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    wm: MoELSHWatermark,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    watermark: bool,
+    seed: int,
+    batch: int = 32,
+) -> list[list[int]]:
+    """Exactly ``new_tokens`` tokens per prompt sampled at temperature 1 (no top-k / top-p), with or without
+    the watermark; sampling keeps to the tokenizer's ids when the model has spare rows."""
+    mask = [TokenizerVocabularyMask(len(tokenizer))] if len(tokenizer) < wm.vocab_size else []
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        processors = mask + ([wm.logits_processor] if watermark else [])
+        before = wm.logits_processor.reset if watermark else None
+        run = generate_fn(model, tokenizer, chunk, new_tokens, processors, before=before, sample=True)
+        torch.manual_seed(seed + start)
+        if watermark:
+            wm.capture_hooks.attach()
+        try:
+            ids = run()
+        finally:
+            wm.close()
+        out += ids[:, len(chunk[0]) :].tolist()
+    return out
+
+
+class HalfMarked:
+    """Texts sampled with the watermark and plain samples from the same prompts, each cut to a seeded
+    length; :meth:`take` gives ``n`` texts, half of each kind (watermarked first)."""
+
+    def __init__(self, marked: list[list[int]], plain: list[list[int]], prompts: list[list[int]]) -> None:
+        self.marked, self.plain, self.prompts = marked, plain, prompts
+
+    @staticmethod
+    def make(model: torch.nn.Module, tokenizer: Any, wm: MoELSHWatermark, inputs: "Inputs", count: int, prompt_len: int,
+             lengths: Sequence[int]) -> "HalfMarked":
+        lo, hi = min(lengths), max(lengths)
+        n_plain = count - count // 2
+        prompts = inputs.rows(n_plain, prompt_len, salt=6)
+        gen = torch.Generator().manual_seed(6)
+        cut = torch.randint(lo, hi + 1, (2, n_plain), generator=gen).tolist()
+        marked = sampled_texts(model, tokenizer, wm, prompts[: count // 2], hi, True, seed=1)
+        plain = sampled_texts(model, tokenizer, wm, prompts, hi, False, seed=2)
+        return HalfMarked([t[:c] for t, c in zip(marked, cut[0])], [t[:c] for t, c in zip(plain, cut[1])], prompts)
+
+    def take(self, n: int) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        k, m = n // 2, n - n // 2
+        if k > len(self.marked) or m > len(self.plain):
+            raise ValueError(f"{n} texts asked for, {len(self.marked) + len(self.plain)} made")
+        return self.marked[:k] + self.plain[:m], self.prompts[:k] + self.prompts[:m], [True] * k + [False] * m
+
+
+def forward_batches_fn(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad: int, batch_size: int,
+                       max_tokens: Optional[int]) -> tuple[Callable[[], Any], list[int]]:
+    """Full-logits forwards over the padded batches the capture makes of ``rows`` (longest first, at most
+    ``batch_size`` rows and ``max_tokens`` padded tokens each: :func:`moewm.capture.detection_batches`);
+    returns the callable and the batch sizes."""
+    order = np.argsort([-len(r) for r in rows], kind="stable")
+    spans = detection_batches([len(rows[i]) for i in order], batch_size, max_tokens)
+    fns = [forward_fn(model, [rows[i] for i in order[s:e]], pad, full_logits=True) for s, e in spans]
+
+    def run() -> None:
+        for fn in fns:
+            fn()
+
+    return run, [e - s for s, e in spans]
+
+
+def default_pool_size(tokenizer: Any, vocab_size: int, num_bits: int) -> int:
+    """The library's pool size, or usable tokens / (2 x num_bits) when smaller: about half the bits are set,
+    so green lists then cover about a quarter of the usable tokens instead of all of them."""
+    usable = int(usable_tokens(tokenizer, vocab_size).sum())
+    return max(1, min(EncoderConfig.pool_size, usable // (2 * num_bits)))
+
+
+def _mean(values: Any) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()) if arr.size else float("nan")
+
+
 # -- sections ---------------------------------------------------------------------------------------
 
 
@@ -392,30 +518,52 @@ class Bench:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.get_input_embeddings().weight.device
+        refs = args.reference_keys
+        pool_size = args.pool_size or default_pool_size(tokenizer, model_vocab_size(model), args.num_bits)
+        # alpha cannot go below the smallest calibrated p-value, 1 / (R + 1).
+        watermark = WatermarkConfig(delta=args.delta, kgw_gamma=args.kgw_gamma, reference_keys=refs, stop_after=args.stop_after,
+                                    alpha=max(WatermarkConfig.alpha, 1.0 / (refs + 1)))
+        cache_dir = None if str(args.cache_dir).lower() == "none" else args.cache_dir
         self.wm = MoELSHWatermark(
             model,
             tokenizer,
             ExtractorConfig(),
-            EncoderConfig(num_bits=args.num_bits, pool_size=args.pool_size),
-            WatermarkConfig(delta=args.delta, kgw_gamma=args.kgw_gamma),
+            EncoderConfig(num_bits=args.num_bits, pool_size=pool_size, semantic_pools=not args.random_pools),
+            watermark,
             WatermarkKey(BENCH_SECRET, 0),
+            cache_dir=cache_dir,
         )
         self.wm.close()  # hooks only where a measurement asks for them
-        self.default_null = self.wm.watermark_cfg.null
-        self.default_max_tokens = self.wm.watermark_cfg.detect_max_tokens
         self.inputs = Inputs(tokenizer, self.wm.vocab_size)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # The reference bank is built (or loaded from the cache) before anything is timed.
+        t0 = time.perf_counter()
+        self.wm.reference_tables()
+        self.reference_first_call_s = time.perf_counter() - t0
 
     @contextlib.contextmanager
     def hooks(self, on: bool) -> Iterator[None]:
         if on:
-            self.wm.capture.attach()
+            self.wm.capture_hooks.attach()
         else:
             self.wm.close()
         try:
             yield
         finally:
             self.wm.close()
+
+    @contextlib.contextmanager
+    def settings(self, **values: Any) -> Iterator[WatermarkConfig]:
+        """Watermark settings changed for a block, and restored after it."""
+        cfg = self.wm.watermark_cfg
+        old = {k: getattr(cfg, k) for k in values}
+        for k, v in values.items():
+            setattr(cfg, k, v)
+        try:
+            yield cfg
+        finally:
+            for k, v in old.items():
+                setattr(cfg, k, v)
 
     def kgw_config(self) -> WatermarkingConfig:
         cfg = self.wm.watermark_cfg
@@ -440,44 +588,72 @@ class Bench:
             fns["kgw"] = with_hooks(generate_fn(self.model, self.tokenizer, prompts, new_tokens, watermarking_config=self.kgw_config()), False)
         return fns
 
-    def detector(self, texts: list[list[int]], prompts: list[list[int]], batch: int, null: str) -> Callable[[], Any]:
-        """``detect_ids`` with one forward per ``batch`` texts and the given null (model / uniform)."""
+    def _batching(self, batch: Optional[int]) -> dict[str, Any]:
+        """Exactly ``batch`` texts per forward (like the plain forward compared with), or the library's batching."""
+        if batch is None:
+            return {"detect_batch_size": self.args.detect_batch_size, "detect_max_tokens": WatermarkConfig.detect_max_tokens}
+        return {"detect_batch_size": batch, "detect_max_tokens": None}
+
+    def detector(self, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int] = None,
+                 keep: Optional[list[Any]] = None) -> Callable[[], Any]:
+        """``detect_ids``: capture + calibrated scoring (``keep`` receives the last output)."""
 
         def run() -> Any:
-            cfg = self.wm.watermark_cfg
-            # Exactly ``batch`` texts per forward, like the plain forward it is compared with.
-            cfg.detect_batch_size, cfg.detect_max_tokens, cfg.null = batch, None, null
-            try:
-                return self.wm.detect_ids(texts, prompts)
-            finally:
-                cfg.null, cfg.detect_max_tokens = self.default_null, self.default_max_tokens
-                self.wm.close()
+            with self.settings(**self._batching(batch)):
+                try:
+                    out = self.wm.detect_ids(texts, prompts)
+                finally:
+                    self.wm.close()
+            if keep is not None:
+                keep[:] = [out]
+            return out
 
         return run
 
-    def detection_fns(self, batch: int, text_len: int) -> dict[str, Callable[[], Any]]:
-        """Both detectors and the two plain forwards they are compared with, on the same padded batch.
+    def capturer(self, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int] = None,
+                 keep: Optional[list[Any]] = None) -> Callable[[], Any]:
+        """``capture`` alone: detection's forward (output head in blocks, top-K kept), no scoring."""
 
-        The model null needs the model's distribution at every scored position, so its limit is the
-        forward with full logits; the uniform null needs no logits, so its limit is ``logits_to_keep=1``.
+        def run() -> Any:
+            with self.settings(**self._batching(batch)):
+                try:
+                    out = self.wm.capture(texts, prompts)
+                finally:
+                    self.wm.close()
+            if keep is not None:
+                keep[:] = [out]
+            return out
+
+        return run
+
+    def detection_fns(self, batch: int, text_len: int, keep: Optional[list[Any]] = None) -> dict[str, Callable[[], Any]]:
+        """Detection, its capture alone and the two plain forwards, on the same padded batch of random-token
+        texts (none watermarked: each stops after about ``stop_after`` reference keys reach it).
+
+        The capture needs the model's distribution at every scored position, so its limit is the
+        forward with full logits; ``logits_to_keep=1`` is shown for scale.
         """
         prompts = self.inputs.rows(batch, self.args.prompt_len, salt=2)
         texts = self.inputs.rows(batch, text_len, salt=3)
         rows = [p + t for p, t in zip(prompts, texts)]
         return {
-            "detect_model_null": self.detector(texts, prompts, batch, "model"),
-            "detect_uniform_null": self.detector(texts, prompts, batch, "uniform"),
-            "forward": forward_fn(self.model, rows, self.pad),
+            "detect": self.detector(texts, prompts, batch, keep),
+            "capture": self.capturer(texts, prompts, batch),
             "forward_full_logits": forward_fn(self.model, rows, self.pad, full_logits=True),
+            "forward": forward_fn(self.model, rows, self.pad),
         }
 
     @staticmethod
     def detection_ratios(t: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {
-            "ratio_model_null_over_forward_full_logits": ratio(t, "detect_model_null", "forward_full_logits"),
-            "ratio_uniform_null_over_forward": ratio(t, "detect_uniform_null", "forward"),
-            "ratio_model_null_over_forward": ratio(t, "detect_model_null", "forward"),
+            "ratio_detect_over_forward_full_logits": ratio(t, "detect", "forward_full_logits"),
+            "ratio_capture_over_forward_full_logits": ratio(t, "capture", "forward_full_logits"),
+            "ratio_detect_over_forward": ratio(t, "detect", "forward"),
         }
+
+    def _keys_info(self) -> dict[str, Any]:
+        cfg = self.wm.watermark_cfg
+        return {"reference_keys": cfg.reference_keys, "stop_after": cfg.stop_after, "statistic": cfg.statistic, "null": cfg.null}
 
     # Each section returns a JSON-able dict.
     def generation(self) -> dict[str, Any]:
@@ -493,41 +669,164 @@ class Bench:
         return out
 
     def _sanity(self, batch: int, new_tokens: int) -> dict[str, Any]:
-        """z-scores of what was timed, with the null measured alongside.
+        """Calibrated p-values (and the diagnostic z) of what was timed, with plain samples beside it.
 
-        The watermark must be there in the timed (greedy) output. Greedy text is not a draw from the
-        model, so the model null does not hold for it (the mode of a distribution is green more often
-        than its green mass says when the key's pools hold likely tokens): the valid null is plain text
-        sampled at temperature 1 from the same prompts, reported next to the greedy plain z.
+        The watermark must be there in the timed (greedy) output. The calibrated p-value holds for any
+        text written without the key (greedy included); the diagnostic z's model null holds only for
+        text sampled at temperature 1 from the model (the mode of a distribution is green more often
+        than its green mass says when the key's pools hold likely tokens), so plain text sampled at
+        temperature 1 from the same prompts is reported next to the greedy plain output.
         """
-        new_tokens = max(new_tokens, 2 * self.wm.watermark_cfg.min_tokens)  # z is undefined below min_tokens
+        new_tokens = max(new_tokens, 2 * self.wm.watermark_cfg.min_tokens)  # nothing is scored below min_tokens
         prompts = self.inputs.rows(batch, self.args.prompt_len, salt=1)
         fns = self.generation_fns(batch, new_tokens, kgw=False)
         width = self.args.prompt_len
         texts = {"moe_lsh_greedy": fns["moe_lsh"]()[:, width:].tolist(), "plain_greedy": fns["plain"]()[:, width:].tolist()}
         torch.manual_seed(0)
         texts["plain_sampled"] = generate_fn(self.model, self.tokenizer, prompts, new_tokens, sample=True)()[:, width:].tolist()
-        self.wm.watermark_cfg.detect_batch_size = batch
-        out: dict[str, Any] = {"null": self.wm.watermark_cfg.null, "new_tokens": new_tokens}
-        for name, rows in texts.items():
-            z = self.wm.detect_ids(rows, prompts).z_score
-            out[f"z_{name}_mean"], out[f"z_{name}_std"] = _finite_mean(z), _finite_std(z)
+        cfg = self.wm.watermark_cfg
+        out: dict[str, Any] = {**self._keys_info(), "alpha": cfg.alpha, "texts": batch, "new_tokens": new_tokens}
+        with self.settings(**self._batching(batch)):
+            for name, rows in texts.items():
+                d = self.wm.detect_ids(rows, prompts)
+                out[f"z_{name}_mean"], out[f"z_{name}_std"] = _finite_mean(d.z_score), _finite_std(d.z_score)
+                finite = [float(p) for p in d.p_value if math.isfinite(float(p))]
+                out[f"p_{name}_median"] = statistics.median(finite) if finite else float("nan")
+                out[f"detected_{name}"] = int(np.asarray(d.prediction).sum())
         self.wm.close()
         return out
 
     def detection(self) -> dict[str, Any]:
         a = self.args
-        t = compare(self.detection_fns(a.detect_batch_size, a.text_len), a.repeats, a.warmup, self.device)
+        keep: list[Any] = []
+        t = compare(self.detection_fns(a.detect_batch_size, a.text_len, keep), a.repeats, a.warmup, self.device)
         scored = a.detect_batch_size * a.text_len
         for v in t.values():
             v["scored_tokens_per_s"] = scored / v["median_s"]
+        captures = self.capturer(*self._detection_texts(a.detect_batch_size, a.text_len), a.detect_batch_size)()
+        tokens = sum(c.num_scored for c in captures)
+        capture_bytes = sum(sum(v.numel() * v.element_size() for v in vars(c).values() if isinstance(v, torch.Tensor)) for c in captures)
         return {
             "batch_size": a.detect_batch_size,
             "context_len": a.prompt_len,
             "text_len": a.text_len,
-            "default_null": self.default_null,
+            **self._keys_info(),
+            "mean_reference_keys_scored": _mean(keep[0].num_reference_keys) if keep else float("nan"),
+            "capture_bytes_per_scored_token": capture_bytes / max(1, tokens),
             "timings": t,
             **self.detection_ratios(t),
+        }
+
+    def _detection_texts(self, batch: int, text_len: int) -> tuple[list[list[int]], list[list[int]]]:
+        return self.inputs.rows(batch, text_len, salt=3), self.inputs.rows(batch, self.args.prompt_len, salt=2)
+
+    # -- calibrated detection: half the texts watermarked ------------------------------------------
+    def bank_build(self, count: int) -> dict[str, Any]:
+        """A reference bank of ``count`` keys built from scratch (no cache), and its token table: what the
+        first detection for a model and encoder pays once (then it is cached in memory and on disk)."""
+        emb = self.model.get_input_embeddings().weight
+        _sync(self.device)
+        t0 = time.perf_counter()
+        bank = keybank.build_bank(self.wm.encoder_cfg, keybank.reference_keys(count), self.wm.capture_hooks.dim, emb,
+                                  self.wm.encoder.usable, self.wm.vocab_size)
+        _sync(self.device)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tables = BankTables.of(bank, self.device)
+        _sync(self.device)
+        return {
+            "reference_keys": count,
+            "semantic_pools": self.wm.encoder_cfg.semantic_pools,
+            "build_s": build_s,
+            "token_table_s": time.perf_counter() - t0,
+            "bank_bytes": bank.nbytes(),
+            "token_table_bytes": tables.table.numel() * tables.table.element_size(),
+        }
+
+    def calibrated_cell(self, texts: list[list[int]], prompts: list[list[int]], marked: list[bool], refs: int,
+                        detail: bool = False) -> dict[str, Any]:
+        """``detect_ids`` (capture + calibrated scoring under ``refs`` reference keys, the library's batching)
+        against full-logits forwards over the same padded batches; with ``detail`` also the capture and
+        the scoring alone. The bank is loaded before the timing."""
+        a = self.args
+        cfg = self.wm.watermark_cfg
+        alpha = max(WatermarkConfig.alpha, 1.0 / (refs + 1))
+        rows = [list(p) + list(t) for p, t in zip(prompts, texts)]
+        with self.settings(reference_keys=refs, alpha=alpha, **self._batching(None)):
+            t0 = time.perf_counter()
+            self.wm.reference_tables()
+            bank_s = time.perf_counter() - t0
+            forward, batches = forward_batches_fn(self.model, rows, self.pad, cfg.detect_batch_size, cfg.detect_max_tokens)
+            keep: list[Any] = []
+            fns = {"detect": self.detector(texts, prompts, None, keep), "forward_full_logits": forward}
+            if detail:
+                captures = self.capturer(texts, prompts)()
+                fns["capture"] = self.capturer(texts, prompts)
+                fns["score"] = lambda: self.wm.score(captures)
+                t = compare(fns, a.repeats, a.warmup, self.device)
+            else:
+                t = compare(fns, a.scale_repeats, a.warmup, self.device, a.cell_budget)
+        out = keep[0]
+        keys = np.asarray(out.num_reference_keys)
+        m = np.asarray(marked, dtype=bool)
+        cell: dict[str, Any] = {
+            "reference_keys": refs,
+            "stop_after": cfg.stop_after,
+            "alpha": alpha,
+            "texts": len(texts),
+            "watermarked_texts": int(m.sum()),
+            "scored_tokens": int(np.asarray(out.num_tokens_scored).sum()),
+            "forward_batches": batches,
+            "bank_first_call_s": bank_s,
+            "detect_s": t["detect"]["median_s"],
+            "forward_full_logits_s": t["forward_full_logits"]["median_s"],
+            "ratio_detect_over_forward_full_logits": ratio(t, "detect", "forward_full_logits"),
+            "mean_keys_watermarked": _mean(keys[m]),
+            "mean_keys_unwatermarked": _mean(keys[~m]),
+            "early_stop_share_watermarked": _mean(keys[m] < refs),
+            "early_stop_share_unwatermarked": _mean(keys[~m] < refs),
+            "detected_share_watermarked": _mean(np.asarray(out.prediction)[m]),
+            "false_positive_share_unwatermarked": _mean(np.asarray(out.prediction)[~m]),
+            "repeats": len(t["detect"]["times_s"]),
+        }
+        if detail:
+            cell["timings"] = t
+            cell["capture_s"] = t["capture"]["median_s"]
+            cell["score_s"] = t["score"]["median_s"]
+            cell["ratio_capture_over_forward_full_logits"] = ratio(t, "capture", "forward_full_logits")
+            cell["ratio_score_over_forward_full_logits"] = ratio(t, "score", "forward_full_logits")
+            cell["score_share_of_capture_plus_score"] = statistics.median(
+                s / (c + s) for c, s in zip(t["capture"]["times_s"], t["score"]["times_s"])
+            )
+        return cell
+
+    def calibrated(self) -> dict[str, Any]:
+        """Detection as deployed: half the texts watermarked (sampled with the watermark), half plain samples;
+        R reference keys with sequential stopping; scaling with R and with the number of texts."""
+        a = self.args
+        cfg = self.wm.watermark_cfg
+        refs = cfg.reference_keys
+        sizes = sorted(set(a.cal_texts_grid) | {a.cal_texts})
+        t0 = time.perf_counter()
+        half = HalfMarked.make(self.model, self.tokenizer, self.wm, self.inputs, max(sizes), a.prompt_len, a.cal_lengths)
+        generation_s = time.perf_counter() - t0
+        bank = self.bank_build(refs)
+        main = self.calibrated_cell(*half.take(a.cal_texts), refs, detail=True)
+        by_keys = [main if r == refs else self.calibrated_cell(*half.take(a.cal_texts), r) for r in a.cal_reference_keys]
+        by_texts = [main if n == a.cal_texts else self.calibrated_cell(*half.take(n), refs) for n in sorted(a.cal_texts_grid)]
+        self.wm.reference_tables()  # back to the run's own R
+        return {
+            **self._keys_info(),
+            "context_len": a.prompt_len,
+            "text_lengths": [min(a.cal_lengths), max(a.cal_lengths)],
+            "texts": a.cal_texts,
+            "detect_batch_size": a.detect_batch_size,
+            "detect_max_tokens": WatermarkConfig.detect_max_tokens,
+            "text_generation_s": generation_s,
+            "bank": bank,
+            **{k: v for k, v in main.items() if k not in ("reference_keys", "stop_after", "texts")},
+            "by_reference_keys": by_keys,
+            "by_texts": by_texts,
         }
 
     def reference(self) -> dict[str, Any]:
@@ -552,7 +851,7 @@ class Bench:
             per_text = statistics.median(ref_times)
 
             def detect(batch: int) -> Callable[[], Any]:
-                return self.detector(texts[:batch], prompts[:batch], batch, self.default_null)
+                return self.detector(texts[:batch], prompts[:batch], batch)
 
             t = compare({"batched": detect(a.detect_batch_size), "batch1": detect(1)}, a.repeats, a.warmup, self.device)
             ref_tps = length / per_text
@@ -572,7 +871,7 @@ class Bench:
                     "speedup_batch1": single_tps / ref_tps,
                 }
             )
-        return {"context_len": a.prompt_len, "null": self.default_null, "rows": out}
+        return {"context_len": a.prompt_len, **self._keys_info(), "rows": out}
 
     def capture(self) -> dict[str, Any]:
         """Why moewm hooks the routers instead of asking for output_router_logits=True."""
@@ -589,7 +888,7 @@ class Bench:
                 with self.hooks(True):
                     out = plain()
                     if features:
-                        self.wm.capture.features(batch)
+                        self.wm.capture_hooks.features(batch)
                     return out
 
             return run
@@ -637,8 +936,8 @@ class Bench:
                         "text_len": length,
                         **{f"{k}_s": v["median_s"] for k, v in t.items()},
                         **self.detection_ratios(t),
-                        "model_null_tokens_per_s": batch * length / t["detect_model_null"]["median_s"],
-                        "uniform_null_tokens_per_s": batch * length / t["detect_uniform_null"]["median_s"],
+                        "detect_tokens_per_s": batch * length / t["detect"]["median_s"],
+                        "capture_tokens_per_s": batch * length / t["capture"]["median_s"],
                         "repeats": len(t["forward"]["times_s"]),
                     }
                 )
@@ -660,21 +959,21 @@ class Bench:
                         "repeats": len(t["plain"]["times_s"]),
                     }
                 )
-        return {"context_len": a.prompt_len, "detection": det, "detection_defaults": defaults, "generation": gen}
+        return {"context_len": a.prompt_len, **self._keys_info(), "detection": det, "detection_defaults": defaults, "generation": gen}
 
     def _detect_with_defaults(self, texts_n: int, length: int) -> dict[str, Any]:
         """``texts_n`` texts scored with the library's own batching (detect_batch_size, detect_max_tokens)."""
         a = self.args
-        cfg, defaults = self.wm.watermark_cfg, WatermarkConfig()
+        defaults = WatermarkConfig()
         prompts = self.inputs.rows(texts_n, a.prompt_len, salt=2)
         texts = self.inputs.rows(texts_n, length, salt=3)
 
         def run() -> Any:
-            cfg.detect_batch_size, cfg.detect_max_tokens = defaults.detect_batch_size, defaults.detect_max_tokens
-            try:
-                return self.wm.detect_ids(texts, prompts)
-            finally:
-                self.wm.close()
+            with self.settings(detect_batch_size=defaults.detect_batch_size, detect_max_tokens=defaults.detect_max_tokens):
+                try:
+                    return self.wm.detect_ids(texts, prompts)
+                finally:
+                    self.wm.close()
 
         t = compare({"defaults": run}, a.scale_repeats, a.warmup, self.device, a.cell_budget)["defaults"]
         return {
@@ -704,19 +1003,23 @@ class Bench:
                 peaks[name] = max(runs)
         model_bytes = param_bytes(self.model)
         enc_bytes = self.wm.encoder.nbytes()
-        # What the hooks hold between a detection forward and the scoring: the features of the whole batch.
-        features_bytes = a.detect_batch_size * (a.prompt_len + a.text_len) * self.wm.capture.dim * 4
+        tables = self.wm.reference_tables()
+        # What the hooks hold during a capture forward: the features of the whole batch.
+        features_bytes = a.detect_batch_size * (a.prompt_len + a.text_len) * self.wm.capture_hooks.dim * 4
         method = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS delta (psutil, 0.5 ms)"
         return {
             "method": method,
             "glibc_exact_rss": exact if self.device.type != "cuda" else None,
             "peak_bytes_above_start": peaks,
             "generation_extra_bytes": peaks["generation_moe_lsh"] - peaks["generation_plain"],
-            "detection_model_null_extra_bytes": peaks["detection_detect_model_null"] - peaks["detection_forward_full_logits"],
-            "detection_uniform_null_extra_bytes": peaks["detection_detect_uniform_null"] - peaks["detection_forward"],
+            "detection_extra_bytes": peaks["detection_detect"] - peaks["detection_forward_full_logits"],
+            "capture_extra_bytes": peaks["detection_capture"] - peaks["detection_forward_full_logits"],
             "model_parameter_bytes": model_bytes,
             "watermark_encoder_bytes": enc_bytes,
             "watermark_fraction_of_model": enc_bytes / model_bytes,
+            "reference_keys": tables.num_keys,
+            "reference_bank_bytes": tables.bank.nbytes(),
+            "reference_token_table_bytes": tables.table.numel() * tables.table.element_size(),
             "detection_features_bytes": features_bytes,
             "process_max_rss_bytes": _max_rss(),
         }
@@ -783,8 +1086,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         add("generation moe_lsh/plain below kgw/plain", gen["ratio_kgw_over_plain"] - gen["ratio_moe_lsh_over_plain"], 0.0, True, "kgw ratio minus moe_lsh ratio")
     det = result.get("detection")
     if det:
-        add("detection (null=model) / forward with full logits", det["ratio_model_null_over_forward_full_logits"], TARGETS["detection_over_forward"], False)
-        add("detection (null=uniform) / forward, logits_to_keep=1", det["ratio_uniform_null_over_forward"], TARGETS["detection_over_forward"], False)
+        add("capture (detection's forward) / forward with full logits", det["ratio_capture_over_forward_full_logits"], TARGETS["capture_over_forward"], False)
+    cal = result.get("calibrated")
+    if cal:
+        name = result.get("model", {}).get("name", "")
+        limit = CALIBRATED_TARGETS.get(name, CALIBRATED_TARGET_DEFAULT)
+        note = f"{name}: {result.get('model', {}).get('num_layers', '?')} layers" if name in CALIBRATED_TARGETS else \
+            f"no target for {name or 'this model'}: tiny_moe's limit shown"
+        add(f"calibrated detection (R={cal['reference_keys']}, stop_after={cal['stop_after']}, half watermarked) / full-logits forward",
+            cal["ratio_detect_over_forward_full_logits"], limit, False, note)
     ref = result.get("reference")
     if ref and ref["rows"]:
         rows_by_len = sorted(ref["rows"], key=lambda r: r["text_len"])
@@ -820,6 +1130,49 @@ def _grid(title: str, rows: list[dict[str, Any]], column: str, column_label: str
     return lines + [""]
 
 
+def _calibrated_markdown(cal: dict[str, Any]) -> list[str]:
+    lo, hi = cal["text_lengths"]
+    t = cal["timings"]
+    bank = cal["bank"]
+    lines = [
+        f"### Calibrated detection (R={cal['reference_keys']} reference keys, stop_after={cal['stop_after']}, statistic {cal['statistic']}; "
+        f"{cal['texts']} texts of {lo}-{hi} tokens after {cal['context_len']} of context: {cal['watermarked_texts']} sampled with the "
+        f"watermark, {cal['texts'] - cal['watermarked_texts']} plain samples; forward batches {cal['forward_batches']})",
+        "",
+        "| method | median s | / full-logits forward |",
+        "|---|---:|---:|",
+        f"| `detect_ids`: capture + calibrated scoring | {t['detect']['median_s']:.4f} | **{cal['ratio_detect_over_forward_full_logits']:.3f}** |",
+        f"| capture alone | {t['capture']['median_s']:.4f} | {cal['ratio_capture_over_forward_full_logits']:.3f} |",
+        f"| scoring alone (captures given) | {t['score']['median_s']:.4f} | {cal['ratio_score_over_forward_full_logits']:.3f} |",
+        f"| full-logits forward over the same padded batches | {t['forward_full_logits']['median_s']:.4f} | 1 |",
+        "",
+        f"Scoring is {100 * cal['score_share_of_capture_plus_score']:.0f} % of capture + scoring. Reference keys scored per text: "
+        f"watermarked {cal['mean_keys_watermarked']:.0f} (stopped early: {100 * cal['early_stop_share_watermarked']:.0f} %), "
+        f"unwatermarked {cal['mean_keys_unwatermarked']:.0f} (stopped early: {100 * cal['early_stop_share_unwatermarked']:.0f} %). "
+        f"Detected at alpha={cal['alpha']:g}: {100 * cal['detected_share_watermarked']:.0f} % of the watermarked texts, "
+        f"{100 * cal['false_positive_share_unwatermarked']:.0f} % of the plain ones. Reference bank (not in the timings: built once, "
+        f"cached in memory and on disk): {bank['reference_keys']} keys built from scratch in {bank['build_s']:.2f} s "
+        f"({'semantic' if bank['semantic_pools'] else 'random'} pools) + token table {bank['token_table_s']:.2f} s; "
+        f"{_mib(bank['bank_bytes'])} + {_mib(bank['token_table_bytes'])} table. Texts sampled in {cal['text_generation_s']:.1f} s.",
+        "",
+    ]
+
+    def table(title: str, rows: list[dict[str, Any]], first: str, key: str) -> list[str]:
+        out = [title, "", f"| {first} | detect s | forward s | detect / forward | keys / watermarked text | keys / plain text | "
+               "plain texts stopped early | repeats |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(
+                f"| {r[key]} | {r['detect_s']:.3f} | {r['forward_full_logits_s']:.3f} | {r['ratio_detect_over_forward_full_logits']:.2f} | "
+                f"{r['mean_keys_watermarked']:.0f} | {r['mean_keys_unwatermarked']:.0f} | {100 * r['early_stop_share_unwatermarked']:.0f} % | "
+                f"{r['repeats']} |"
+            )
+        return out + [""]
+
+    lines += table(f"Scaling with the number of reference keys ({cal['texts']} texts, half watermarked):", cal["by_reference_keys"], "R", "reference_keys")
+    lines += table(f"Scaling with the number of texts (R={cal['reference_keys']}, half watermarked):", cal["by_texts"], "texts", "texts")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The Markdown tables of a result (what BENCHMARKS.md keeps)."""
     lines: list[str] = [f"Command: `{result['command']}`", ""]
@@ -847,24 +1200,28 @@ def markdown(result: dict[str, Any]) -> str:
         s = gen["sanity"]
         lines += [
             "",
-            f"Sanity (null={s['null']}, z mean ± std over the batch): timed MoE-LSH output "
-            f"{s['z_moe_lsh_greedy_mean']:.2f} ± {s['z_moe_lsh_greedy_std']:.2f}; plain output sampled at temperature 1 "
-            f"(the valid null) {s['z_plain_sampled_mean']:.2f} ± {s['z_plain_sampled_std']:.2f}; timed plain greedy output "
-            f"{s['z_plain_greedy_mean']:.2f} ± {s['z_plain_greedy_std']:.2f} (greedy text is not a draw from the model, "
-            "so no null holds for it exactly).",
+            f"Sanity ({s['texts']} texts each; calibrated p-value over R={s['reference_keys']} reference keys, positives at "
+            f"alpha={s['alpha']:g}; diagnostic z mean ± std): timed MoE-LSH output p median {s['p_moe_lsh_greedy_median']:.3g}, "
+            f"{s['detected_moe_lsh_greedy']} detected, z {s['z_moe_lsh_greedy_mean']:.2f} ± {s['z_moe_lsh_greedy_std']:.2f}; "
+            f"timed plain greedy output p median {s['p_plain_greedy_median']:.3g}, {s['detected_plain_greedy']} detected, "
+            f"z {s['z_plain_greedy_mean']:.2f} ± {s['z_plain_greedy_std']:.2f}; plain output sampled at temperature 1 "
+            f"p median {s['p_plain_sampled_median']:.3g}, {s['detected_plain_sampled']} detected, z {s['z_plain_sampled_mean']:.2f} ± "
+            f"{s['z_plain_sampled_std']:.2f} (the p-value holds for any text written without the key; the diagnostic z only for "
+            "temperature-1 samples).",
             "",
         ]
     det = result.get("detection")
     if det:
         lines += [
-            f"### Detection (batch {det['batch_size']}, {det['context_len']} context + {det['text_len']} scored tokens per text; default null: {det['default_null']})",
+            f"### Detection (batch {det['batch_size']}, {det['context_len']} context + {det['text_len']} scored tokens per text, "
+            f"random tokens, none watermarked; R={det['reference_keys']}, stop_after={det['stop_after']}, statistic {det['statistic']})",
             "",
             "| method | median s | scored tokens/s |",
             "|---|---:|---:|",
         ]
         for name, label in (
-            ("detect_model_null", "MoE-LSH batched detector, null=model"),
-            ("detect_uniform_null", "MoE-LSH batched detector, null=uniform"),
+            ("detect", "`detect_ids`: capture + calibrated scoring"),
+            ("capture", "capture alone (one forward, output head in blocks)"),
             ("forward_full_logits", "one plain forward, full logits"),
             ("forward", "one plain forward, logits_to_keep=1"),
         ):
@@ -872,11 +1229,16 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | {t['median_s']:.4f} | {t['scored_tokens_per_s']:.0f} |")
         lines += [
             "",
-            f"null=model / forward with full logits: **{det['ratio_model_null_over_forward_full_logits']:.3f}**; "
-            f"null=uniform / forward with logits_to_keep=1: **{det['ratio_uniform_null_over_forward']:.3f}**; "
-            f"null=model / forward with logits_to_keep=1: {det['ratio_model_null_over_forward']:.3f}.",
+            f"detection / forward with full logits: **{det['ratio_detect_over_forward_full_logits']:.3f}**; "
+            f"capture / forward with full logits: **{det['ratio_capture_over_forward_full_logits']:.3f}**; "
+            f"detection / forward with logits_to_keep=1: {det['ratio_detect_over_forward']:.3f}. "
+            f"Reference keys scored per text: {det['mean_reference_keys_scored']:.1f} on average; "
+            f"a capture holds {det['capture_bytes_per_scored_token']:.0f} bytes per scored token.",
             "",
         ]
+    cal = result.get("calibrated")
+    if cal:
+        lines += _calibrated_markdown(cal)
     ref = result.get("reference")
     if ref:
         lines += [
@@ -914,18 +1276,19 @@ def markdown(result: dict[str, Any]) -> str:
     sc = result.get("scaling")
     if sc:
         lines += _grid(
-            f"### Detection scaling (context {sc['context_len']}): null=model / full-logits forward, null=uniform / logits_to_keep=1 forward; null=model seconds and scored tokens/s",
+            f"### Detection scaling (context {sc['context_len']}, random-token texts, R={sc['reference_keys']}): detection / full-logits forward, "
+            "capture / full-logits forward; detection seconds and scored tokens/s",
             sc["detection"],
             "text_len",
             "text tokens",
-            lambda r: f"{r['ratio_model_null_over_forward_full_logits']:.2f} / {r['ratio_uniform_null_over_forward']:.2f} "
-            f"({r['detect_model_null_s']:.3f} s, {r['model_null_tokens_per_s']:.0f}/s)",
+            lambda r: f"{r['ratio_detect_over_forward_full_logits']:.2f} / {r['ratio_capture_over_forward_full_logits']:.2f} "
+            f"({r['detect_s']:.3f} s, {r['detect_tokens_per_s']:.0f}/s)",
         )
         dd = sc.get("detection_defaults") or []
         if dd:
             lines += [
                 f"With the library's own batching (detect_batch_size={dd[0]['detect_batch_size']}, detect_max_tokens={dd[0]['detect_max_tokens']}), "
-                f"{dd[0]['texts']} texts, null=model: "
+                f"{dd[0]['texts']} texts: "
                 + ", ".join(f"{r['text_len']} tokens {r['tokens_per_s']:.0f}/s" for r in dd)
                 + ".",
                 "",
@@ -948,13 +1311,15 @@ def markdown(result: dict[str, Any]) -> str:
             "|---|---:|",
             f"| model parameters + buffers | {_mib(mem['model_parameter_bytes'])} |",
             f"| watermark encoder tensors (`LSHEncoder.nbytes()`) | {_mib(mem['watermark_encoder_bytes'])} ({100 * mem['watermark_fraction_of_model']:.3f} % of the model) |",
+            f"| reference bank, {mem['reference_keys']} keys (`KeyBank.nbytes()`; public, cached) | {_mib(mem['reference_bank_bytes'])} |",
+            f"| its token table (vocabulary x keys x words) | {_mib(mem['reference_token_table_bytes'])} |",
             f"| routing features held per detection batch | {_mib(mem['detection_features_bytes'])} |",
             f"| peak above start: plain generation | {_mib(pk['generation_plain'])} |",
             f"| peak above start: MoE-LSH generation | {_mib(pk['generation_moe_lsh'])} |",
             f"| peak above start: plain forward, logits_to_keep=1 | {_mib(pk['detection_forward'])} |",
-            f"| peak above start: MoE-LSH detection, null=uniform | {_mib(pk['detection_detect_uniform_null'])} |",
             f"| peak above start: plain forward, full logits | {_mib(pk['detection_forward_full_logits'])} |",
-            f"| peak above start: MoE-LSH detection, null=model | {_mib(pk['detection_detect_model_null'])} |",
+            f"| peak above start: capture | {_mib(pk['detection_capture'])} |",
+            f"| peak above start: MoE-LSH detection (capture + calibrated scoring) | {_mib(pk['detection_detect'])} |",
             "",
         ]
     tg = result.get("targets")
@@ -970,7 +1335,19 @@ def markdown(result: dict[str, Any]) -> str:
 
 # -- main -------------------------------------------------------------------------------------------
 
-SECTIONS = ("generation", "detection", "reference", "capture", "scaling", "memory")
+def selected_sections(args: argparse.Namespace) -> list[str]:
+    """``--sections`` (default: all), less ``--skip``, in the benchmark's order."""
+
+    def parse(text: str, flag: str) -> set[str]:
+        names = {s.strip() for s in text.split(",") if s.strip()}
+        unknown = names - set(SECTIONS)
+        if unknown:
+            raise SystemExit(f"{flag}: unknown sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+        return names
+
+    wanted = parse(args.sections, "--sections") or set(SECTIONS)
+    skip = parse(args.skip, "--skip")
+    return [name for name in SECTIONS if name in wanted and name not in skip]
 
 
 def run(args: argparse.Namespace, checkpoint: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
@@ -979,10 +1356,11 @@ def run(args: argparse.Namespace, checkpoint: Optional[Callable[[dict[str, Any]]
         apply_smoke(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"--skip: unknown sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    chosen = selected_sections(args)
+    if args.cal_texts < 2 or min(args.cal_texts_grid, default=2) < 2:
+        raise SystemExit("--cal-texts / --cal-texts-grid: at least 2 texts (one watermarked, one plain)")
+    if len(args.cal_lengths) not in (1, 2) or min(args.cal_lengths) < 1:
+        raise SystemExit(f"--cal-lengths={args.cal_lengths}: MIN,MAX (or one length), each >= 1")
     torch.manual_seed(0)
     model, tokenizer, info = load(args)
     bench = Bench(args, model, tokenizer)
@@ -995,14 +1373,17 @@ def run(args: argparse.Namespace, checkpoint: Optional[Callable[[dict[str, Any]]
             "extractor": asdict(bench.wm.extractor_cfg),
             "encoder": asdict(bench.wm.encoder_cfg),
             "delta": bench.wm.watermark_cfg.delta,
-            "feature_dim": bench.wm.capture.dim,
+            "feature_dim": bench.wm.capture_hooks.dim,
+            "reference_keys": bench.wm.watermark_cfg.reference_keys,
+            "stop_after": bench.wm.watermark_cfg.stop_after,
+            "statistic": bench.wm.watermark_cfg.statistic,
+            "null": bench.wm.watermark_cfg.null,
+            "reference_bank_first_call_s": bench.reference_first_call_s,
         },
         "load_average": {"start": _loadavg()},
     }
     started = time.perf_counter()
-    for name in SECTIONS:
-        if name in skip:
-            continue
+    for name in chosen:
         t0 = time.perf_counter()
         log.info("bench: %s ...", name)
         result[name] = getattr(bench, name)()

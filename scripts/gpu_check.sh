@@ -4,7 +4,8 @@
 #   full size with random weights, bf16 and NF4: tokens/s plain vs watermarked, detection tokens/s, peak
 #   CUDA memory, estimator vs measured weights, signature flip rate bf16 -> NF4, 3. python -m moewm.bench
 #   on the GPU for tiny_moe (every section) and full-size random-init Qwen1.5-MoE in bf16 (generation,
-#   detection, memory): the GPU tables of BENCHMARKS.md (bench_*.json / bench_*.md).
+#   detection, calibrated detection at R=999 with half the texts watermarked -- its 1.2x target --,
+#   memory): the GPU tables of BENCHMARKS.md (bench_*.json / bench_*.md).
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (default: $OUT, else ./gpu_check_out). Exit status: 0 when all pass.
 # GPU_CHECK_STEPS (default "tests check bench") picks steps, e.g. GPU_CHECK_STEPS=bench to rerun only the
 # benchmark within one 10-minute call.
@@ -40,11 +41,12 @@ if has_step check; then
 fi
 if has_step bench; then
   bench_rc=0
-  timeout 240 "$PYTHON" -m moewm.bench --device cuda --out "$OUTDIR/bench_tiny_moe.json" \
+  timeout 300 "$PYTHON" -m moewm.bench --device cuda --out "$OUTDIR/bench_tiny_moe.json" \
     --markdown "$OUTDIR/bench_tiny_moe.md" 2>&1 | tee "$OUTDIR/bench_tiny_moe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
   timeout 300 "$PYTHON" -m moewm.bench --model-config conf/model/qwen_moe.yaml --random-init --dtype bfloat16 \
-    --device cuda --skip reference,capture,scaling --repeats 3 --out "$OUTDIR/bench_qwen_moe.json" \
+    --device cuda --sections generation,detection,calibrated,memory --cal-reference-keys 249,999 --cal-texts-grid 32 \
+    --repeats 3 --out "$OUTDIR/bench_qwen_moe.json" \
     --markdown "$OUTDIR/bench_qwen_moe.md" 2>&1 | tee "$OUTDIR/bench_qwen_moe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
   [ "$bench_rc" -eq 0 ] || status=1

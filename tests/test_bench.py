@@ -11,7 +11,7 @@ from moewm import bench
 from moewm.config import ModelConfig
 from moewm.testing import MICRO_ARCHITECTURES
 
-SECTIONS = ("generation", "detection", "reference", "capture", "scaling", "memory")
+SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory")
 POSITIVE_SUFFIXES = ("median_s", "min_s", "tokens_per_s", "_s_per_text")
 
 
@@ -35,7 +35,7 @@ def smoke(tmp_path_factory):
     md = out.with_suffix(".md")
     torch_threads = torch.get_num_threads()
     try:
-        bench.main(["--model", "micro", "--smoke", "--out", str(out), "--markdown", str(md)])
+        bench.main(["--model", "micro", "--smoke", "--threads", "1", "--cache-dir", "none", "--out", str(out), "--markdown", str(md)])
     finally:
         torch.set_num_threads(torch_threads)
     return json.loads(out.read_text()), md.read_text()
@@ -49,12 +49,17 @@ def test_smoke_writes_every_section(smoke):
     assert result["model"]["name"] == "micro-qwen2_moe"
     gen = result["generation"]
     assert set(gen["timings"]) == {"plain", "moe_lsh", "kgw"}
-    # The timed output is checked for the watermark, with the valid null (temperature-1 samples) beside it.
+    # The timed output is checked for the watermark (calibrated p, diagnostic z), with temperature-1 samples beside it.
     sanity = gen["sanity"]
-    assert sanity["null"] == "model"
+    assert sanity["null"] == "model" and sanity["reference_keys"] == s_refs(result)
     for name in ("moe_lsh_greedy", "plain_greedy", "plain_sampled"):
         assert math.isfinite(sanity[f"z_{name}_mean"]) and sanity[f"z_{name}_std"] >= 0, name
-    assert set(result["detection"]["timings"]) == {"detect_model_null", "detect_uniform_null", "forward", "forward_full_logits"}
+        assert 1 / (sanity["reference_keys"] + 1) <= sanity[f"p_{name}_median"] <= 1, name
+        assert 0 <= sanity[f"detected_{name}"] <= sanity["texts"], name
+    det = result["detection"]
+    assert set(det["timings"]) == {"detect", "capture", "forward", "forward_full_logits"}
+    assert 1 <= det["mean_reference_keys_scored"] <= det["reference_keys"]
+    assert det["capture_bytes_per_scored_token"] > 4 * result["watermark"]["feature_dim"]
     assert set(result["capture"]["forward"]["timings"]) == {"no_capture", "hooks", "hooks_and_features", "output_router_logits"}
     assert set(result["capture"]["generation"]["timings"]) == {"no_capture", "hooks", "output_router_logits"}
     # The smoke grid is the full cross product of its batch sizes and lengths.
@@ -67,6 +72,49 @@ def test_smoke_writes_every_section(smoke):
         (b, n) for b in s["gen_scale_batches"] for n in s["gen_scale_lengths"]
     }
     assert [r["text_len"] for r in result["reference"]["rows"]] == s["reference_lengths"]
+
+
+def s_refs(result):
+    return result["settings"]["reference_keys"]
+
+
+def _check_cell(cell, refs, texts):
+    assert cell["reference_keys"] == refs and cell["texts"] == texts
+    assert cell["watermarked_texts"] == texts // 2
+    assert sum(cell["forward_batches"]) == texts
+    assert cell["scored_tokens"] > 0
+    for half in ("watermarked", "unwatermarked"):
+        assert 1 <= cell[f"mean_keys_{half}"] <= refs, half
+        assert 0 <= cell[f"early_stop_share_{half}"] <= 1, half
+    assert 0 <= cell["detected_share_watermarked"] <= 1 and 0 <= cell["false_positive_share_unwatermarked"] <= 1
+    assert cell["alpha"] >= 1 / (refs + 1)
+    assert cell["ratio_detect_over_forward_full_logits"] > 0 and cell["repeats"] >= 1
+
+
+def test_smoke_calibrated_detection_section(smoke):
+    result, md = smoke
+    s = result["settings"]
+    cal = result["calibrated"]
+    refs = s_refs(result)
+    assert cal["reference_keys"] == refs and cal["stop_after"] == s["stop_after"] and cal["statistic"] == "llr"
+    assert cal["texts"] == s["cal_texts"] and cal["text_lengths"] == [min(s["cal_lengths"]), max(s["cal_lengths"])]
+    assert set(cal["timings"]) == {"detect", "capture", "score", "forward_full_logits"}
+    # Paired rounds: every method timed once per repeat.
+    assert {len(t["times_s"]) for t in cal["timings"].values()} == {s["repeats"]}
+    for key in ("ratio_detect_over_forward_full_logits", "ratio_capture_over_forward_full_logits", "ratio_score_over_forward_full_logits"):
+        assert cal[key] > 0, key
+    assert 0 < cal["score_share_of_capture_plus_score"] < 1
+    _check_cell({**cal, "reference_keys": refs, "texts": cal["texts"]}, refs, s["cal_texts"])
+    bank = cal["bank"]
+    assert bank["reference_keys"] == refs and bank["build_s"] > 0 and bank["bank_bytes"] > 0 and bank["token_table_bytes"] > 0
+    # The scaling tables: one row per R (at cal_texts texts) and per number of texts (at the run's R).
+    assert [r["reference_keys"] for r in cal["by_reference_keys"]] == s["cal_reference_keys"]
+    for r in cal["by_reference_keys"]:
+        _check_cell(r, r["reference_keys"], s["cal_texts"])
+    assert [r["texts"] for r in cal["by_texts"]] == sorted(s["cal_texts_grid"])
+    for r in cal["by_texts"]:
+        _check_cell(r, refs, r["texts"])
+    assert "### Calibrated detection" in md and "Scaling with the number of reference keys" in md and "Scaling with the number of texts" in md
 
 
 def test_smoke_numbers_are_finite_and_positive(smoke):
@@ -87,14 +135,15 @@ def test_smoke_targets_and_markdown(smoke):
     result, md = smoke
     names = [t["target"] for t in result["targets"]]
     assert any(n.startswith("generation moe_lsh/plain") for n in names)
-    assert any(n.startswith("detection (null=model)") for n in names)
-    assert any(n.startswith("detection (null=uniform)") for n in names)
+    assert any(n.startswith("capture (detection's forward)") for n in names)
+    assert any(n.startswith("calibrated detection (R=") for n in names)
     assert any(n.startswith("batched detection / reference") for n in names)
     assert any(n.startswith("watermark tensors") for n in names)
     for t in result["targets"]:
         value = t["value"]
         assert t["met"] == (value >= t["limit"] if t["higher_is_better"] else value <= t["limit"])
-    for heading in ("### Generation", "### Detection (", "### Batched detector", "### Routing capture", "### Detection scaling", "### Memory", "### Targets"):
+    for heading in ("### Generation", "### Detection (", "### Calibrated detection", "### Batched detector", "### Routing capture",
+                    "### Detection scaling", "### Memory", "### Targets"):
         assert heading in md, heading
     assert "| KGW (transformers WatermarkingConfig) |" in md
 
@@ -102,7 +151,9 @@ def test_smoke_targets_and_markdown(smoke):
 def test_targets_are_judged_against_their_limits():
     result = {
         "generation": {"ratio_moe_lsh_over_plain": 1.2, "ratio_kgw_over_plain": 1.5},
-        "detection": {"ratio_model_null_over_forward_full_logits": 1.1, "ratio_uniform_null_over_forward": 1.4},
+        "model": {"name": "tiny_moe", "num_layers": 4},
+        "detection": {"ratio_capture_over_forward_full_logits": 1.1},
+        "calibrated": {"reference_keys": 999, "stop_after": 10, "ratio_detect_over_forward_full_logits": 5.5},
         "reference": {
             "rows": [
                 {"text_len": 128, "speedup_batched": 12.0, "speedup_batch1": 9.0, "batched_batch_size": 16},
@@ -115,13 +166,56 @@ def test_targets_are_judged_against_their_limits():
     assert met == {
         "generation moe_lsh/plain": False,
         "generation moe_lsh/plain below kgw/plain": True,
-        "detection (null=model) / forward with full logits": True,
-        "detection (null=uniform) / forward, logits_to_keep=1": False,
+        "capture (detection's forward) / forward with full logits": True,
+        "calibrated detection (R=999, stop_after=10, half watermarked) / full-logits forward": False,
         "batched detection / reference speed at 128 tokens": True,
         "batch-1 speedup grows with length (64 -> 128 tokens)": False,
         "batch-16 speedup grows with length (64 -> 128 tokens)": True,
         "watermark tensors / model parameters": False,
     }
+
+
+def test_calibrated_target_depends_on_the_model():
+    def limit(name):
+        result = {"model": {"name": name}, "calibrated": {"reference_keys": 999, "stop_after": 10, "ratio_detect_over_forward_full_logits": 1.5}}
+        (row,) = bench.targets(result)
+        return row["limit"], row["met"]
+
+    assert limit("tiny_moe") == (5.0, True)
+    assert limit("qwen_moe") == (1.2, False)
+    assert limit("micro-qwen2_moe") == (bench.CALIBRATED_TARGET_DEFAULT, True)
+
+
+def test_sections_are_chosen_and_skipped_in_order():
+    parse = bench.build_parser().parse_args
+    assert bench.selected_sections(parse([])) == list(bench.SECTIONS)
+    assert bench.selected_sections(parse(["--sections", "memory,calibrated"])) == ["calibrated", "memory"]
+    assert bench.selected_sections(parse(["--sections", "calibrated,detection", "--skip", "detection"])) == ["calibrated"]
+    with pytest.raises(SystemExit, match="unknown sections"):
+        bench.selected_sections(parse(["--sections", "calibration"]))
+    assert parse(["--stop-after", "none"]).stop_after is None and parse(["--stop-after", "5"]).stop_after == 5
+
+
+def test_forward_batches_follow_the_capture_batching():
+    from moewm.testing import micro_model
+
+    model = micro_model("qwen2_moe")
+    rows = [[5] * n for n in (10, 30, 20, 40, 25)]
+    run, sizes = bench.forward_batches_fn(model, rows, 0, batch_size=2, max_tokens=None)
+    assert sizes == [2, 2, 1]
+    run()
+    # A token budget splits the longest rows first: 40 tokens x 2 rows > 60.
+    _, sizes = bench.forward_batches_fn(model, rows, 0, batch_size=4, max_tokens=60)
+    assert sizes == [1, 2, 2]
+
+
+def test_half_marked_takes_half_of_each_kind():
+    half = bench.HalfMarked([[1], [2]], [[3], [4], [5]], [[9], [8], [7]])
+    texts, prompts, marked = half.take(5)
+    assert texts == [[1], [2], [3], [4], [5]] and prompts == [[9], [8], [9], [8], [7]] and marked == [True, True, False, False, False]
+    assert half.take(2) == ([[1], [3]], [[9], [9]], [True, False])
+    with pytest.raises(ValueError):
+        half.take(8)
 
 
 def test_model_yaml_merges_into_model_config(tmp_path):
@@ -148,12 +242,18 @@ def test_random_init_yaml_model_runs(tmp_path):
     yaml = tmp_path / "mixtral_micro.yaml"
     yaml.write_text("\n".join(["name: mixtral_micro", "path: /nonexistent/mixtral_micro", "architecture:"] + [f"  {k}: {v}" for k, v in arch.items()]) + "\n")
     out = tmp_path / "bench.json"
-    result = bench.main(
-        ["--model-config", str(yaml), "--random-init", "--device", "cpu", "--smoke", "--skip", "reference,capture,scaling,memory", "--out", str(out)]
-    )
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(
+            ["--model-config", str(yaml), "--random-init", "--device", "cpu", "--smoke", "--threads", "1", "--cache-dir", "none",
+             "--random-pools", "--sections", "detection,calibrated", "--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert result["model"]["model_type"] == "mixtral" and result["model"]["random_init"]
     data = json.loads(out.read_text())
-    assert "scaling" not in data and data["detection"]["ratio_uniform_null_over_forward"] > 0
+    assert "scaling" not in data and "generation" not in data and data["detection"]["ratio_capture_over_forward_full_logits"] > 0
+    assert data["calibrated"]["ratio_detect_over_forward_full_logits"] > 0 and data["calibrated"]["bank"]["semantic_pools"] is False
 
 
 def test_peak_memory_sees_a_large_tensor():

@@ -37,6 +37,13 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     for r in runs.values():
         assert r["plain_tokens_per_s"] > 0 and r["watermarked_tokens_per_s"] > 0 and r["detect_tokens_per_s"] > 0
         assert abs(r["estimate_error"]) < 0.1
+        # Detection is calibrated: p-values ranked among the reference keys, built (and timed) before it.
+        assert r["reference_keys"] >= 1 and r["reference_bank_s"] >= 0
+        assert 1 <= r["reference_keys_scored_watermarked_mean"] <= r["reference_keys"]
+        assert 1 <= r["reference_keys_scored_plain_mean"] <= r["reference_keys"]
+        for name in ("p_watermarked_max", "p_plain_min"):
+            assert r[name] is None or 1 / (r["reference_keys"] + 1) - 1e-9 <= r[name] <= 1, name
+        assert 0 <= r["detected_watermarked"] <= r["generated_tokens"] and r["detected_plain"] >= 0
     assert runs["ultra_low"]["weight_bytes"] < 0.35 * runs["default"]["weight_bytes"]
     assert 0 <= data["signature_flip_rate"]["micro_moe"]["bit_flip_rate"] < 0.5
 
