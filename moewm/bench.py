@@ -594,14 +594,15 @@ class Bench:
             return {"detect_batch_size": self.args.detect_batch_size, "detect_max_tokens": WatermarkConfig.detect_max_tokens}
         return {"detect_batch_size": batch, "detect_max_tokens": None}
 
-    def detector(self, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int] = None,
-                 keep: Optional[list[Any]] = None) -> Callable[[], Any]:
-        """``detect_ids``: capture + calibrated scoring (``keep`` receives the last output)."""
+    def _library_call(self, method: str, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int],
+                      keep: Optional[list[Any]]) -> Callable[[], Any]:
+        """A timed call of ``self.wm.<method>(texts, prompts)`` under the batching asked for (``keep`` receives
+        the last output); the hooks come off after each call, as a user's code would leave them."""
 
         def run() -> Any:
             with self.settings(**self._batching(batch)):
                 try:
-                    out = self.wm.detect_ids(texts, prompts)
+                    out = getattr(self.wm, method)(texts, prompts)
                 finally:
                     self.wm.close()
             if keep is not None:
@@ -609,22 +610,16 @@ class Bench:
             return out
 
         return run
+
+    def detector(self, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int] = None,
+                 keep: Optional[list[Any]] = None) -> Callable[[], Any]:
+        """``detect_ids``: capture + calibrated scoring."""
+        return self._library_call("detect_ids", texts, prompts, batch, keep)
 
     def capturer(self, texts: list[list[int]], prompts: list[list[int]], batch: Optional[int] = None,
                  keep: Optional[list[Any]] = None) -> Callable[[], Any]:
         """``capture`` alone: detection's forward (output head in blocks, top-K kept), no scoring."""
-
-        def run() -> Any:
-            with self.settings(**self._batching(batch)):
-                try:
-                    out = self.wm.capture(texts, prompts)
-                finally:
-                    self.wm.close()
-            if keep is not None:
-                keep[:] = [out]
-            return out
-
-        return run
+        return self._library_call("capture", texts, prompts, batch, keep)
 
     def detection_fns(self, batch: int, text_len: int, keep: Optional[list[Any]] = None) -> dict[str, Callable[[], Any]]:
         """Detection, its capture alone and the two plain forwards, on the same padded batch of random-token
