@@ -374,18 +374,6 @@ def app_output_root() -> str:
         return "outputs"
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """The metrics as a two-column text table for the terminal."""
-    keys = [k for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and k != "error"]
-    width = max(len(k) for k in keys) if keys else 10
-    lines = []
-    for k in keys:
-        v = metrics[k]
-        text = f"{v:.4g}" if isinstance(v, float) else str(v)
-        lines.append(f"  {k:<{width}}  {text}")
-    return "\n".join(lines)
-
-
 def ensure_valid_before_load(app: AppConfig) -> None:
     """Range and cross-field checks that need no weights (a ConfigError names the key and range)."""
     from moewm.schema import validate_app
@@ -406,4 +394,4 @@ def ensure_valid_before_load(app: AppConfig) -> None:
         check_extractor(app.extractor, model_layout(app.model, kind="hidden"))
 
 
-__all__ = ["JobContext", "run_job", "ensure_valid_before_load", "metrics_table", "ConfigError"]
+__all__ = ["JobContext", "run_job", "ensure_valid_before_load", "ConfigError"]

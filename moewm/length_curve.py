@@ -79,26 +79,6 @@ class PositionScores:
         """z of all scored draws (equals the detector's z)."""
         return stats.exact_gamma_z(self.green, self.gamma, self.scored)["z_score"].numpy()
 
-    def z_at_lengths(self, lengths: Sequence[int]) -> np.ndarray:
-        """(B, len(lengths)) z of the first T scored tokens; NaN where a text has fewer than T."""
-        m = self.draws_per_token
-        g = self.green.to(torch.float64)
-        p = self.gamma
-        zero = torch.zeros(g.shape[0], 1, dtype=torch.float64)
-        cg = torch.cat([zero, g.cumsum(-1)], -1)
-        cp = torch.cat([zero, p.cumsum(-1)], -1)
-        cv = torch.cat([zero, (p * (1 - p)).cumsum(-1)], -1)
-        n = self.scored.sum(-1)
-        out = np.full((g.shape[0], len(lengths)), np.nan)
-        for j, t in enumerate(lengths):  # a handful of lengths, each a vectorised gather
-            k = int(t) * m
-            if k > g.shape[1]:
-                continue
-            z = (cg[:, k] - cp[:, k]) / cv[:, k].clamp(min=1e-300).sqrt()
-            ok = (n >= k) & (cv[:, k] > 0)
-            out[:, j] = torch.where(ok, z, torch.full_like(z, float("nan"))).numpy()
-        return out
-
     def window_exact(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Max z over windows of ``window`` scored tokens and its p-value: the exact binomial tail of the
         best window times the number of windows (Bonferroni). Needs one gamma per text (the baselines)."""

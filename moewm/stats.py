@@ -1,8 +1,8 @@
-"""Statistics: the exact-gamma z-test, windowed z, and ROC summaries of watermarked vs unwatermarked scores.
+"""Statistics of per-position Bernoulli draws (the baselines' diagnostic z, windowed z) and ROC summaries.
 
-The z-test treats each scored token as a Bernoulli draw with its own success probability
-gamma_t = |G_t| / V (green lists vary in size because pools overlap): under the null the green
-count has mean sum(gamma_t) and variance sum(gamma_t (1 - gamma_t)).
+Each scored draw has its own null probability gamma_t; the z of a text is the green count minus
+sum(gamma_t), over sqrt(sum gamma_t (1 - gamma_t)). It is a diagnostic: valid p-values come from the
+calibration by reference keys (moewm.scoring) or the exact tails (moewm.poisson_binomial).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
@@ -64,16 +63,6 @@ def window_z(green: torch.Tensor, gamma: torch.Tensor, mask: torch.Tensor, windo
     best = torch.where(short | torch.isinf(best), whole, best)
     num_windows = torch.where(short, torch.ones_like(n), (n - window + 1).clamp(min=1))
     return best, num_windows
-
-
-def p_value(z: np.ndarray | float) -> np.ndarray:
-    """One-sided p-value of a z-score (NaN stays NaN)."""
-    return norm.sf(np.asarray(z, dtype=np.float64))
-
-
-def bonferroni(p: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Family-wise p-value for the max over ``count`` windows (conservative)."""
-    return np.minimum(1.0, np.asarray(p) * np.asarray(count))
 
 
 @dataclass
