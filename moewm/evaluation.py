@@ -40,7 +40,7 @@ import numpy as np
 from moewm import stats
 from moewm.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
 from moewm.config import EvalConfig
-from moewm.detection import DetectorOutput
+from moewm.detection import DetectorOutput, detect_nonempty
 from moewm.geometry import geometry_metrics
 from moewm.length_curve import length_metrics, tokens_to_detect_metrics
 from moewm.nulls import null_set_metrics
@@ -109,12 +109,7 @@ def attack_metrics(ctx: Any, ev: EvalConfig) -> dict[str, Any]:
         changed = [a != t for a, t in zip(attacked, texts)]
         # an unchanged text keeps its original ids (decode / encode need not round-trip exactly)
         att_ids = [list(tok(a, add_special_tokens=False)["input_ids"]) if c else list(ctx.wm_ids[i]) for i, (a, c) in enumerate(zip(attacked, changed))]
-    keep = [i for i, t in enumerate(att_ids) if len(t) > 0]
-    if keep:
-        part = wm.detect_ids([att_ids[i] for i in keep], [ctx.prompt_ids[i] for i in keep], window=ev.window)
-        det = DetectorOutput.scatter(len(att_ids), keep, part)
-    else:
-        det = DetectorOutput.empty(len(att_ids))
+    det = detect_nonempty(lambda t, p: wm.detect_ids(t, p, window=ev.window), att_ids, ctx.prompt_ids)
     negatives = np.concatenate([ctx.plain_det.p_value] + [d.p_value for d in ctx.null_dets.values()])
     sep = stats.separation(_p_scores(det.p_value), _p_scores(negatives), threshold=-alpha - 1e-15)
     out.update(

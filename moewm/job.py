@@ -29,7 +29,7 @@ from moewm.quality import pad_id, perplexity
 from moewm.schema import AppConfig
 from moewm.tracking import Tracker
 from moewm.capture import cached_captures, capture_cache_key
-from moewm.detection import DetectorOutput
+from moewm.detection import DetectorOutput, detect_nonempty
 from moewm.evaluation import detection_metrics
 from moewm.nulls import build_null_sets
 from moewm.watermark import encode_prompt
@@ -266,9 +266,9 @@ def detect_job_texts(scheme: Any, app: AppConfig, prompt_ids: list[list[int]], w
     window = app.eval.window
     model_key = _cache_key(app.model, app.memory)
     if not hasattr(scheme, "capture"):
-        wm = _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), wm_ids, prompt_ids)
-        plain = _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), plain_ids, prompt_ids)
-        out = {n.name: _detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress), n.text_ids, n.prompt_ids) for n in nulls}
+        wm = detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), wm_ids, prompt_ids)
+        plain = detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress, prefixes=True, window=window), plain_ids, prompt_ids)
+        out = {n.name: detect_nonempty(lambda t, p: scheme.detect_ids(t, p, progress=progress), n.text_ids, n.prompt_ids) for n in nulls}
         return JobDetections(wm, plain, out)
 
     def captured(texts: list[list[int]], prompts: list[list[int]], fixed: bool) -> tuple[list[int], list[Any]]:
@@ -296,13 +296,6 @@ def detect_job_texts(scheme: Any, app: AppConfig, prompt_ids: list[list[int]], w
     plain, plain_caps = scored(plain_ids, prompt_ids, True, True, window)
     out = {n.name: scored(n.text_ids, n.prompt_ids, True, False, None)[0] for n in nulls}
     return JobDetections(wm, plain, out, wm_caps, plain_caps)
-
-
-def _detect_nonempty(detect: Any, texts: list[list[int]], prompts: list[list[int]]) -> DetectorOutput:
-    keep = [i for i, t in enumerate(texts) if len(t) > 0]
-    if not keep:
-        return DetectorOutput.empty(len(texts))
-    return DetectorOutput.scatter(len(texts), keep, detect([texts[i] for i in keep], [prompts[i] for i in keep]))
 
 
 def capture_perplexity(captures: list[Any]) -> np.ndarray:

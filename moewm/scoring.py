@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from moewm.config import STATISTICS  # noqa: F401  (the allowed statistic kinds)
+from moewm.capture import TextCapture
 from moewm.keybank import KeyBank
 
 WORD_BITS = 32
@@ -51,7 +52,7 @@ class CaptureBatch:
     valid: torch.Tensor
 
     @staticmethod
-    def stack(captures: Sequence["TextCaptureLike"], device: torch.device | str = "cpu") -> "CaptureBatch":
+    def stack(captures: Sequence[TextCapture], device: torch.device | str = "cpu") -> "CaptureBatch":
         n = max(1, max(c.tokens.numel() for c in captures))
         b = len(captures)
         first = captures[0]
@@ -87,14 +88,6 @@ class CaptureBatch:
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.tokens.shape[0]), int(self.tokens.shape[1])
-
-
-class TextCaptureLike:  # typing aid: moewm.capture.TextCapture has these fields
-    features: torch.Tensor
-    tokens: torch.Tensor
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
-    tail: torch.Tensor
 
 
 @dataclass(frozen=True)
