@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
+POOL_DESIGNS = ("anchors", "partition", "random")
+GREEN_LISTS = ("bits", "hashed")
 WATERMARK_KINDS = ("moe_lsh", "kgw", "synthid", "none")
 STATISTICS = ("z", "llr", "green")
 
@@ -62,19 +64,44 @@ class EncoderConfig:
 
     kind: str = "simhash"
     num_bits: int = 32
+    # The pools (moewm.keybank): ``anchors`` = the pool_size tokens nearest a keyed anchor (pools overlap
+    # and cover part of the vocabulary); ``partition`` = a balanced semantic partition of the usable
+    # vocabulary into num_bits groups, the key choosing which bit owns which group (pool_size unused);
+    # ``random`` = pool_size keyed random tokens.
+    pools: str = "anchors"
     pool_size: int = 64
-    semantic_pools: bool = True
+    # Which pools are green (moewm.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
+    # similar green list); ``hashed`` = a keyed hash of the whole signature picks them (every distinct
+    # signature gets its own green list).
+    green_lists: str = "bits"
+    # A pool is green only when this many keyed bits are all 1 (green share about 2^-m of the pools).
+    green_bits: int = 1
+    # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
+    semantic_pools: Optional[bool] = None
     # Only for centered / whitened / pca: how many calibration texts and tokens estimate the statistics.
     calibration_texts: int = 64
     calibration_max_tokens: int = 128
     # Ridge added to the covariance before whitening, relative to its mean eigenvalue.
     whitening_eps: float = 1e-3
 
+    @property
+    def pool_design(self) -> str:
+        """``pools``, with the deprecated ``semantic_pools=false`` read as ``random``."""
+        return "random" if self.semantic_pools is False else self.pools
+
     def validate(self, vocab_size: Optional[int] = None) -> None:
         _require(self.kind in ENCODER_KINDS, f"encoder.kind={self.kind!r}: allowed values are {ENCODER_KINDS}")
         _require(self.num_bits >= 1, f"encoder.num_bits={self.num_bits}: must be >= 1")
         _require(self.num_bits <= 4096, f"encoder.num_bits={self.num_bits}: allowed range is [1, 4096]")
         _require(self.pool_size >= 1, f"encoder.pool_size={self.pool_size}: must be >= 1")
+        _require(self.pools in POOL_DESIGNS, f"encoder.pools={self.pools!r}: allowed values are {POOL_DESIGNS}")
+        _require(self.green_lists in GREEN_LISTS, f"encoder.green_lists={self.green_lists!r}: allowed values are {GREEN_LISTS}")
+        _require(1 <= self.green_bits <= min(8, self.num_bits),
+                 f"encoder.green_bits={self.green_bits}: allowed range is [1, {min(8, self.num_bits)}] (at most encoder.num_bits, and 8)")
+        if self.semantic_pools is not None:
+            implied = "anchors" if self.semantic_pools else "random"
+            _require(self.pools in ("anchors", implied),
+                     f"encoder.semantic_pools={self.semantic_pools} (deprecated) contradicts encoder.pools={self.pools!r}: set only encoder.pools")
         if vocab_size is not None:
             _require(
                 self.pool_size <= vocab_size,

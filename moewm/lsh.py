@@ -1,6 +1,10 @@
 """Keyed SimHash encoder: hyperplanes turn a feature vector into bits; each bit owns a pool of tokens.
 
-The green list at a position is the union of the pools whose bit is 1. Pools overlap, so the green
+The green list at a position is the union of the green pools. Which pools are green is
+:func:`pool_mask` of the signature bits: pool i when bit i is 1 (``encoder.green_lists=bits``, the
+seed's design: similar routing gives a similar green list), or a keyed hash of the whole signature
+(``hashed``: every distinct signature its own green list, so a text's green draws stay independent
+even when its routing dwells in one region); with ``green_bits=m`` a pool needs m keyed bits at 1. Pools overlap, so the green
 list's size varies from position to position; the encoder therefore reports it exactly
 (:meth:`LSHEncoder.green_size`) instead of assuming ``num_bits * pool_size / 2``.
 
@@ -20,6 +24,72 @@ import torch
 
 from moewm.config import ConfigError, EncoderConfig
 from moewm.keys import WatermarkKey
+
+WORD_BITS = 32
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2^31, so a 32-bit value times it stays inside int64
+_ROUND = 0x9E3779B1
+
+
+def num_words(num_bits: int) -> int:
+    return (num_bits + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., nb) bool -> (..., W) int32 words of 32 bits (bit 31 is the sign bit: only & and != 0 read them)."""
+    nb = bits.shape[-1]
+    w = num_words(nb)
+    padded = torch.nn.functional.pad(bits.to(torch.int32), (0, w * WORD_BITS - nb))
+    shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
+    return (padded.reshape(*bits.shape[:-1], w, WORD_BITS) << shifts).sum(-1, dtype=torch.int32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32) (exact on any device)."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+def hashed_bits(bits: torch.Tensor, salt: torch.Tensor, rounds: int) -> torch.Tensor:
+    """(rounds, ..., nb) bool: pseudo-random bits from a keyed hash of each whole signature.
+
+    ``bits`` (R, ..., nb) are R keys' signatures and ``salt`` (R,) their keyed 32-bit salts; every
+    distinct (salt, signature) gives independent-looking output bits.
+    """
+    nb = bits.shape[-1]
+    words = pack_bits(bits).long() & _MASK32  # (R, ..., W)
+    shape = (-1,) + (1,) * (words.dim() - 2)
+    h = salt.to(words.device).long().view(shape) & _MASK32
+    for w in range(words.shape[-1]):
+        h = _mix32(h ^ words[..., w])
+    shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.long)
+    out = []
+    for j in range(rounds):
+        chunks = [_mix32(h ^ ((_ROUND * (j * 64 + c + 1)) & _MASK32)) for c in range(num_words(nb))]
+        unpacked = (torch.stack(chunks, -1).unsqueeze(-1) >> shifts) & 1  # (R, ..., W, 32)
+        out.append(unpacked.flatten(-2)[..., :nb].bool())
+    return torch.stack(out)
+
+
+def pool_mask(bits: torch.Tensor, mode: str, mixing: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+    """(R, ..., nb) bool: which pools are green, from R keys' signature bits (R, ..., nb).
+
+    ``bits`` mode: pool i is green when bits mixing[r, j, i] are 1 for every j (mixing[:, 0] is the
+    identity, so with one round pool i follows bit i). ``hashed`` mode: the same AND over rounds of
+    bits drawn from a keyed hash of the whole signature.
+    """
+    rounds = mixing.shape[1]
+    if mode == "hashed":
+        drawn = hashed_bits(bits, salt, rounds)
+        return drawn.all(0)
+    if rounds == 1:
+        return bits
+    r, nb = bits.shape[0], bits.shape[-1]
+    flat = bits.reshape(r, -1, nb)
+    index = mixing.to(bits.device).unsqueeze(1).expand(r, flat.shape[1], rounds, nb)
+    gathered = torch.gather(flat.unsqueeze(2).expand(r, flat.shape[1], rounds, nb), 3, index)
+    return gathered.all(2).view(bits.shape)
 
 
 
@@ -86,18 +156,29 @@ class LSHEncoder:
         fingerprint: str,
         kind: str = "simhash",
         usable: Optional[torch.Tensor] = None,
+        green_lists: str = "bits",
+        mixing: Optional[torch.Tensor] = None,
+        salt: Optional[torch.Tensor] = None,
     ) -> None:
         self.kind = kind
         self.fingerprint = fingerprint
         self.vocab_size = int(vocab_size)
         self.projection = projection.float()
         self.center = center.float()
-        self.pools = pools.long()
+        self.pools = pools.long()  # (nb, P); -1 pads pools shorter than P
+        nb = self.projection.shape[1]
+        self.green_lists = green_lists
+        self.mixing = torch.arange(nb).view(1, nb) if mixing is None else mixing.long().view(-1, nb)
+        self.salt = torch.zeros((), dtype=torch.long) if salt is None else salt.long().view(())
         # Pools touch only a few distinct tokens: work in that compact column space.
-        self.pool_tokens, inverse = torch.unique(self.pools, return_inverse=True)
-        membership = torch.zeros(self.num_bits, self.pool_tokens.numel())
-        membership.scatter_(1, inverse, 1.0)
+        present = self.pools >= 0
+        self.pool_tokens, inverse = torch.unique(self.pools[present], return_inverse=True)
+        membership = torch.zeros(nb, self.pool_tokens.numel())
+        rows = torch.arange(nb).view(nb, 1).expand_as(self.pools)[present]
+        membership[rows, inverse] = 1.0
         self.membership = membership  # (nb, u): 1 where the token of column j is in pool i
+        # Disjoint pools (a partition): column j's one pool, so green columns are a gather, not a product.
+        self.pool_of_column = membership.argmax(0) if bool((membership.sum(0) == 1).all()) else None
         token_to_column = torch.full((self.vocab_size,), -1, dtype=torch.long)
         token_to_column[self.pool_tokens] = torch.arange(self.pool_tokens.numel())
         self.token_to_column = token_to_column
@@ -114,8 +195,10 @@ class LSHEncoder:
         return self.projection.device
 
     def to(self, device: torch.device | str) -> "LSHEncoder":
-        for name in ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column", "usable"):
+        for name in ("projection", "center", "pools", "pool_tokens", "membership", "token_to_column", "usable", "mixing", "salt"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.pool_of_column is not None:
+            self.pool_of_column = self.pool_of_column.to(device)
         return self
 
     def nbytes(self) -> int:
@@ -127,9 +210,16 @@ class LSHEncoder:
         """Bits (..., num_bits) as bool; computed in float32 whatever the model's dtype."""
         return (features.float() - self.center) @ self.projection > 0
 
+    def pool_mask(self, bits: torch.Tensor) -> torch.Tensor:
+        """(..., nb) bool: the green pools of each signature (:func:`pool_mask` for this key)."""
+        return pool_mask(bits.unsqueeze(0), self.green_lists, self.mixing.unsqueeze(0), self.salt.view(1))[0]
+
     def green_columns(self, bits: torch.Tensor) -> torch.Tensor:
         """(..., u) bool: which pool tokens are green for each signature."""
-        return bits.to(self.membership.dtype) @ self.membership > 0
+        mask = self.pool_mask(bits)
+        if self.pool_of_column is not None:
+            return mask[..., self.pool_of_column]
+        return mask.to(self.membership.dtype) @ self.membership > 0
 
     def green_size(self, bits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Exact |G| for each signature (pools overlap), chunked so memory stays bounded."""
@@ -146,7 +236,7 @@ class LSHEncoder:
         column = self.token_to_column[tokens.clamp(0, self.vocab_size - 1)]
         in_some_pool = column >= 0
         owners = self.membership.T[column.clamp(min=0)]  # (..., nb): pools that contain the token
-        hit = (owners * bits.to(owners.dtype)).sum(-1) > 0
+        hit = (owners * self.pool_mask(bits).to(owners.dtype)).sum(-1) > 0
         return hit & in_some_pool & (tokens >= 0) & (tokens < self.vocab_size)
 
     def bias_logits(self, scores: torch.Tensor, bits: torch.Tensor, delta: float) -> torch.Tensor:

@@ -4,9 +4,10 @@ A capture (:mod:`moewm.capture`) holds, per scored token, the routing features t
 and the model's next-token distribution (top-K tokens and the mass left over). Scoring under a bank of
 keys (:mod:`moewm.keybank`) is then tensor algebra over (keys, texts, positions):
 
-* signatures: one matrix product of the features with every key's hyperplanes, packed into 32-bit words;
+* signatures: one matrix product of the features with every key's hyperplanes; their green pools
+  (:func:`moewm.lsh.pool_mask`), packed into 32-bit words;
 * green membership: each key's pools become a per-token bit mask; a token is green when its mask shares
-  a bit with the signature (pools overlap, so this is the exact union);
+  a bit with the green pools (pools overlap, so this is the exact union);
 * gamma, the token's null chance of being green: ``model`` = the distribution's mass on the green list
   (top-K exactly, the rest spread evenly over the remaining usable tokens, using the exact green-list
   size); ``uniform`` = |G| / usable tokens;
@@ -30,8 +31,8 @@ import torch
 from moewm.config import STATISTICS  # noqa: F401  (the allowed statistic kinds)
 from moewm.capture import TextCapture
 from moewm.keybank import KeyBank
+from moewm.lsh import WORD_BITS, num_words, pack_bits, pool_mask
 
-WORD_BITS = 32
 # Elements of the largest per-block intermediate (keys x texts x positions x top-K x words).
 _BLOCK_ELEMENTS = 1 << 23
 
@@ -109,20 +110,7 @@ class KeyDraws:
     scored: torch.Tensor  # (R, B, n) bool
 
 
-# -- bit packing and the keys' token tables ----------------------------------------------------------
-def num_words(num_bits: int) -> int:
-    return (num_bits + WORD_BITS - 1) // WORD_BITS
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(..., nb) bool -> (..., W) int32 words of 32 bits (bit 31 is the sign bit: only & and != 0 read them)."""
-    nb = bits.shape[-1]
-    w = num_words(nb)
-    padded = torch.nn.functional.pad(bits.to(torch.int32), (0, w * WORD_BITS - nb))
-    shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
-    return (padded.reshape(*bits.shape[:-1], w, WORD_BITS) << shifts).sum(-1, dtype=torch.int32)
-
-
+# -- the keys' green pools and token tables ---------------------------------------------------------
 def signatures(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
     """(R, B, n, nb) bool: each key's hyperplane bits for every feature vector, from one matrix product."""
     b, n, d = features.shape
@@ -133,19 +121,40 @@ def signatures(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
     return (proj.reshape(b, n, r, nb).permute(2, 0, 1, 3) - offset[:, None, None, :]) > 0
 
 
-def token_table(pools: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def green_pools(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
+    """(R, B, n, nb) bool: each key's green pools at every position (its signature through its pool mask)."""
+    return pool_mask(signatures(features, bank), bank.green_lists, bank.mixing, bank.salt)
+
+
+def token_table(bank: KeyBank, device: torch.device | str = "cpu") -> torch.Tensor:
     """(V, R * W) int32: for every token and key, the bits of the key's pools that hold the token.
 
     Token-major, so that looking up the tokens of a text reads one contiguous row per token for all
     keys at once. A token sits at most once in a pool, so adding the bits is their OR.
     """
-    r, nb, p = pools.shape
+    r, nb, vocab_size = bank.num_keys, bank.num_bits, bank.vocab_size
     w = num_words(nb)
-    bit = torch.arange(nb, device=pools.device).view(1, nb, 1).expand(r, nb, p)
-    key = torch.arange(r, device=pools.device).view(r, 1, 1).expand(r, nb, p)
-    index = pools * (r * w) + key * w + bit // WORD_BITS
-    out = torch.zeros(vocab_size * r * w, dtype=torch.long, device=pools.device)
-    out.scatter_add_(0, index.reshape(-1), (torch.ones_like(bit) << (bit % WORD_BITS)).reshape(-1))
+    if bank.groups is not None and bank.owner is not None:  # a partition: one pool per token and key
+        groups, owner = bank.groups.to(device), bank.owner.to(device)
+        present = groups >= 0
+        group_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+        group_of[groups[present]] = torch.arange(nb, device=device).view(nb, 1).expand_as(groups)[present]
+        bit_of_group = torch.argsort(owner, dim=1)  # (R, nb): the bit that owns group g
+        tokens = torch.nonzero(group_of >= 0, as_tuple=True)[0]
+        bit = bit_of_group[:, group_of[tokens]]  # (R, T)
+        index = (tokens.view(1, -1) * (r * w) + torch.arange(r, device=device).view(r, 1) * w + bit // WORD_BITS).reshape(-1)
+        values = (torch.ones_like(bit) << (bit % WORD_BITS)).reshape(-1)
+    else:
+        assert bank.pools is not None
+        pools = bank.pools.to(device)
+        p = pools.shape[2]
+        bit = torch.arange(nb, device=device).view(1, nb, 1).expand(r, nb, p)
+        key = torch.arange(r, device=device).view(r, 1, 1).expand(r, nb, p)
+        present = pools >= 0
+        index = (pools * (r * w) + key * w + bit // WORD_BITS)[present]
+        values = (torch.ones_like(bit) << (bit % WORD_BITS))[present]
+    out = torch.zeros(vocab_size * r * w, dtype=torch.long, device=device)
+    out.scatter_add_(0, index, values)
     # 32 distinct bits summed fit in 32 bits: keep the low word as int32 (two's complement for bit 31).
     out = torch.where(out >= 2**31, out - 2**32, out)
     return out.to(torch.int32).view(vocab_size, r * w)
@@ -177,29 +186,63 @@ def pool_groups(pools: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch
     return membership[:, :, :num_bits], count_table
 
 
-def green_list_size(sig_bits: torch.Tensor, membership: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Exact |G| (pools overlap) for signatures (R, ..., nb) of the keys whose groups are given."""
-    r = sig_bits.shape[0]
-    hits = torch.bmm(sig_bits.reshape(r, -1, sig_bits.shape[-1]).float(), membership.transpose(1, 2)) > 0
-    return (hits.float() * counts[:, None, :]).sum(-1).view(sig_bits.shape[:-1]).double()
+def green_list_size(masks: torch.Tensor, membership: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Exact |G| (pools overlap) for green-pool masks (R, ..., nb) of the keys whose groups are given."""
+    r = masks.shape[0]
+    hits = torch.bmm(masks.reshape(r, -1, masks.shape[-1]).float(), membership.transpose(1, 2)) > 0
+    return (hits.float() * counts[:, None, :]).sum(-1).view(masks.shape[:-1]).double()
 
 
 @dataclass
 class BankTables:
-    """What scoring derives once from a bank, on the scoring device: the token table and pool sizes."""
+    """What scoring derives once from a bank, on the scoring device: how to find a token's pools, and
+    the pools' sizes. Overlapping pools use a token table (token -> each key's pool bits); a partition
+    only the token's group (the same for every key) and, per key, the bit owning each group."""
 
     bank: KeyBank
-    table: torch.Tensor  # (V, R * W) int32
-    pool_size: int
+    table: Optional[torch.Tensor]  # (V, R * W) int32, or None for a partition
+    pool_sizes: torch.Tensor  # (R, nb) float64
+    group_of: Optional[torch.Tensor] = None  # (V,) long, -1 outside the partition
+    bit_of_group: Optional[torch.Tensor] = None  # (R, nb) long
 
     @staticmethod
     def of(bank: KeyBank, device: torch.device | str = "cpu") -> "BankTables":
-        pools = bank.pools.to(device)
-        return BankTables(bank, token_table(pools, bank.vocab_size), int(pools.shape[2]))
+        sizes = bank.pool_sizes().to(device)
+        if bank.groups is not None and bank.owner is not None:
+            groups = bank.groups.to(device)
+            present = groups >= 0
+            group_of = torch.full((bank.vocab_size,), -1, dtype=torch.long, device=device)
+            group_of[groups[present]] = torch.arange(groups.shape[0], device=device).view(-1, 1).expand_as(groups)[present]
+            return BankTables(bank, None, sizes, group_of, torch.argsort(bank.owner.to(device), dim=1))
+        return BankTables(bank, token_table(bank, device), sizes)
 
     def select(self, start: int, stop: int) -> "BankTables":
         w = num_words(self.bank.num_bits)
-        return BankTables(self.bank.select(start, stop), self.table[:, start * w : stop * w], self.pool_size)
+        table = None if self.table is None else self.table[:, start * w : stop * w]
+        bit_of_group = None if self.bit_of_group is None else self.bit_of_group[start:stop]
+        return BankTables(self.bank.select(start, stop), table, self.pool_sizes[start:stop], self.group_of, bit_of_group)
+
+    def green_size(self, masks: torch.Tensor) -> torch.Tensor:
+        """(R, B, n) float64: the green list's size, the sum of its pools' sizes (exact for a partition,
+        an upper bound of the union for overlapping pools)."""
+        return torch.einsum("rbni,ri->rbn", masks.double(), self.pool_sizes)
+
+    def green(self, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(B, n, ..., R) bool: is each token (B, n, ...) green for each key, given the keys' green pools
+        (R, B, n, nb) at its position."""
+        r, b, n, nb = masks.shape
+        extra = tokens.dim() - 2
+        if self.group_of is not None and self.bit_of_group is not None:
+            by_group = torch.gather(masks, 3, self.bit_of_group.view(r, 1, 1, nb).expand(r, b, n, nb))  # (R, B, n, G)
+            group = self.group_of[tokens.reshape(b, n, -1)]  # (B, n, T)
+            hit = torch.gather(by_group, 3, group.clamp(min=0).unsqueeze(0).expand(r, b, n, group.shape[-1])) & (group >= 0)
+            return hit.permute(1, 2, 3, 0).reshape(*tokens.shape, r)
+        assert self.table is not None
+        w = num_words(nb)
+        sig = pack_bits(masks).permute(1, 2, 0, 3).reshape(b, n, r * w)  # (B, n, R W)
+        rows = self.table[tokens.reshape(-1)].view(*tokens.shape, r * w)
+        hit = (rows & sig.view(b, n, *([1] * extra), r * w)) != 0
+        return hit.view(*tokens.shape, r, w).any(-1) if w > 1 else hit
 
     @property
     def num_keys(self) -> int:
@@ -232,26 +275,22 @@ def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> K
 
     Work is laid out (texts, positions, [top-K,] keys) so each token's pool bits for all keys are one
     contiguous row of the token table. The statistic's gamma counts the top-K tokens exactly and
-    spreads the remaining mass over the rest of the green list, sized as set bits x pool size (an upper
-    bound of the union: exact sizes per key would cost more than everything else together, and any
-    fixed rule is valid once calibrated, as long as every key gets the same one).
+    spreads the remaining mass over the rest of the green list, sized as the sum of the green pools'
+    sizes (exact for a partition; for overlapping pools an upper bound of the union: exact sizes per key
+    would cost more than everything else together, and any fixed rule is valid once calibrated, as long
+    as every key gets the same one).
     """
     bank = tables.bank
     b, n = batch.shape
     r = bank.num_keys
-    w = num_words(bank.num_bits)
-    sig_bits = signatures(batch.features, bank)  # (R, B, n, nb)
-    sig = pack_bits(sig_bits).permute(1, 2, 0, 3).reshape(b, n, r * w)  # (B, n, R W)
-    set_bits = sig_bits.sum(-1).permute(1, 2, 0).double()  # (B, n, R)
+    masks = green_pools(batch.features, bank)  # (R, B, n, nb)
     usable = bank.num_usable
 
     def green_of(tokens: torch.Tensor) -> torch.Tensor:  # tokens (B, n, ...) -> (B, n, ..., R) bool
-        rows = tables.table[tokens.reshape(-1)].view(*tokens.shape, r * w)
-        hit = (rows & sig.view(b, n, *([1] * (tokens.dim() - 2)), r * w)) != 0
-        return hit.view(*tokens.shape, r, w).any(-1) if w > 1 else hit
+        return tables.green(tokens, masks)
 
     green = green_of(batch.tokens) & batch.valid.unsqueeze(-1)  # (B, n, R)
-    size = (set_bits * tables.pool_size).clamp(max=usable)
+    size = tables.green_size(masks).permute(1, 2, 0).clamp(max=usable)  # (B, n, R)
     if spec.null == "uniform":
         gamma = size / usable
     else:
@@ -265,10 +304,11 @@ def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> K
     gamma = torch.where(valid, gamma.clamp(0.0, 1.0), torch.zeros((), dtype=torch.float64, device=gamma.device))
     green, gamma = green.permute(2, 0, 1), gamma.permute(2, 0, 1)  # (R, B, n)
     scored = batch.valid.expand(r, b, n)
-    if spec.ignore_repeated:  # each (signature, token) pair once: repeats are not new draws
-        coeffs = _HASH_COEFFS[: r * w + 1].to(sig.device)
-        words = sig.view(b, n, r, w)
-        h = (words.long() * coeffs[: w].view(1, 1, 1, w)).sum(-1).permute(2, 0, 1) + batch.tokens.unsqueeze(0) * coeffs[-1]
+    if spec.ignore_repeated:  # each (green pools, token) pair once: repeats are not new draws
+        w = num_words(bank.num_bits)
+        words = pack_bits(masks).permute(1, 2, 0, 3)  # (B, n, R, W)
+        coeffs = _HASH_COEFFS[: w + 1].to(words.device)
+        h = (words.long() * coeffs[:w].view(1, 1, 1, w)).sum(-1).permute(2, 0, 1) + batch.tokens.unsqueeze(0) * coeffs[w]
         scored = first_occurrences(h.reshape(r * b, n), scored.reshape(r * b, n)).view(r, b, n)
     zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
     return KeyDraws(green & scored, torch.where(scored, gamma, zero), scored)
@@ -278,19 +318,18 @@ def exact_gamma(batch: CaptureBatch, tables: BankTables, null: str) -> torch.Ten
     """(R, B, n) gamma with the exact green-list size (pools overlap): the diagnostics' null, computed
     for the deployed key only, where its cost does not matter."""
     bank = tables.bank
-    sig_bits = signatures(batch.features, bank)
-    membership, counts = pool_groups(bank.pools.to(sig_bits.device), bank.num_bits)
-    size = green_list_size(sig_bits, membership, counts)  # (R, B, n)
+    masks = green_pools(batch.features, bank)
+    if bank.pools is None:  # a partition: pools are disjoint, their sizes add up exactly
+        size = tables.green_size(masks)
+    else:
+        membership, counts = pool_groups(bank.pools.to(masks.device), bank.num_bits)
+        size = green_list_size(masks, membership, counts)  # (R, B, n)
     usable = bank.num_usable
     if null == "uniform":
         gamma = size / usable
     else:
         k = batch.top_ids.shape[-1]
-        r, b, n = size.shape
-        w = num_words(bank.num_bits)
-        sig = pack_bits(sig_bits).permute(1, 2, 0, 3).reshape(b, n, r * w)
-        rows = tables.table[batch.top_ids.reshape(-1)].view(b, n, k, r * w)
-        top_green = ((rows & sig.unsqueeze(2)) != 0).view(b, n, k, r, w).any(-1).permute(3, 0, 1, 2)  # (R, B, n, K)
+        top_green = tables.green(batch.top_ids.long(), masks).permute(3, 0, 1, 2)  # (R, B, n, K)
         mass = (top_green.double() * batch.top_probs.double()).sum(-1)
         count = top_green.sum(-1).double()
         gamma = mass + batch.tail.double() * (size - count).clamp(min=0) / max(usable - k, 1)
