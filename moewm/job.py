@@ -373,15 +373,12 @@ def ensure_valid_before_load(app: AppConfig) -> None:
 
     validate_app(app)
     if app.watermark.kind == "moe_lsh" and app.model.is_moe and app.extractor.kind == "router":
-        try:
-            from moewm.models import model_layout
-        except ImportError:
-            return
+        from moewm.architecture import model_layout
         from moewm.routing import check_extractor
 
         check_extractor(app.extractor, model_layout(app.model))
     elif app.extractor.kind == "hidden":
-        from moewm.models import model_layout
+        from moewm.architecture import model_layout
         from moewm.routing import check_extractor
 
         check_extractor(app.extractor, model_layout(app.model, kind="hidden"))
