@@ -25,7 +25,8 @@ from moewm.data import load_prompts
 from moewm.io import write_json, write_jsonl
 from moewm.keys import WatermarkKey
 from moewm.models import load_model
-from moewm.quality import pad_id, perplexity
+from moewm.padding import pad_id
+from moewm.quality import perplexity
 from moewm.schema import AppConfig
 from moewm.tracking import Tracker
 from moewm.capture import cached_captures, capture_cache_key
