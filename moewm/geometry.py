@@ -28,7 +28,7 @@ Pools
                              input embeddings; entropy (bits) of the cluster labels of each pool's tokens,
                              averaged over pools (0: every pool inside one cluster); normalised by
                              log2 min(k, pool size)
-  ``geo_green_size_mean``, ``geo_gamma_mean`` / ``geo_gamma_std``  |G(x)| and |G(x)| / V over X
+  ``geo_green_size_mean``, ``geo_gamma_mean`` / ``geo_gamma_std``  |G(x)| and |G(x)| / usable tokens over X
 Distribution shift (when the watermarker and contexts are given)
   ``geo_w1_mean`` / ``geo_w1_std``  Wasserstein-1 distance between the unwatermarked and watermarked
                              next-token distributions, ground cost = Euclidean distance of input
