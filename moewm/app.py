@@ -68,6 +68,8 @@ def _estimate_mode(app: AppConfig, out_dir: Path) -> None:
 
 
 def _dispatch(cfg: DictConfig) -> None:
+    from moewm.tracking import run_tags
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
@@ -76,8 +78,7 @@ def _dispatch(cfg: DictConfig) -> None:
         app = to_app_config(cfg)
     except Exception as err:  # a type error in a value Hydra could not check (e.g. an interpolation)
         raise ConfigError(str(err)) from None
-    # A preset's top-level tags and logger.tags both reach W&B.
-    app.logger.tags = list(dict.fromkeys([*app.tags, *app.logger.tags]))
+    app.logger.tags = run_tags(app.tags, app.logger.tags)  # a preset's top-level tags reach W&B too
     if app.mode == "estimate":
         _estimate_mode(app, out_dir)
     elif app.mode == "detect":

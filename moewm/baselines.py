@@ -55,6 +55,7 @@ from moewm.config import ConfigError, WatermarkConfig
 from moewm.detection import DetectorOutput, decide
 from moewm.keys import WatermarkKey
 from moewm.length_curve import PositionScores
+from moewm.padding import pad_id, pad_rows
 from moewm.poisson_binomial import upper_tail
 from moewm.scoring import first_occurrences
 from moewm.watermark import MoELSHWatermark, TextGeneration, encode_prompt, model_vocab_size
@@ -326,19 +327,13 @@ class SynthIDWatermark(_TransformersWatermark):
         proc = self.processor
         ctx = proc.ngram_len - 1
         eos = self.tokenizer.eos_token_id
-        pad = eos if eos is not None else 0
-        length = max(len(t) for t in text_ids)
-        ids = torch.full((len(text_ids), ctx + length), pad, dtype=torch.long)
-        real = torch.zeros(len(text_ids), length, dtype=torch.bool)
-        ids[:, :ctx] = 0  # the processor's initial all-zero context
-        for i, t in enumerate(text_ids):
-            ids[i, ctx : ctx + len(t)] = torch.tensor(list(t), dtype=torch.long)
-            real[i, : len(t)] = True
-        ids = ids.to(proc.device)
+        text, attention = pad_rows(text_ids, pad_id(self.tokenizer))
+        real = attention.bool()
+        start = torch.zeros(len(text_ids), ctx, dtype=torch.long)  # the processor's initial all-zero context
+        ids = torch.cat([start, text], dim=1).to(proc.device)
         g = proc.compute_g_values(ids).cpu().bool()  # (B, length, depth)
         mask = proc.compute_context_repetition_mask(ids).cpu().bool() & real
         if eos is not None:  # nothing from the text's first eos on (the all-zero start context may itself be eos = 0)
-            text = ids[:, ctx:].cpu()
             mask &= torch.cumsum((text == eos).long(), dim=1) == 0
         m = g.shape[-1]
         scored = mask.unsqueeze(-1).expand(-1, -1, m)

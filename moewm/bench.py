@@ -40,6 +40,7 @@ from moewm import keybank
 from moewm.capture import detection_batches
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
+from moewm.padding import pad_id, pad_rows
 from moewm.reference import reference_detect
 from moewm.scoring import BankTables
 from moewm.watermark import MoELSHWatermark, TokenizerVocabularyMask, model_vocab_size, usable_tokens
@@ -364,12 +365,8 @@ def forward_fn(
 ) -> Callable[[], Any]:
     """One forward pass over ``rows`` built exactly as the detector builds its batch (right padding, use_cache=False)."""
     device = model.get_input_embeddings().weight.device
-    batch, length = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((batch, length), pad, dtype=torch.long)
-    attention = torch.zeros((batch, length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        attention[i, : len(r)] = 1
+    input_ids, attention = pad_rows(rows, pad)
+    batch, length = input_ids.shape
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
     kwargs: dict[str, Any] = {"use_cache": False}
@@ -401,7 +398,7 @@ def generate_fn(
     input_ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
     attention = torch.ones_like(input_ids)
     gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, batch_size=len(prompts))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     @torch.no_grad()
     def run() -> torch.Tensor:
@@ -535,7 +532,7 @@ class Bench:
         )
         self.wm.close()  # hooks only where a measurement asks for them
         self.inputs = Inputs(tokenizer, self.wm.vocab_size)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         # The reference bank is built (or loaded from the cache) before anything is timed.
         t0 = time.perf_counter()
         self.wm.reference_tables()

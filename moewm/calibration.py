@@ -23,6 +23,7 @@ import torch
 
 from moewm.config import EncoderConfig, ExtractorConfig
 from moewm.lsh import CalibrationStats
+from moewm.padding import pad_id, pad_rows
 from moewm.routing import FeatureCapture
 
 log = logging.getLogger(__name__)
@@ -78,28 +79,23 @@ def feature_stats(features: torch.Tensor) -> CalibrationStats:
 def collect_features(model: torch.nn.Module, tokenizer: Any, extractor_cfg: ExtractorConfig, rows: Sequence[Sequence[int]], batch_size: int = 8) -> torch.Tensor:
     """(N, D) features at every real position of ``rows`` (one forward per batch, right padding)."""
     device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     capture = FeatureCapture(model, extractor_cfg)
     out = []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            length = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), length), dtype=torch.bool)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-                mask[i, : len(r)] = True
-            positions = torch.arange(length).unsqueeze(0).expand(len(chunk), -1)
+            ids, mask = pad_rows(chunk, pad)
+            positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(len(chunk), -1)
             model(
                 input_ids=ids.to(device),
-                attention_mask=mask.long().to(device),
+                attention_mask=mask.to(device),
                 position_ids=positions.to(device),
                 use_cache=False,
                 logits_to_keep=1,
             )
             feats = capture.features(len(chunk))  # (B, L, D)
-            out.append(feats[mask.to(feats.device)].float().cpu())
+            out.append(feats[mask.bool().to(feats.device)].float().cpu())
             capture.clear()
     finally:
         capture.detach()

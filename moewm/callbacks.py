@@ -65,12 +65,12 @@ class SweepSummaryCallback(Callback):
         """The sweep-level run, in the jobs' group: the summary table, the plots, the means over ok jobs; its URL when online."""
         from moewm.config import LoggerConfig
         from moewm.sweep import group_name, swept_keys
-        from moewm.tracking import Tracker
+        from moewm.tracking import Tracker, run_tags
 
         logger = config.get("logger")
         if logger is None or logger.get("kind") == "none":
             return None
-        tags = list(dict.fromkeys([*(config.get("tags") or []), *(logger.get("tags") or [])]))
+        tags = run_tags(config.get("tags") or [], logger.get("tags") or [])
         cfg = LoggerConfig(kind=logger.kind, project=logger.project, entity=logger.get("entity"), mode=logger.get("mode"), tags=tags)
         params = config.hydra.sweeper.get("params")
         keys = swept_keys(list(config.hydra.overrides.task), OmegaConf.to_container(params) if params is not None else None)

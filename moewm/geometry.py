@@ -28,7 +28,7 @@ Pools
                              input embeddings; entropy (bits) of the cluster labels of each pool's tokens,
                              averaged over pools (0: every pool inside one cluster); normalised by
                              log2 min(k, pool size)
-  ``geo_green_size_mean``, ``geo_gamma_mean`` / ``geo_gamma_std``  |G(x)| and |G(x)| / V over X
+  ``geo_green_size_mean``, ``geo_gamma_mean`` / ``geo_gamma_std``  |G(x)| and |G(x)| / usable tokens over X
 Distribution shift (when the watermarker and contexts are given)
   ``geo_w1_mean`` / ``geo_w1_std``  Wasserstein-1 distance between the unwatermarked and watermarked
                              next-token distributions, ground cost = Euclidean distance of input
@@ -52,6 +52,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from moewm.lsh import LSHEncoder
+from moewm.padding import pad_id, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -212,21 +213,15 @@ def next_token_distributions(watermarker: Any, contexts: Sequence[Sequence[int]]
     """
     model, enc = watermarker.model, watermarker.encoder
     device = model.get_input_embeddings().weight.device
-    tok = watermarker.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(watermarker.tokenizer)
     back = -int(watermarker.extractor_cfg.token_idx)
     delta = float(watermarker.watermark_cfg.delta)
     capture = watermarker.capture_hooks
     capture.attach()
     ps, qs, greens = [], [], []
     for start in range(0, len(contexts), batch_size):
-        chunk = [list(c) for c in contexts[start : start + batch_size]]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, c in enumerate(chunk):
-            ids[i, width - len(c) :] = torch.tensor(c)
-            mask[i, width - len(c) :] = 1
+        chunk = contexts[start : start + batch_size]
+        ids, mask = pad_rows(chunk, pad, side="left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
         logits = out.logits[:, -1].float()

@@ -25,7 +25,8 @@ from moewm.data import load_prompts
 from moewm.io import write_json, write_jsonl
 from moewm.keys import WatermarkKey
 from moewm.models import load_model
-from moewm.quality import pad_id, perplexity
+from moewm.padding import pad_id
+from moewm.quality import perplexity
 from moewm.schema import AppConfig
 from moewm.tracking import Tracker
 from moewm.capture import cached_captures, capture_cache_key
@@ -373,15 +374,12 @@ def ensure_valid_before_load(app: AppConfig) -> None:
 
     validate_app(app)
     if app.watermark.kind == "moe_lsh" and app.model.is_moe and app.extractor.kind == "router":
-        try:
-            from moewm.models import model_layout
-        except ImportError:
-            return
+        from moewm.architecture import model_layout
         from moewm.routing import check_extractor
 
         check_extractor(app.extractor, model_layout(app.model))
     elif app.extractor.kind == "hidden":
-        from moewm.models import model_layout
+        from moewm.architecture import model_layout
         from moewm.routing import check_extractor
 
         check_extractor(app.extractor, model_layout(app.model, kind="hidden"))

@@ -1,29 +1,32 @@
 """Memory estimator: what a model + memory profile + experiment size needs, without loading weights.
 
-The model is built on the meta device (from ``model.architecture`` or the checkpoint's config.json),
-so the parameter inventory is the real one, family by family; quantized sizes come from the same
-plan (:func:`moewm.quantize.plan_quantization`) and byte formula (:func:`moewm.quantize.quantized_nbytes`)
-that :func:`moewm.quantize.quantize_model` uses, so the weights line matches the measured footprint.
-KV cache, the watermark's own tensors and a (rough) activation allowance are added; the total is
-compared to ``memory.budget_gib`` and, if it does not fit, a profile or CPU-offload setting that would
-is suggested.
+The model is built on the meta device by :func:`moewm.architecture.meta_model` (from ``model.architecture``
+or the checkpoint's config.json), so the parameter inventory is the real one, family by family; quantized
+sizes come from the same plan (:func:`moewm.quantize.plan_quantization`) and byte formula
+(:func:`moewm.quantize.quantized_nbytes`) that :func:`moewm.quantize.quantize_model` uses, so the
+weights line matches the measured footprint. KV cache, the watermark's own tensors and a (rough)
+activation allowance are added; the total is compared to ``memory.budget_gib`` and, if it does not
+fit, a profile or CPU-offload setting that would is suggested.
 
 ``python -m moewm mode=estimate model=qwen_moe memory=ultra_low`` calls :func:`estimate_from_app_config`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from moewm.architecture import dense_router_error, meta_model
 from moewm.config import ConfigError, ExtractorConfig, MemoryConfig, ModelConfig
+from moewm.footprint import weights_dtype
+from moewm.placement import DEVICE_MAPS, check_memory, max_memory_for_accelerate
+from moewm.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes
+from moewm.routing import check_extractor, feature_layout, find_router_modules
 
 GIB = 1024**3
 GB = 1000**3
@@ -65,58 +68,6 @@ CATEGORIES = (
     "other (buffers)",
 )
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_size(value: Any, key: str) -> int:
-    """'20GiB' / '500MB' / 1234 -> bytes; a clear error naming ``key`` otherwise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    match = _SIZE.match(str(value))
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"{key}={value!r}: must be a positive size such as '20GiB', '500MB' or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
-
-
-def max_memory_for_accelerate(memory: MemoryConfig) -> dict[Any, int]:
-    """``memory.max_memory`` with GPU keys as ints ('0', 'gpu', 'cuda', 'gpu1' -> 0, 0, 0, 1) and sizes in bytes.
-
-    Hydra's override grammar cannot write a quoted '0' key, hence the ``gpu`` / ``gpuN`` spellings:
-    ``++memory.max_memory={gpu:10GiB,cpu:30GiB}`` (``++``: the profiles' ``max_memory`` is an empty dict).
-    """
-    out: dict[Any, int] = {}
-    for raw_key, value in dict(memory.max_memory or {}).items():
-        key = str(raw_key).strip().lower()
-        size = parse_size(value, f"memory.max_memory.{raw_key}")
-        if key in ("cpu", "disk", "mps"):
-            out[key] = size
-        elif key.isdigit():
-            out[int(key)] = size
-        elif (match := re.fullmatch(r"(?:gpu|cuda)(\d*)", key)) is not None:
-            out[int(match.group(1) or 0)] = size
-        else:
-            raise ConfigError(
-                f"memory.max_memory.{raw_key}: allowed keys are GPU indices ('0', '1', ... or gpu, gpu1, ...), 'cpu' and 'disk'"
-            )
-    return out
-
-
-def check_memory(memory: MemoryConfig) -> None:
-    """All of ``memory``'s checks (the dataclass ones plus device_map / max_memory), before any weights load."""
-    memory.validate()
-    if memory.device_map is not None:
-        dm = str(memory.device_map)
-        if dm not in DEVICE_MAPS and not re.fullmatch(r"cpu|cuda(:\d+)?", dm):
-            raise ConfigError(
-                f"memory.device_map={dm!r}: allowed values are null, {', '.join(DEVICE_MAPS)}, cpu, cuda or cuda:N"
-            )
-    elif memory.max_memory:
-        raise ConfigError("memory.max_memory is set but memory.device_map is null: set memory.device_map=auto to use it")
-    max_memory_for_accelerate(memory)
-
-
 # -- helpers that accept dataclasses, dicts or OmegaConf nodes ----------------------------------------
 
 
@@ -145,13 +96,6 @@ def _as(cls: type, obj: Any) -> Any:
     return cls(**{n: _plain(getattr(obj, n)) for n in names if hasattr(obj, n)})
 
 
-def model_nbytes(model: nn.Module) -> int:
-    """Measured footprint: bytes of all parameters and buffers (tied weights counted once)."""
-    return sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
-        t.numel() * t.element_size() for t in model.buffers()
-    )
-
-
 def _owner(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -162,15 +106,12 @@ def _under(name: str, prefixes: set[str]) -> bool:
 
 def categorize(model: nn.Module) -> dict[str, str]:
     """Parameter / buffer name -> one of :data:`CATEGORIES` (works on meta, real and quantized models)."""
-    from moewm.quantize import QuantizedExperts, _fused_experts_layout, _is_gate_name
-    from moewm.routing import find_router_modules
-
     routers = {id(m) for m in find_router_modules(model)[0]}
     router_names, expert_names = set(), set()
     for name, module in model.named_modules():
         if id(module) in routers:
             router_names.add(name)
-        elif isinstance(module, QuantizedExperts) or _fused_experts_layout(module) is not None:
+        elif isinstance(module, QuantizedExperts) or fused_experts_layout(module) is not None:
             expert_names.add(name)
     modules = dict(model.named_modules())
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -191,7 +132,7 @@ def categorize(model: nn.Module) -> dict[str, str]:
             cat = "LM head"
         elif owner is not None and "norm" in type(owner).__name__.lower():
             cat = "norms"
-        elif any(_is_gate_name(p) for p in _prefixes(owner_name)):
+        elif any(is_gate_name(p) for p in _prefixes(owner_name)):
             cat = "router gates"
         elif "shared_expert" in lowered:
             cat = "shared experts"
@@ -369,15 +310,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _model_dtype(model_cfg: ModelConfig, config: Any) -> torch.dtype:
-    if model_cfg.dtype != "auto":
-        return getattr(torch, model_cfg.dtype)
-    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(found, str):
-        found = getattr(torch, found, None)
-    return found if isinstance(found, torch.dtype) else torch.float32
-
-
 def _quantized_note(memory: MemoryConfig, parts: list[Part]) -> str:
     if memory.quantization == "none":
         return "Nothing is quantized."
@@ -432,12 +364,6 @@ def _activation_bytes(config: Any, batch: int, prompt: int, new: int, dtype_byte
     return working + scores + logits + routing
 
 
-def _meta_and_config(model_cfg: ModelConfig) -> tuple[nn.Module, Any]:
-    from moewm.models import meta_model
-
-    return meta_model(model_cfg)
-
-
 def estimate(
     model_cfg: Any,
     memory_cfg: Any = None,
@@ -459,9 +385,6 @@ def estimate(
     otherwise) gives on this model. With ``suggest`` a profile or offload setting that fits is proposed
     when this one does not.
     """
-    from moewm.quantize import plan_quantization, quantized_nbytes
-    from moewm.routing import check_extractor, feature_layout
-
     model_cfg = _as(ModelConfig, model_cfg)
     memory = _as(MemoryConfig, memory_cfg if memory_cfg is not None else MemoryConfig())
     check_memory(memory)
@@ -470,8 +393,8 @@ def estimate(
                             ("encoder.pool_size", pool_size, 1)):
         if int(value) < low:
             raise ConfigError(f"{key}={value}: must be >= {low}")
-    meta, config = _meta if _meta is not None else _meta_and_config(model_cfg)
-    dtype = _model_dtype(model_cfg, config)
+    meta, config = _meta if _meta is not None else meta_model(model_cfg)
+    dtype = weights_dtype(model_cfg, config)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
 
     # weights, category by category, at the profile's precision
@@ -505,8 +428,6 @@ def estimate(
     # the extractor decides the feature width
     kind = getattr(extractor, "kind", None) or ("router" if model_cfg.is_moe else "hidden")
     if kind == "router" and not model_cfg.is_moe:
-        from moewm.models import dense_router_error
-
         raise dense_router_error(model_cfg)
     layout = feature_layout(meta, kind)
     ext = _as(ExtractorConfig, extractor) if extractor is not None else ExtractorConfig(kind=kind)
@@ -557,9 +478,7 @@ def estimate(
 
 
 def _expert_param_names(meta: nn.Module, name: str) -> tuple[str, str]:
-    from moewm.quantize import _fused_experts_layout
-
-    layout = _fused_experts_layout(meta.get_submodule(name))
+    layout = fused_experts_layout(meta.get_submodule(name))
     assert layout is not None
     return layout
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from moewm.padding import pad_rows
+
 
 @torch.no_grad()
 def perplexity(
@@ -38,13 +40,9 @@ def perplexity(
         if not idx:
             continue
         rows = [list(prompt_ids[i]) + list(text_ids[i]) for i in idx]
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        target = torch.zeros((len(rows), length), dtype=torch.bool)
+        ids, mask = pad_rows(rows, pad_token_id)
+        target = torch.zeros(ids.shape, dtype=torch.bool)
         for j, (i, r) in enumerate(zip(idx, rows)):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
             target[j, max(len(prompt_ids[i]), 1) : len(r)] = True
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
@@ -56,13 +54,6 @@ def perplexity(
         for j, i in enumerate(idx):
             result[i] = ppl[j] if scored[j].any() else np.nan
     return result
-
-
-def pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 LOG_DIVERSITY_CAP = 1e-12

@@ -29,13 +29,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from moewm.config import ConfigError, MemoryConfig
+from moewm.footprint import model_nbytes
+from moewm.routing import find_router_modules
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _fused_experts_layout(module: nn.Module) -> Optional[tuple[str, str]]:
+def fused_experts_layout(module: nn.Module) -> Optional[tuple[str, str]]:
     """(up parameter name, down parameter name) when ``module`` holds fused 3-D expert weights."""
     down = module._parameters.get("down_proj") if hasattr(module, "_parameters") else None
     if not isinstance(down, torch.Tensor) or down.dim() != 3:
@@ -267,7 +269,7 @@ class QuantizedExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, scheme: str, double_quant: bool, compute_dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
         super().__init__()
-        layout = _fused_experts_layout(experts)
+        layout = fused_experts_layout(experts)
         if layout is None:
             raise TypeError(f"{type(experts).__name__} does not hold fused 3-D expert weights")
         up_name, down_name = layout
@@ -357,15 +359,14 @@ class QuantizationPlan:
         return {item.name for item in self.items}
 
 
-def _is_gate_name(name: str) -> bool:
+def is_gate_name(name: str) -> bool:
+    """A module named like a router or gate layer: kept in the model dtype (and counted as router gates by the estimator)."""
     last = name.rsplit(".", 1)[-1]
     return last in ("gate", "router", "shared_expert_gate") or last.endswith("_gate")
 
 
 def plan_quantization(model: nn.Module, memory: MemoryConfig) -> QuantizationPlan:
     """Decide, module by module, what the profile quantizes; routers, gates, embeddings, head and norms never."""
-    from moewm.routing import find_router_modules
-
     check_scheme(memory.quantization)
     plan = QuantizationPlan(memory.quantization, bool(memory.double_quant))
     routers = {id(m) for m in find_router_modules(model)[0]}
@@ -381,7 +382,7 @@ def plan_quantization(model: nn.Module, memory: MemoryConfig) -> QuantizationPla
             plan.skipped.append((name, "router gate: the watermark key is computed from it"))
             skip_prefixes.append(name + ".")
             continue
-        layout = _fused_experts_layout(module)
+        layout = fused_experts_layout(module)
         if layout is not None:
             if memory.quantize_experts:
                 shapes = tuple(tuple(module._parameters[n].shape) for n in layout)
@@ -393,7 +394,7 @@ def plan_quantization(model: nn.Module, memory: MemoryConfig) -> QuantizationPla
         if isinstance(module, nn.Linear):
             if module is head:
                 plan.skipped.append((name, "LM head: kept in the model dtype"))
-            elif _is_gate_name(name):
+            elif is_gate_name(name):
                 plan.skipped.append((name, "gate layer: kept in the model dtype"))
             else:
                 plan.items.append(PlanItem(name, "linear", (tuple(module.weight.shape),)))
@@ -424,8 +425,6 @@ def _dtype(name: str) -> torch.dtype:
 @torch.no_grad()
 def quantize_model(model: nn.Module, memory: MemoryConfig, device: Optional[torch.device | str] = None) -> QuantizationReport:
     """Replace the planned modules in place; the quantized storage is put on ``device`` (default: where the weights are)."""
-    from moewm.memory import model_nbytes
-
     memory.validate()
     if memory.quantization == "none":
         raise ValueError("quantize_model: memory.quantization is 'none'; nothing to do")
@@ -460,61 +459,3 @@ def quantize_model(model: nn.Module, memory: MemoryConfig, device: Optional[torc
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (QuantizedExperts, QuantizedLinear, QuantizedTensor))
-
-
-# -- effect on the watermark key ---------------------------------------------------------------
-
-
-@dataclass
-class SignatureAgreement:
-    """How the LSH signatures of two models (e.g. bf16 and NF4) differ on the same texts."""
-
-    bit_flip_rate: float  # fraction of (position, bit) pairs that differ
-    signature_change_rate: float  # fraction of positions whose signature differs in at least one bit
-    positions: int
-    num_bits: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def signature_flip_rate(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str] | Sequence[Sequence[int]],
-    extractor: Any,
-    encoder: Any,
-    key: Any,
-    batch_size: int = 8,
-) -> SignatureAgreement:
-    """Signatures of both models on the same token sequences under one key, compared position by position.
-
-    ``texts`` are strings (tokenized with ``tokenizer``) or token id lists used as they are.
-    """
-    from moewm.watermark import MoELSHWatermark
-
-    if not texts:
-        raise ValueError("texts: need at least one text to compare signatures")
-    rows = [list(t) if not isinstance(t, str) else list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
-    wa = MoELSHWatermark(model_a, tokenizer, extractor, encoder, key=key)
-    wb = MoELSHWatermark(model_b, tokenizer, extractor, encoder, key=key)
-    try:
-        if not torch.equal(wa.encoder.projection.cpu(), wb.encoder.projection.cpu()):
-            raise ValueError("the two models give different feature dimensions or keys; signatures are not comparable")
-        flips = changed = positions = 0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            empty = [[] for _ in chunk]
-            for ca, cb in zip(wa.capture(chunk, empty), wb.capture(chunk, empty)):  # the same scored positions
-                diff = wa.encoder.signature(ca.features.to(wa.encoder.device)) != wb.encoder.signature(cb.features.to(wb.encoder.device))
-                flips += int(diff.sum())
-                changed += int(diff.any(-1).sum())
-                positions += ca.num_scored
-    finally:
-        wa.close()
-        wb.close()
-    if positions == 0:
-        raise ValueError("texts: too short to score any position")
-    nb = wa.encoder.num_bits
-    return SignatureAgreement(flips / (positions * nb), changed / positions, positions, nb)

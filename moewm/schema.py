@@ -105,7 +105,7 @@ def validate_app(app: AppConfig) -> None:
         raise ConfigError("input: mode=detect needs input=FILE (plain text, one text per line, or JSONL with a 'text' field)")
     warn_if_model_null_misfits(app)
     if app.watermark.kind == "moe_lsh" or app.mode == "detect":
-        from moewm.models import check_model_extractor
+        from moewm.architecture import check_model_extractor
 
         check_model_extractor(app.model, app.extractor)
 

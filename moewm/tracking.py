@@ -23,6 +23,14 @@ from moewm.config import LoggerConfig
 log = logging.getLogger(__name__)
 
 
+def run_tags(preset_tags: Sequence[str], logger_tags: Sequence[str]) -> list[str]:
+    """A run's W&B tags: the experiment preset's top-level ``tags``, then ``logger.tags``, each once.
+
+    Presets (conf/experiment/*.yaml) set the top-level key, users ``logger.tags``; both must reach the run.
+    """
+    return list(dict.fromkeys([*preset_tags, *logger_tags]))
+
+
 def resolve_mode(cfg: LoggerConfig) -> str:
     """logger.mode if set, else $WANDB_MODE, else offline."""
     return cfg.mode or os.environ.get("WANDB_MODE") or "offline"

@@ -27,7 +27,7 @@ from moewm.keys import WatermarkKey
 from moewm.lm_head import SplitLMHead, split_lm_head
 from moewm.lsh import CalibrationStats, LSHEncoder
 from moewm.poisson_binomial import upper_tail
-from moewm.quality import pad_id
+from moewm.padding import pad_id, pad_rows
 from moewm.routing import FeatureCapture
 from moewm.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
 
@@ -419,7 +419,7 @@ def generate_batched(
     (and runs with different watermark keys) draw the same sampling noise.
     """
     device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     if len(tokenizer) < model_vocab_size(model):
         processors = [*processors, TokenizerVocabularyMask(len(tokenizer))]
@@ -431,15 +431,10 @@ def generate_batched(
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     for start in starts:
         chunk = prompt_ids[start : start + generation.batch_size]
-        width = max(len(p) for p in chunk)
+        input_ids, attention = pad_rows(chunk, pad, side="left")
+        width = input_ids.shape[1]
         if width == 0:
             raise ValueError("prompts: a prompt encodes to no tokens (give a non-empty prompt or a tokenizer with a BOS token)")
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            if len(p):
-                input_ids[i, width - len(p) :] = torch.tensor(list(p))
-                attention[i, width - len(p) :] = 1
         if on_batch is not None:
             on_batch()
         torch.manual_seed(generation.sampling_seed + start)

@@ -10,7 +10,8 @@ import torch
 from conftest import PROMPTS
 from micro_checkpoints import BIG_OVERRIDES, architecture
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, MemoryConfig, ModelConfig, WatermarkConfig
-from moewm.memory import estimate, model_nbytes
+from moewm.footprint import model_nbytes
+from moewm.memory import estimate
 from moewm.models import load_model
 from moewm.quantize import QuantizedExperts, quantize_model
 from moewm.testing import micro_model

@@ -7,6 +7,7 @@ from torch import nn
 
 from moewm.config import EncoderConfig, WatermarkConfig
 from moewm.lm_head import split_lm_head
+from moewm.padding import pad_rows
 from moewm.testing import micro_model
 from moewm.watermark import MoELSHWatermark
 
@@ -57,12 +58,8 @@ def test_split_head_reproduces_each_family_and_refuses_an_unknown_post_processin
 
 
 def _direct_logits(model, rows):
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
+    ids, attention = pad_rows(rows, 0)
+    length = ids.shape[1]
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=attention, position_ids=torch.arange(length).expand(len(rows), -1), use_cache=False).logits
 

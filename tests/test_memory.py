@@ -18,11 +18,10 @@ from moewm.memory import (
     breakdown,
     estimate,
     estimate_from_app_config,
-    max_memory_for_accelerate,
-    model_nbytes,
-    parse_size,
 )
+from moewm.footprint import model_nbytes
 from moewm.models import load_model
+from moewm.placement import max_memory_for_accelerate, parse_size
 from moewm.testing import byte_tokenizer
 from test_models import model_yaml
 

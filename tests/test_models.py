@@ -12,13 +12,8 @@ from omegaconf import OmegaConf
 
 from micro_checkpoints import architecture, save_micro
 from moewm.config import ConfigError, ExtractorConfig, MemoryConfig, ModelConfig
-from moewm.models import (
-    WeightsUnavailableError,
-    check_model_extractor,
-    load_model,
-    meta_model,
-    model_layout,
-)
+from moewm.architecture import check_model_extractor, meta_model, model_layout
+from moewm.models import WeightsUnavailableError, load_model
 from moewm.quantize import QuantizedExperts, QuantizedLinear
 from moewm.routing import NotAnMoEModelError
 from moewm.testing import micro_model

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from conftest import PROMPTS
 from micro_checkpoints import save_micro
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, MemoryConfig, ModelConfig, WatermarkConfig
-from moewm.memory import model_nbytes
+from moewm.footprint import model_nbytes
 from moewm.models import load_model
 from moewm.quantize import (
     NF4_CODE,
@@ -20,9 +20,9 @@ from moewm.quantize import (
     plan_quantization,
     quantize_model,
     quantized_nbytes,
-    signature_flip_rate,
 )
 from moewm.routing import find_router_modules
+from moewm.signature_agreement import signature_flip_rate
 from moewm.testing import micro_model
 from moewm.watermark import MoELSHWatermark
 

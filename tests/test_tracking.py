@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moewm.config import LoggerConfig
-from moewm.tracking import Tracker, sync_command
+from moewm.tracking import Tracker, run_tags, sync_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-value-that-must-not-leak-7d1e"
@@ -176,6 +176,11 @@ def test_sync_command_names_the_sweep_run_and_the_job_runs(tmp_path, monkeypatch
     assert sync_command(tmp_path / "s p") == "wandb sync 's p'/wandb/offline-run-* 's p'/*/wandb/offline-run-*"
 
 
+def test_run_tags_are_the_presets_then_the_loggers_each_once():
+    assert run_tags(["bits_sweep"], ["mine", "bits_sweep", "mine"]) == ["bits_sweep", "mine"]
+    assert run_tags([], ["mine"]) == ["mine"] and run_tags(["layer_sweep"], []) == ["layer_sweep"]
+
+
 SMOKE = ["model=micro_moe", "encoder.num_bits=16", "encoder.pool_size=8", "data.num_prompts=4", "generation.max_new_tokens=24",
          "generation.batch_size=4", "eval=minimal", "progress=false"]
 
@@ -184,7 +189,7 @@ def test_a_preset_sweep_reaches_wandb_named_grouped_and_tagged(tmp_path, fake_wa
     """Through the real entrypoint: jobs named by their swept values, one group per sweep, the preset's tags."""
     sweep = tmp_path / "sweep"
     args = ["-m", "experiment=seed_sensitivity", "hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.encoder=simhash",
-            "logger.tags=[mine]", *SMOKE, f"hydra.sweep.dir={sweep}"]
+            "logger.tags=[mine,seed_sensitivity]", *SMOKE, f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOEWM_SECRET_KEY": SECRET}
     proc = subprocess.run([sys.executable, "-m", "moewm", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -195,7 +200,7 @@ def test_a_preset_sweep_reaches_wandb_named_grouped_and_tagged(tmp_path, fake_wa
     groups = {r["group"] for r in runs}
     assert groups == {f"seed_sensitivity: seed ({sweep.parent.name}/sweep)"}, groups
     for run in runs:
-        assert set(run["tags"]) == {"seed_sensitivity", "mine"}, run["tags"]
+        assert run["tags"] == ["seed_sensitivity", "mine"], run["tags"]  # the preset's first, each once
         assert run["finished"] == 0
     for run in jobs:
         assert run["config"]["seed"] in (0, 1) and run["config"]["secret_key"].startswith("fingerprint:")
