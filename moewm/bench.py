@@ -38,7 +38,7 @@ from transformers import LogitsProcessorList, WatermarkingConfig
 
 from moewm import keybank
 from moewm.capture import detection_batches
-from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.config import GREEN_LISTS, POOL_DESIGNS, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.keys import WatermarkKey
 from moewm.padding import pad_id, pad_rows
 from moewm.reference import reference_detect
@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--kgw-gamma", type=float, default=WatermarkConfig.kgw_gamma)
     w.add_argument("--reference-keys", type=int, default=WatermarkConfig.reference_keys, help="watermark.reference_keys (R) of every detection")
     w.add_argument("--stop-after", type=_optional_int, default=WatermarkConfig.stop_after, help="watermark.stop_after (Besag-Clifford h; 'none': all R keys)")
-    w.add_argument("--random-pools", action="store_true",
-                   help="encoder.semantic_pools=false: the same scoring cost, and a reference bank that builds in seconds at a 152k vocabulary on a CPU")
+    w.add_argument("--pools", choices=POOL_DESIGNS, default=EncoderConfig.pools,
+                   help="encoder.pools (random: the same scoring cost as anchors, and a reference bank that builds in seconds at a 152k vocabulary on a CPU)")
+    w.add_argument("--green-lists", choices=GREEN_LISTS, default=EncoderConfig.green_lists, help="encoder.green_lists")
+    w.add_argument("--random-pools", action="store_true", help="deprecated: --pools random")
     w.add_argument("--cache-dir", default="default", help="reference-bank cache ('default': $MOEWM_CACHE_DIR or ~/.cache/moewm; 'none': memory only)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="bench.json", help="where the JSON goes")
@@ -525,7 +527,7 @@ class Bench:
             model,
             tokenizer,
             ExtractorConfig(),
-            EncoderConfig(num_bits=args.num_bits, pool_size=pool_size, semantic_pools=not args.random_pools),
+            EncoderConfig(num_bits=args.num_bits, pool_size=pool_size, pools="random" if args.random_pools else args.pools, green_lists=args.green_lists),
             watermark,
             WatermarkKey(BENCH_SECRET, 0),
             cache_dir=cache_dir,
@@ -728,11 +730,12 @@ class Bench:
         _sync(self.device)
         return {
             "reference_keys": count,
-            "semantic_pools": self.wm.encoder_cfg.semantic_pools,
+            "pools": self.wm.encoder_cfg.pool_design,
+            "green_lists": self.wm.encoder_cfg.green_lists,
             "build_s": build_s,
             "token_table_s": time.perf_counter() - t0,
             "bank_bytes": bank.nbytes(),
-            "token_table_bytes": tables.table.numel() * tables.table.element_size(),
+            "token_table_bytes": 0 if tables.table is None else tables.table.numel() * tables.table.element_size(),
         }
 
     def calibrated_cell(self, texts: list[list[int]], prompts: list[list[int]], marked: list[bool], refs: int,
@@ -1011,7 +1014,7 @@ class Bench:
             "watermark_fraction_of_model": enc_bytes / model_bytes,
             "reference_keys": tables.num_keys,
             "reference_bank_bytes": tables.bank.nbytes(),
-            "reference_token_table_bytes": tables.table.numel() * tables.table.element_size(),
+            "reference_token_table_bytes": 0 if tables.table is None else tables.table.numel() * tables.table.element_size(),
             "detection_features_bytes": features_bytes,
             "process_max_rss_bytes": _max_rss(),
         }
@@ -1144,7 +1147,7 @@ def _calibrated_markdown(cal: dict[str, Any]) -> list[str]:
         f"Detected at alpha={cal['alpha']:g}: {100 * cal['detected_share_watermarked']:.0f} % of the watermarked texts, "
         f"{100 * cal['false_positive_share_unwatermarked']:.0f} % of the plain ones. Reference bank (not in the timings: built once, "
         f"cached in memory and on disk): {bank['reference_keys']} keys built from scratch in {bank['build_s']:.2f} s "
-        f"({'semantic' if bank['semantic_pools'] else 'random'} pools) + token table {bank['token_table_s']:.2f} s; "
+        f"({bank.get('pools', 'anchors')} pools, {bank.get('green_lists', 'bits')} green lists) + token table {bank['token_table_s']:.2f} s; "
         f"{_mib(bank['bank_bytes'])} + {_mib(bank['token_table_bytes'])} table. Texts sampled in {cal['text_generation_s']:.1f} s.",
         "",
     ]

@@ -8,7 +8,9 @@ misspelled key or a wrong type fails at start-up with Hydra's own message. Range
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+from moewm.null_corpora import HUMAN_CORPORA
 
 EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
@@ -18,8 +20,19 @@ WATERMARK_KINDS = ("moe_lsh", "kgw", "synthid", "none")
 STATISTICS = ("z", "llr", "green")
 
 
+GENERATED_NULL_SETS = ("greedy", "top_p")
+NULL_SET_NAMES = ("plain",) + GENERATED_NULL_SETS + tuple(HUMAN_CORPORA)
+
+
 class ConfigError(ValueError):
     """A configuration value is out of its allowed range; the message names the key and the range."""
+
+
+def check_null_sets(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in NULL_SET_NAMES or n == "plain"]
+    if unknown:
+        raise ConfigError(f"eval.null_sets={list(names)}: unknown {unknown}; allowed values are {list(NULL_SET_NAMES[1:])} "
+                          "(the job's own samples, 'plain', are always scored)")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -64,16 +77,16 @@ class EncoderConfig:
 
     kind: str = "simhash"
     num_bits: int = 32
-    # The pools (moewm.keybank): ``anchors`` = the pool_size tokens nearest a keyed anchor (pools overlap
-    # and cover part of the vocabulary); ``partition`` = a balanced semantic partition of the usable
-    # vocabulary into num_bits groups, the key choosing which bit owns which group (pool_size unused);
-    # ``random`` = pool_size keyed random tokens.
-    pools: str = "anchors"
+    # The pools (moewm.keybank): ``partition`` = a balanced semantic partition of the usable vocabulary
+    # into num_bits groups, the key choosing which bit owns which group (pool_size unused); ``anchors``
+    # = the seed's design, the pool_size tokens nearest a keyed anchor (pools overlap and cover part of
+    # the vocabulary); ``random`` = pool_size keyed random tokens. Why partition: README, Statistics.
+    pools: str = "partition"
     pool_size: int = 64
     # Which pools are green (moewm.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
     # similar green list); ``hashed`` = a keyed hash of the whole signature picks them (every distinct
     # signature gets its own green list).
-    green_lists: str = "bits"
+    green_lists: str = "hashed"
     # A pool is green only when this many keyed bits are all 1 (green share about 2^-m of the pools).
     green_bits: int = 1
     # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
@@ -138,8 +151,8 @@ class WatermarkConfig:
     z_threshold: Optional[float] = None
     # Texts with fewer scored tokens get z = NaN and prediction False instead of a number.
     min_tokens: int = 16
-    # Score each (signature, token) pair once per text: repeated pairs are not independent draws.
-    ignore_repeated: bool = False
+    # Score each (green pools, token) pair once per text: a repeat is the same draw again (greedy loops).
+    ignore_repeated: bool = True
     # Sliding-window detection over this many scored tokens (None: off); reported as its own statistic.
     window: Optional[int] = None
     detect_batch_size: int = 16
@@ -401,6 +414,4 @@ class EvalConfig:
         _require(self.kmeans_clusters >= 2, f"eval.kmeans_clusters={self.kmeans_clusters}: must be >= 2")
         _require(self.window >= 2, f"eval.window={self.window}: must be >= 2")
         _require(self.null_texts >= 1, f"eval.null_texts={self.null_texts}: must be >= 1")
-        from moewm.nulls import check_null_sets
-
         check_null_sets(self.null_sets)

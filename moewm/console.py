@@ -114,7 +114,10 @@ def _null_verdict(metrics: Mapping[str, Any]) -> str:
 def _describe_scheme(m: Mapping[str, Any]) -> str:
     kind = str(m.get("watermark_kind", "?"))
     if kind == "moe_lsh":
-        return f"moe_lsh {m.get('num_bits', '?')} bits x pools of {m.get('pool_size', '?')}, delta {_g(m.get('delta'))}"
+        pools = m.get("pools", "anchors")
+        shape = f"{m.get('num_bits', '?')} {pools} pools" if pools == "partition" else f"{m.get('num_bits', '?')} {pools} pools of {m.get('pool_size', '?')}"
+        rule = m.get("green_lists", "bits") + (f", {m['green_bits']} bits per pool" if m.get("green_bits", 1) != 1 else "")
+        return f"moe_lsh {shape} ({rule} green lists), delta {_g(m.get('delta'))}"
     return kind if kind == "none" else f"{kind}, delta {_g(m.get('delta'))}"
 
 

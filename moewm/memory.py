@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moewm.architecture import dense_router_error, meta_model
-from moewm.config import ConfigError, ExtractorConfig, MemoryConfig, ModelConfig
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, MemoryConfig, ModelConfig
 from moewm.footprint import weights_dtype
 from moewm.placement import DEVICE_MAPS, check_memory, max_memory_for_accelerate
 from moewm.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes
@@ -373,6 +373,7 @@ def estimate(
     new_tokens: int = 64,
     num_bits: int = 32,
     pool_size: int = 64,
+    pools: str = EncoderConfig.pools,
     feature_dim: Optional[int] = None,
     extractor: Any = None,
     suggest: bool = True,
@@ -462,7 +463,9 @@ def estimate(
         feature_dim=dim,
         weights=parts,
         kv_cache_bytes=_kv_bytes(config, int(batch_size), int(prompt_tokens) + int(new_tokens), dtype_bytes),
-        watermark_bytes=_watermark_bytes(dim, int(num_bits), int(pool_size), vocab),
+        # a partition's pools hold every token once: num_bits pools of vocab / num_bits
+        watermark_bytes=_watermark_bytes(dim, int(num_bits), -(-vocab // int(num_bits)) if pools == "partition" else int(pool_size), vocab)
+        + (vocab * 8 if pools == "partition" else 0),  # a partition also maps each token to its one pool
         activation_bytes=scratch + _activation_bytes(config, int(batch_size), int(prompt_tokens), int(new_tokens), dtype_bytes, sel, layout.width, dim),
         runtime_bytes=int(RUNTIME_ALLOWANCE),
         quantized_note=_quantized_note(memory, parts),
@@ -567,5 +570,6 @@ def estimate_from_app_config(cfg: Any) -> MemoryEstimate:
         new_tokens=int(getattr(generation, "max_new_tokens", 64)),
         num_bits=int(getattr(encoder, "num_bits", 32)),
         pool_size=int(getattr(encoder, "pool_size", 64)),
+        pools=str(getattr(encoder, "pools", EncoderConfig.pools)),
         extractor=ext,
     )

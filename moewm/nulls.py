@@ -19,14 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import binom
 
-from moewm.config import ConfigError, GenerationConfig
+from moewm.config import GENERATED_NULL_SETS as GENERATED_SETS, NULL_SET_NAMES, GenerationConfig, check_null_sets  # noqa: F401
 from moewm.detection import DetectorOutput
-from moewm.null_corpora import HUMAN_CORPORA, human_texts
+from moewm.null_corpora import human_texts
 
 log = logging.getLogger(__name__)
 
-GENERATED_SETS = ("greedy", "top_p")
-NULL_SET_NAMES = ("plain",) + GENERATED_SETS + tuple(HUMAN_CORPORA)
 # Decoding of the top-p null set: a common "chat" setting.
 TOP_P, TOP_P_TEMPERATURE = 0.9, 0.7
 
@@ -38,13 +36,6 @@ class NullSet:
     name: str
     prompt_ids: list[list[int]]
     text_ids: list[list[int]]
-
-
-def check_null_sets(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in NULL_SET_NAMES or n == "plain"]
-    if unknown:
-        raise ConfigError(f"eval.null_sets={list(names)}: unknown {unknown}; allowed values are {list(NULL_SET_NAMES[1:])} "
-                          "(the job's own samples, 'plain', are always scored)")
 
 
 def null_generation(name: str, generation: GenerationConfig) -> GenerationConfig:

@@ -250,7 +250,7 @@ class BankTables:
 
     @property
     def device(self) -> torch.device:
-        return self.table.device
+        return self.pool_sizes.device
 
 
 # -- draws -------------------------------------------------------------------------------------------

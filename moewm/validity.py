@@ -10,6 +10,7 @@ diagnostic) and the KGW / SynthID exact tests. Every text is captured once; each
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     model, tokenizer = load_model(ModelConfig())
-    extractor, encoder = ExtractorConfig(), EncoderConfig()
+    extractor, encoder = ExtractorConfig(), EncoderConfig(**json.loads(args.encoder))
     watermark = WatermarkConfig(reference_keys=args.reference_keys, alpha=max(1e-3, 1 / (args.reference_keys + 1)))
     t0 = time.perf_counter()
     texts = build_texts(model, tokenizer, args.prompts, args.new_tokens, [WatermarkKey("validity-other-keys", i) for i in range(4)],
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for level in LEVELS:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
+            "encoder": dataclasses.asdict(encoder),
             "keys": args.keys, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -119,15 +121,19 @@ def markdown(result: dict[str, Any]) -> str:
     df = pd.DataFrame(result["rows"])
     lines = [f"{result['n_texts']} unwatermarked texts ({', '.join(f'{k} {v}' for k, v in result['texts'].items())}), "
              f"{result['keys']} keys, R = {result['reference_keys']}.", "",
-             "| detector | level | keys inside 99 % interval (all texts) | share range over keys | nominal interval | pooled share by origin |",
-             "|---|---|---|---|---|---|"]
+             "| detector | level | keys inside 99 % interval (all texts) | share range over keys | nominal interval | pooled share by origin | (key, origin) pairs inside their interval | worst (key, origin) share |",
+             "|---|---|---|---|---|---|---|---|"]
     for (det, level), g in df.groupby(["detector", "level"], sort=False):
         whole = g[g.origin == "all"]
         pooled = g[g.origin != "all"].groupby("origin").apply(lambda x: x.k.sum() / max(x.n.sum(), 1), include_groups=False)
         n = int(whole.n.iloc[0])
+        pairs = g[g.origin != "all"]
+        above = pairs.k > pairs.hi
+        worst = pairs.loc[pairs.rate.idxmax()]
         lines.append(f"| {det} | {level:g} | {int(whole.inside.sum())}/{len(whole)} | {whole.rate.min():.4f}-{whole.rate.max():.4f} | "
                      f"[{int(whole.lo.iloc[0]) / n:.4f}, {int(whole.hi.iloc[0]) / n:.4f}] | "
-                     + ", ".join(f"{o} {v:.4f}" for o, v in pooled.items()) + " |")
+                     + ", ".join(f"{o} {v:.4f}" for o, v in pooled.items())
+                     + f" | {int(pairs.inside.sum())}/{len(pairs)} ({int(above.sum())} above) | {worst.rate:.4f} (key {worst.key}, {worst.origin}, n {worst.n}) |")
     return "\n".join(lines)
 
 
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=256, help="prompts for the generated sets")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--reference-keys", type=int, default=999)
+    parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--cache-dir", default="outputs/cache/reference_keys")
     parser.add_argument("--out", default="outputs/validity")

@@ -1,6 +1,6 @@
 """Power and perplexity cost of encoder designs on tiny_moe, at a valid false-positive rate.
 
-For each design (a JSON object of encoder fields, plus optional "delta"), several keys each watermark the
+For each design (a JSON object of encoder fields, plus optional "delta" and "ignore_repeated"), several keys each watermark the
 same prompts; every text is scored with the calibrated detector (R public reference keys, Besag-Clifford
 stop). Printed per design: the share of texts at p <= alpha, the spread of that share over keys, and the
 mean perplexity of the watermarked texts under tiny_moe (the generator itself: a first look at quality,
@@ -47,12 +47,13 @@ def main() -> None:
     for text in args.designs:
         fields = json.loads(text)
         delta = float(fields.pop("delta", 2.0))
+        ignore_repeated = bool(fields.pop("ignore_repeated", WatermarkConfig.ignore_repeated))
         encoder = EncoderConfig(**fields)
         rates, ppl = [], []
         t0 = time.perf_counter()
         for seed in range(args.keys):
             key = WatermarkKey("design-power-study", seed)
-            with MoELSHWatermark(model, tokenizer, ExtractorConfig(), encoder, WatermarkConfig(delta=delta), key) as wm:
+            with MoELSHWatermark(model, tokenizer, ExtractorConfig(), encoder, WatermarkConfig(delta=delta, ignore_repeated=ignore_repeated), key) as wm:
                 prompt_ids, ids = wm.generate_ids(prompts, gen)
                 captures = wm.capture(ids, prompt_ids)
                 out = wm.score(captures)
@@ -62,7 +63,7 @@ def main() -> None:
                     print(f"plain perplexity {plain_ppl:.1f}")
             rates.append(float(np.mean(np.nan_to_num(out.p_value, nan=1.0) <= args.alpha)))
             ppl.append(perplexity(captures))
-        print(f"{json.dumps({**fields, 'delta': delta})}: detected at p <= {args.alpha:g}: mean {np.mean(rates):.3f} "
+        print(f"{json.dumps({**fields, 'delta': delta, 'ignore_repeated': ignore_repeated})}: detected at p <= {args.alpha:g}: mean {np.mean(rates):.3f} "
               f"(keys {min(rates):.3f}-{max(rates):.3f}); perplexity {np.mean(ppl):.1f} (keys {min(ppl):.1f}-{max(ppl):.1f}); "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
 

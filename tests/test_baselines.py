@@ -180,7 +180,7 @@ def test_build_watermarker_refuses_unknown_kinds_and_arguments(micro_qwen, token
 
 @pytest.mark.parametrize("scheme, width", [("lefthash", 1), ("lefthash", 3), ("selfhash", 1), ("selfhash", 2)])
 def test_kgw_position_scores_match_the_detector_for_every_seeding_scheme(micro_qwen, tokenizer, scheme, width):
-    cfg = WatermarkConfig(kgw_seeding_scheme=scheme, kgw_context_width=width, min_tokens=1)
+    cfg = WatermarkConfig(kgw_seeding_scheme=scheme, kgw_context_width=width, min_tokens=1, ignore_repeated=False)
     kgw = build_watermarker("kgw", micro_qwen, tokenizer, cfg, WatermarkKey(TEST_SECRET, 3))
     gen = torch.Generator().manual_seed(4)
     texts = torch.randint(3, 256, (6, 30), generator=gen).tolist()

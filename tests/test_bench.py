@@ -53,7 +53,12 @@ def test_smoke_writes_every_section(smoke):
     sanity = gen["sanity"]
     assert sanity["null"] == "model" and sanity["reference_keys"] == s_refs(result)
     for name in ("moe_lsh_greedy", "plain_greedy", "plain_sampled"):
-        assert math.isfinite(sanity[f"z_{name}_mean"]) and sanity[f"z_{name}_std"] >= 0, name
+        # Greedy loops on the micro model repeat the same (green pools, token) units, which are scored once:
+        # too few distinct units leave z undefined (None), never a number made up.
+        if sanity[f"z_{name}_mean"] is None:
+            assert "greedy" in name and sanity[f"z_{name}_std"] is None, name
+            continue
+        assert math.isfinite(sanity[f"z_{name}_mean"]) and (sanity[f"z_{name}_std"] is None or sanity[f"z_{name}_std"] >= 0), name
         assert 1 / (sanity["reference_keys"] + 1) <= sanity[f"p_{name}_median"] <= 1, name
         assert 0 <= sanity[f"detected_{name}"] <= sanity["texts"], name
     det = result["detection"]
@@ -106,7 +111,8 @@ def test_smoke_calibrated_detection_section(smoke):
     assert 0 < cal["score_share_of_capture_plus_score"] < 1
     _check_cell({**cal, "reference_keys": refs, "texts": cal["texts"]}, refs, s["cal_texts"])
     bank = cal["bank"]
-    assert bank["reference_keys"] == refs and bank["build_s"] > 0 and bank["bank_bytes"] > 0 and bank["token_table_bytes"] > 0
+    assert bank["reference_keys"] == refs and bank["build_s"] > 0 and bank["bank_bytes"] > 0
+    assert bank["token_table_bytes"] > 0 or bank["pools"] == "partition"  # a partition needs no token table
     # The scaling tables: one row per R (at cal_texts texts) and per number of texts (at the run's R).
     assert [r["reference_keys"] for r in cal["by_reference_keys"]] == s["cal_reference_keys"]
     for r in cal["by_reference_keys"]:
@@ -246,14 +252,14 @@ def test_random_init_yaml_model_runs(tmp_path):
     try:
         result = bench.main(
             ["--model-config", str(yaml), "--random-init", "--device", "cpu", "--smoke", "--threads", "1", "--cache-dir", "none",
-             "--random-pools", "--sections", "detection,calibrated", "--out", str(out)]
+             "--pools", "random", "--sections", "detection,calibrated", "--out", str(out)]
         )
     finally:
         torch.set_num_threads(threads)
     assert result["model"]["model_type"] == "mixtral" and result["model"]["random_init"]
     data = json.loads(out.read_text())
     assert "scaling" not in data and "generation" not in data and data["detection"]["ratio_capture_over_forward_full_logits"] > 0
-    assert data["calibrated"]["ratio_detect_over_forward_full_logits"] > 0 and data["calibrated"]["bank"]["semantic_pools"] is False
+    assert data["calibrated"]["ratio_detect_over_forward_full_logits"] > 0 and data["calibrated"]["bank"]["pools"] == "random"
 
 
 def test_peak_memory_sees_a_large_tensor():

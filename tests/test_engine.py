@@ -15,6 +15,10 @@ from moewm.testing import micro_model
 from moewm.watermark import MoELSHWatermark
 
 GEN = GenerationConfig(max_new_tokens=72, min_new_tokens=72, batch_size=8)
+# These tests check the mechanics of the seed's design (overlapping anchor pools switched by signature bits),
+# which the token-by-token oracle (moewm.reference) implements; tests/test_pool_designs.py checks that every
+# design's generation and detection agree.
+SEED_DESIGN = EncoderConfig(num_bits=16, pool_size=8, pools="anchors", green_lists="bits")
 
 
 def _wm(model, tokenizer, key, extractor=None, encoder=None, watermark=None):
@@ -22,8 +26,8 @@ def _wm(model, tokenizer, key, extractor=None, encoder=None, watermark=None):
         model,
         tokenizer,
         extractor or ExtractorConfig(),
-        encoder or EncoderConfig(num_bits=16, pool_size=8),
-        watermark or WatermarkConfig(delta=4.0, capture_top_k=256),  # the whole usable vocabulary: diagnostics exact
+        encoder or SEED_DESIGN,
+        watermark or WatermarkConfig(delta=4.0, capture_top_k=256, ignore_repeated=False),  # the whole usable vocabulary: diagnostics exact
         key,
         cache_dir=None,
     )

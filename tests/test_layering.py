@@ -71,13 +71,13 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "nulls" in graph["config"]  # only imported inside EvalConfig.validate
+    assert "testing" in graph["models"]  # only imported inside a function
     assert MODEL_MODULES <= set(graph)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
-def test_no_import_circle_touches_the_model_layers():
-    circles = [c for c in cycles(import_graph()) if c & MODEL_MODULES]
-    assert not circles, circles
+def test_no_import_circle_anywhere_in_the_package():
+    assert not cycles(import_graph())
 
 
 def test_model_layers_import_only_downward():

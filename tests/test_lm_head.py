@@ -98,7 +98,8 @@ def test_capture_keeps_the_models_next_token_distribution(tokenizer, key, path, 
 
 def test_diagnostic_gamma_is_the_exact_green_mass_when_the_capture_holds_the_whole_distribution(tokenizer, key, micro_qwen):
     wm = MoELSHWatermark(micro_qwen, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=8),
-                         watermark=WatermarkConfig(capture_top_k=256, statistic_top_k=64, reference_keys=19, alpha=0.05), key=key, cache_dir=None)
+                         watermark=WatermarkConfig(capture_top_k=256, statistic_top_k=64, reference_keys=19, alpha=0.05, ignore_repeated=False),
+                         key=key, cache_dir=None)
     rows = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 25)]
     out = wm.detect_ids([r[2:] for r in rows], [r[:2] for r in rows])
     caps = wm.capture([r[2:] for r in rows], [r[:2] for r in rows])

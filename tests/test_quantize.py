@@ -208,7 +208,9 @@ def test_text_watermarked_in_float32_is_detected_by_the_nf4_model(checkpoints, k
     """A verifier with a 4-bit copy of the model: the few flipped signature bits cost little z."""
     full, tokenizer = _load(checkpoints["qwen2_moe"])
     nf4, _ = _load(checkpoints["qwen2_moe"], "nf4", dtype="bfloat16")
-    args = (ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), WatermarkConfig(delta=4.0), key)
+    # The seed's design (bit i switches pool i): a flipped bit changes one pool. With hashed green lists a
+    # flipped bit changes the whole list, and NF4 keeps about 75 % of the float32 z here instead of 80 %.
+    args = (ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8, pools="anchors", green_lists="bits"), WatermarkConfig(delta=4.0), key)
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=48, batch_size=4)
     with MoELSHWatermark(full, tokenizer, *args) as wm:
         prompt_ids, ids = wm.generate_ids(PROMPTS[:4], gen)

@@ -102,6 +102,36 @@ def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_orig
         assert int((p[origin == name] <= 0.05).sum()) <= binom.ppf(0.9995, n, 0.05), name
 
 
+def _per_key_shares(tiny, captures, encoder: EncoderConfig, level: float, keys: int = 8) -> np.ndarray:
+    """Each of ``keys`` fixed deployed keys' share of null texts at p <= level (R = 99, no early stop)."""
+    from moewm.keybank import build_bank, reference_bank
+    from moewm.scoring import BankTables, CaptureBatch, calibrated
+
+    model, tok = tiny
+    with MoELSHWatermark(model, tok, ExtractorConfig(), encoder, WatermarkConfig(reference_keys=99, alpha=0.05), WatermarkKey(SECRET, 0), cache_dir=None) as wm:
+        dim, usable, spec = wm.capture_hooks.dim, wm.encoder.usable, wm.statistic_spec
+    emb = model.get_input_embeddings().weight
+    ref = BankTables.of(reference_bank(encoder, 99, dim, emb, usable, wm.vocab_size))
+    bank = BankTables.of(build_bank(encoder, [WatermarkKey(SECRET, 200 + i) for i in range(keys)], dim, emb, usable, wm.vocab_size))
+    batch = CaptureBatch.stack(captures)
+    return np.array([np.mean(calibrated(batch, bank.select(i, i + 1), ref, spec, stop_after=None, top_k=64).p_value <= level + 1e-12)
+                     for i in range(keys)])
+
+
+def test_each_fixed_key_stays_near_nominal_and_the_seed_pool_design_does_not(tiny, captured):
+    """The promise a user relies on is about *their* key. With the seed's design (fixed anchor pools switched
+    by bits of a slowly varying signature), texts of one genre share a key's luck, and some keys flag far
+    more than alpha of them; the default design (a balanced partition whose green pools a keyed hash of
+    the whole signature picks, repeats scored once) keeps every key's share near nominal."""
+    captures, _ = captured
+    n = len(captures)
+    bound = binom.ppf(0.9995, n, 0.05) / n
+    default = _per_key_shares(tiny, captures, EncoderConfig(), 0.05)
+    seed_design = _per_key_shares(tiny, captures, EncoderConfig(pools="anchors", green_lists="bits"), 0.05)
+    assert default.max() <= bound, (default, bound)
+    assert seed_design.max() > bound, (seed_design, bound)
+
+
 def test_false_positives_at_alpha_stay_within_the_binomial_bound_and_the_decision_is_p(tiny, captured):
     with _wm(tiny, 3) as wm:  # the defaults: R = 999, Besag-Clifford stop, llr statistic, alpha = 1e-3
         out = wm.score(captured[0])
@@ -116,9 +146,13 @@ def test_false_positives_at_alpha_stay_within_the_binomial_bound_and_the_decisio
 
 
 def test_the_old_model_null_is_shown_to_fail_on_greedy_and_human_text(tiny, captured):
-    """The model-null z is a diagnostic: it is exact only for temperature-1 samples, and this is why."""
+    """The model-null z is a diagnostic: it is exact only for temperature-1 samples, and this is why (shown
+    with the seed's design, whose fixed pools make it fail most clearly; the default design's diagnostic
+    is off by less, measured in the README)."""
     captures, origin = captured
-    with _wm(tiny, 0, reference_keys=99, alpha=0.01) as wm:
+    model, tok = tiny
+    seed_design = EncoderConfig(pools="anchors", green_lists="bits")
+    with MoELSHWatermark(model, tok, ExtractorConfig(), seed_design, WatermarkConfig(reference_keys=99, alpha=0.01), WatermarkKey(SECRET, 0), cache_dir=None) as wm:
         out = wm.score(captures)
     off = (origin != "plain") & np.isfinite(out.p_value_model_null)
     diag_rate = float(np.mean(out.p_value_model_null[off] <= 0.01))
@@ -154,7 +188,8 @@ def test_watermarked_text_reaches_the_floor(tiny):
     assert (out.num_reference_keys[out.p_value <= ALPHA] == 999).all()
     # the p-value of every prefix is there, and the last one is the text's own (no stop with prefixes)
     for prefix, p, n in zip(out.prefix_p_value, out.p_value, out.num_tokens_scored):
-        assert len(prefix) == n and prefix[-1] == pytest.approx(p)
+        # (repeated units are not scored: n counts the scored ones, the prefixes every position)
+        assert len(prefix) >= n and prefix[-1] == pytest.approx(p)
 
 
 @pytest.mark.parametrize("kind", ["kgw", "synthid"])
