@@ -1,0 +1,54 @@
+"""A job runs each text through the model once for detection and all of its evaluation: generation
+prefills see only prompts, and every full forward over prompt + text (a capture) is a text never
+forwarded before. Counted with a forward hook on the model during a whole job."""
+
+import os
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from moewm.app import CONF_DIR
+from moewm.job import get_model, run_job
+from moewm.schema import register, to_app_config
+
+os.environ.setdefault("MOEWM_SECRET_KEY", "one-forward-test-secret")
+
+
+def _app(overrides):
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return to_app_config(compose(config_name="config", overrides=overrides))
+
+
+def test_a_job_forwards_each_text_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEWM_CACHE_DIR", str(tmp_path / "cache"))
+    app = _app(["data.num_prompts=4", "generation.max_new_tokens=24", "eval=minimal", "logger=none", "progress=false"])
+    model, _ = get_model(app)
+    monkeypatch.chdir(tmp_path)  # a fresh outputs/cache: null texts are captured here, not loaded from an earlier run
+    full_rows: list[tuple[int, ...]] = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        if ids is None or ids.shape[1] <= 1 or (past is not None and past.get_seq_length() > 0):
+            return  # a decoding step of generate
+        mask = kwargs.get("attention_mask")
+        for row, m in zip(ids.tolist(), (mask.tolist() if mask is not None else [[1] * ids.shape[1]] * ids.shape[0])):
+            full_rows.append(tuple(t for t, keep in zip(row, m) if keep))
+
+    # The decoder: generation reaches it through model.forward, a capture calls it directly (then the head).
+    handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        metrics = run_job(app, tmp_path / "job", run_name="one-forward", group=None)
+    finally:
+        handle.remove()
+    # Generation prefills forward the prompts (once per decoding: watermarked, plain, greedy, top-p; at most 8
+    # tokens here), and the output-head check an 8-token probe. Every longer full forward is a capture of
+    # prompt + text (24 new tokens, or a human-text chunk).
+    captures = [r for r in full_rows if len(r) > 16]
+    repeated = {r for r in captures if captures.count(r) > 1}
+    # watermarked, plain, greedy and top-p samples of 4 prompts, and 8 chunks of each of 3 human corpora
+    assert len(captures) >= 4 * 4 + 3 * 8, len(captures)
+    assert not repeated, f"{len(repeated)} texts went through the model more than once"
