@@ -134,25 +134,15 @@ def token_table(bank: KeyBank, device: torch.device | str = "cpu") -> torch.Tens
     """
     r, nb, vocab_size = bank.num_keys, bank.num_bits, bank.vocab_size
     w = num_words(nb)
-    if bank.groups is not None and bank.owner is not None:  # a partition: one pool per token and key
-        groups, owner = bank.groups.to(device), bank.owner.to(device)
-        present = groups >= 0
-        group_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-        group_of[groups[present]] = torch.arange(nb, device=device).view(nb, 1).expand_as(groups)[present]
-        bit_of_group = torch.argsort(owner, dim=1)  # (R, nb): the bit that owns group g
-        tokens = torch.nonzero(group_of >= 0, as_tuple=True)[0]
-        bit = bit_of_group[:, group_of[tokens]]  # (R, T)
-        index = (tokens.view(1, -1) * (r * w) + torch.arange(r, device=device).view(r, 1) * w + bit // WORD_BITS).reshape(-1)
-        values = (torch.ones_like(bit) << (bit % WORD_BITS)).reshape(-1)
-    else:
-        assert bank.pools is not None
-        pools = bank.pools.to(device)
-        p = pools.shape[2]
-        bit = torch.arange(nb, device=device).view(1, nb, 1).expand(r, nb, p)
-        key = torch.arange(r, device=device).view(r, 1, 1).expand(r, nb, p)
-        present = pools >= 0
-        index = (pools * (r * w) + key * w + bit // WORD_BITS)[present]
-        values = (torch.ones_like(bit) << (bit % WORD_BITS))[present]
+    if bank.pools is None:
+        raise ValueError("token_table: a partition needs no token table (BankTables gathers by group)")
+    pools = bank.pools.to(device)
+    p = pools.shape[2]
+    bit = torch.arange(nb, device=device).view(1, nb, 1).expand(r, nb, p)
+    key = torch.arange(r, device=device).view(r, 1, 1).expand(r, nb, p)
+    present = pools >= 0
+    index = (pools * (r * w) + key * w + bit // WORD_BITS)[present]
+    values = (torch.ones_like(bit) << (bit % WORD_BITS))[present]
     out = torch.zeros(vocab_size * r * w, dtype=torch.long, device=device)
     out.scatter_add_(0, index, values)
     # 32 distinct bits summed fit in 32 bits: keep the low word as int32 (two's complement for bit 31).
