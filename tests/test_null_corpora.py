@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import inspect
 import json
 import os
 import random
@@ -22,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_LOG = REPO / "moewm" / "assets" / "tiny_moe" / "build_log.json"
 
 
+@lru_cache(maxsize=None)
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -95,18 +94,8 @@ def _words_overlap(doc: str, chunk: str, min_words: int = 5) -> bool:
 
 @lru_cache(maxsize=None)
 def _docstrings(path: Path) -> tuple[str, ...]:
-    """The docstrings of a file, cleaned as scripts/build_tiny_moe.py cleans them."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return ()
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            raw = ast.get_docstring(node, clean=False)
-            if raw:
-                out.append(inspect.cleandoc(raw).strip())
-    return tuple(out)
+    """The docstrings of a file, cleaned as the corpus builder (and build_tiny_moe) clean them."""
+    return tuple(_load_script("build_null_corpora").file_docstrings(path) or ())
 
 
 def test_human_docstrings_has_no_training_docstring_of_tiny_moe():
