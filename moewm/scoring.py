@@ -276,16 +276,13 @@ def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> K
     masks = green_pools(batch.features, bank)  # (R, B, n, nb)
     usable = bank.num_usable
 
-    def green_of(tokens: torch.Tensor) -> torch.Tensor:  # tokens (B, n, ...) -> (B, n, ..., R) bool
-        return tables.green(tokens, masks)
-
-    green = green_of(batch.tokens) & batch.valid.unsqueeze(-1)  # (B, n, R)
+    green = tables.green(batch.tokens, masks) & batch.valid.unsqueeze(-1)  # (B, n, R)
     size = tables.green_size(masks).permute(1, 2, 0).clamp(max=usable)  # (B, n, R)
     if spec.null == "uniform":
         gamma = size / usable
     else:
         k = batch.top_ids.shape[-1]
-        top_green = green_of(batch.top_ids).float()  # (B, n, K, R)
+        top_green = tables.green(batch.top_ids, masks).float()  # (B, n, K, R)
         weights = torch.stack([batch.top_probs.float(), torch.ones_like(batch.top_probs, dtype=torch.float32)], -1)  # (B, n, K, 2)
         sums = torch.matmul(top_green.transpose(2, 3), weights).double()  # (B, n, R, 2): green mass and count in the top K
         rest = max(usable - k, 1)
