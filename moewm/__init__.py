@@ -8,9 +8,11 @@ from moewm.config import (
     ModelConfig,
     WatermarkConfig,
 )
-from moewm.keys import WatermarkKey
-from moewm.models import load_model
-from moewm.watermark import DetectionResult, MoEDetectorOutput, MoELSHWatermark
+from moewm.engine.keys import WatermarkKey
+from moewm.models.loading import load_model
+from moewm.schemes.base import Watermarker
+from moewm.schemes.moe_lsh import DetectionResult, MoEDetectorOutput, MoELSHWatermark
+from moewm.schemes.registry import build_watermarker
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,7 @@ __all__ = [
     "MoELSHWatermark",
     "WatermarkConfig",
     "WatermarkKey",
+    "Watermarker",
+    "build_watermarker",
     "load_model",
 ]

@@ -1,3 +1,3 @@
-from moewm.app import main
+from moewm.app.main import main
 
 main()

@@ -2,7 +2,7 @@
 
 Each group of the app (``extractor``, ``encoder``, ``watermark``, ...) is one dataclass here, so a
 misspelled key or a wrong type fails at start-up with Hydra's own message. Range checks live in the
-``validate`` methods and in :func:`moewm.schema.validate_app` (cross-field and model-layout checks).
+``validate`` methods and in :func:`moewm.app.schema.validate_app` (cross-field and model-layout checks).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
 POOL_DESIGNS = ("anchors", "partition", "random")
 GREEN_LISTS = ("bits", "hashed")
-WATERMARK_KINDS = ("moe_lsh", "kgw", "synthid", "none")
 STATISTICS = ("z", "llr", "green")
 
 
@@ -77,13 +76,13 @@ class EncoderConfig:
 
     kind: str = "simhash"
     num_bits: int = 32
-    # The pools (moewm.keybank): ``partition`` = a balanced semantic partition of the usable vocabulary
+    # The pools (moewm.engine.keybank): ``partition`` = a balanced semantic partition of the usable vocabulary
     # into num_bits groups, the key choosing which bit owns which group (pool_size unused); ``anchors``
     # = the seed's design, the pool_size tokens nearest a keyed anchor (pools overlap and cover part of
     # the vocabulary); ``random`` = pool_size keyed random tokens. Why partition: README, Statistics.
     pools: str = "partition"
     pool_size: int = 64
-    # Which pools are green (moewm.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
+    # Which pools are green (moewm.engine.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
     # similar green list); ``hashed`` = a keyed hash of the whole signature picks them (every distinct
     # signature gets its own green list).
     green_lists: str = "hashed"
@@ -122,6 +121,40 @@ class EncoderConfig:
             )
         _require(self.calibration_texts >= 2, f"encoder.calibration_texts={self.calibration_texts}: must be >= 2")
         _require(self.whitening_eps > 0, f"encoder.whitening_eps={self.whitening_eps}: must be > 0")
+
+
+@dataclass
+class KGWConfig:
+    """KGW's own settings (``watermark.kind=kgw``; its bias is ``watermark.delta``), passed to transformers' ``WatermarkingConfig``."""
+
+    gamma: float = 0.25
+    seeding_scheme: str = "lefthash"
+    context_width: int = 1
+
+    def validate(self) -> None:
+        _require(0 < self.gamma < 1, f"watermark.kgw.gamma={self.gamma}: allowed range is (0, 1)")
+        _require(self.seeding_scheme in ("lefthash", "selfhash"),
+                 f"watermark.kgw.seeding_scheme={self.seeding_scheme!r}: allowed values are lefthash, selfhash")
+        _require(self.context_width >= 1, f"watermark.kgw.context_width={self.context_width}: must be >= 1")
+
+
+@dataclass
+class SynthIDConfig:
+    """SynthID's own settings (``watermark.kind=synthid``): n-gram length and tournament depth (its strength)."""
+
+    ngram_len: int = 5
+    num_keys: int = 20
+
+    def validate(self) -> None:
+        _require(self.ngram_len >= 2, f"watermark.synthid.ngram_len={self.ngram_len}: must be >= 2")
+        _require(self.num_keys >= 1, f"watermark.synthid.num_keys={self.num_keys}: must be >= 1")
+
+
+# Flat baseline fields of earlier releases and where they went.
+RENAMED_WATERMARK_FIELDS = {
+    "kgw_gamma": "kgw.gamma", "kgw_seeding_scheme": "kgw.seeding_scheme", "kgw_context_width": "kgw.context_width",
+    "synthid_ngram_len": "synthid.ngram_len", "synthid_num_keys": "synthid.num_keys",
+}
 
 
 @dataclass
@@ -165,25 +198,24 @@ class WatermarkConfig:
     # (the classic KGW assumption, biased when pools are not a uniform draw of the vocabulary).
     null: str = "model"
     # Baseline watermarks (kind=kgw / synthid) through transformers' own implementations.
-    kgw_gamma: float = 0.25
-    kgw_seeding_scheme: str = "lefthash"
-    kgw_context_width: int = 1
-    synthid_ngram_len: int = 5
-    synthid_num_keys: int = 20
+    kgw: KGWConfig = field(default_factory=KGWConfig)
+    synthid: SynthIDConfig = field(default_factory=SynthIDConfig)
+    # Renamed: set only to get an error that names the new key (RENAMED_WATERMARK_FIELDS).
+    kgw_gamma: Optional[float] = None
+    kgw_seeding_scheme: Optional[str] = None
+    kgw_context_width: Optional[int] = None
+    synthid_ngram_len: Optional[int] = None
+    synthid_num_keys: Optional[int] = None
 
     def validate(self) -> None:
-        _require(self.kind in WATERMARK_KINDS, f"watermark.kind={self.kind!r}: allowed values are {WATERMARK_KINDS}")
+        for old, new in RENAMED_WATERMARK_FIELDS.items():
+            _require(getattr(self, old) is None, f"watermark.{old}={getattr(self, old)!r}: renamed; set watermark.{new} instead")
         _require(self.delta >= 0, f"watermark.delta={self.delta}: must be >= 0")
         _require(0 < self.alpha < 1, f"watermark.alpha={self.alpha}: allowed range is (0, 1)")
         _require(1 <= self.reference_keys <= 100_000, f"watermark.reference_keys={self.reference_keys}: allowed range is [1, 100000]")
         if self.stop_after is not None:
             _require(1 <= self.stop_after <= self.reference_keys,
                      f"watermark.stop_after={self.stop_after}: allowed range is [1, {self.reference_keys}] (watermark.reference_keys), or null")
-        if self.kind in ("moe_lsh", "none"):
-            floor = 1.0 / (self.reference_keys + 1)
-            _require(self.alpha >= floor - 1e-15,
-                     f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
-                     f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
         _require(self.statistic in STATISTICS, f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}")
         _require(self.capture_top_k >= 1, f"watermark.capture_top_k={self.capture_top_k}: must be >= 1")
         _require(1 <= self.statistic_top_k <= self.capture_top_k,
@@ -203,9 +235,15 @@ class WatermarkConfig:
             _require(
                 self.detect_max_tokens >= 1, f"watermark.detect_max_tokens={self.detect_max_tokens}: must be >= 1 (or null for no limit)"
             )
-        _require(0 < self.kgw_gamma < 1, f"watermark.kgw_gamma={self.kgw_gamma}: allowed range is (0, 1)")
-        _require(self.synthid_ngram_len >= 2, f"watermark.synthid_ngram_len={self.synthid_ngram_len}: must be >= 2")
-        _require(self.synthid_num_keys >= 1, f"watermark.synthid_num_keys={self.synthid_num_keys}: must be >= 1")
+        self.kgw.validate()
+        self.synthid.validate()
+
+    def check_calibrated_alpha(self) -> None:
+        """A p-value ranked among R reference keys is at least 1 / (R + 1): alpha below that cannot be reached."""
+        floor = 1.0 / (self.reference_keys + 1)
+        _require(self.alpha >= floor - 1e-15,
+                 f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
+                 f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
 
 
 @dataclass
@@ -402,7 +440,7 @@ class EvalConfig:
     w1_contexts: int = 64
     kmeans_clusters: int = 32
     window: int = 32
-    # Unwatermarked text scored in every run besides the job's own samples (moewm.nulls): greedy and
+    # Unwatermarked text scored in every run besides the job's own samples (moewm.evaluation.nulls): greedy and
     # top-p samples of the same prompts, and human-written corpora (null_texts chunks of each).
     null_sets: list[str] = field(default_factory=lambda: ["greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative"])
     null_texts: int = 64

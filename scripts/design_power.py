@@ -22,8 +22,8 @@ import torch
 
 from moewm import ModelConfig, load_model
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
-from moewm.keys import WatermarkKey
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.keys import WatermarkKey
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 
 def perplexity(captures) -> float:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
-from moewm.keys import WatermarkKey
-from moewm.reference import reference_detect
-from moewm.testing import byte_tokenizer, micro_model
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.keys import WatermarkKey
+from moewm.bench.reference_detector import reference_detect
+from moewm.models.micro import byte_tokenizer, micro_model
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning there was", "import numpy as np",
            "Dear committee members,", "The results show that", "def main():", "It was a dark and stormy"]

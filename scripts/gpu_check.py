@@ -33,13 +33,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig  # noqa: E402
-from moewm.footprint import model_nbytes  # noqa: E402
-from moewm.keys import WatermarkKey  # noqa: E402
-from moewm.memory import GIB, estimate, profile_memory  # noqa: E402
-from moewm.models import load_model  # noqa: E402
-from moewm.signature_agreement import signature_flip_rate  # noqa: E402
-from moewm.testing import MICRO_ARCHITECTURES  # noqa: E402
-from moewm.watermark import MoELSHWatermark, generate_batched  # noqa: E402
+from moewm.models.footprint import model_nbytes  # noqa: E402
+from moewm.engine.keys import WatermarkKey  # noqa: E402
+from moewm.models.memory import GIB, estimate, profile_memory  # noqa: E402
+from moewm.models.loading import load_model  # noqa: E402
+from moewm.evaluation.signature_agreement import signature_flip_rate  # noqa: E402
+from moewm.models.micro import MICRO_ARCHITECTURES  # noqa: E402
+from moewm.schemes.moe_lsh import MoELSHWatermark  # noqa: E402
+from moewm.engine.generation import generate_batched  # noqa: E402
 from transformers import LogitsProcessor  # noqa: E402
 
 

@@ -5,7 +5,7 @@ BENCHMARKS.md uses it to explain the calibrated-detection ratio of ``python -m m
     python scripts/profile_detection.py --threads 1                      # tiny_moe, 32 texts, R = 999
     python scripts/profile_detection.py --reference-keys 99,999,2499     # how scoring grows with R
 
-The texts are the benchmark's (``moewm.bench.HalfMarked``): half sampled with the watermark, half plain
+The texts are the benchmark's (``moewm.bench.sections.HalfMarked``): half sampled with the watermark, half plain
 samples, ``--cal-lengths`` tokens after ``--prompt-len`` of context; every model option of the benchmark
 works here (``--model-config``, ``--random-init``, ``--set``, ``--device``, ``--dtype``, ...). For each R
 it reports (1) wall-clock seconds of the capture, the scoring and a full-logits forward over the same
@@ -34,8 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from moewm import bench, scoring  # noqa: E402
-from moewm import watermark as watermark_module  # noqa: E402
+from moewm.bench import cli, harness, sections  # noqa: E402
+
+from moewm.engine import scoring  # noqa: E402
+from moewm.schemes import moe_lsh as watermark_module  # noqa: E402
 from moewm.config import WatermarkConfig  # noqa: E402
 
 # Operators grouped under one name: what they are in a forward or in the scoring.
@@ -112,16 +114,16 @@ def other_operators(prof: Any, cuda: bool, count: int = 5) -> list[tuple[str, fl
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
-        bench._sync(device)
+        harness.sync(device)
         t0 = time.perf_counter()
         fn()
-        bench._sync(device)
+        harness.sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = bench.build_parser()
+    parser = cli.build_parser()
     parser.prog, parser.description = "python scripts/profile_detection.py", __doc__.split("\n\n")[0]
     parser.set_defaults(repeats=3, cal_reference_keys=None)
     args = parser.parse_args(argv)
@@ -129,11 +131,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tokenizer, info = bench.load(args)
-    b = bench.Bench(args, model, tokenizer)
+    model, tokenizer, info = sections.load(args)
+    b = sections.Bench(args, model, tokenizer)
     wm = b.wm
     cuda = b.device.type == "cuda"
-    half = bench.HalfMarked.make(model, tokenizer, wm, b.inputs, args.cal_texts, args.prompt_len, args.cal_lengths)
+    half = sections.HalfMarked.make(model, tokenizer, wm, b.inputs, args.cal_texts, args.prompt_len, args.cal_lengths)
     texts, prompts, marked = half.take(args.cal_texts)
     rows = [list(p) + list(t) for p, t in zip(prompts, texts)]
     refs_list = args.cal_reference_keys or [args.reference_keys]
@@ -144,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         with b.settings(reference_keys=refs, alpha=alpha, **b._batching(None)):
             cfg = wm.watermark_cfg
             wm.reference_tables()
-            forward, _ = bench.forward_batches_fn(model, rows, b.pad, cfg.detect_batch_size, cfg.detect_max_tokens)
+            forward, _ = harness.forward_batches_fn(model, rows, b.pad, cfg.detect_batch_size, cfg.detect_max_tokens)
             capture = b.capturer(texts, prompts)
             captures = capture()
             out = wm.score(captures)
@@ -159,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             with labelled(), profile(activities=activities) as prof_score:
                 t0 = time.perf_counter()
                 wm.score(captures)
-                bench._sync(b.device)
+                harness.sync(b.device)
                 score_total = (time.perf_counter() - t0) * 1e6  # microseconds, like the profiler's times
         parts = {ev.key: ev.cpu_time_total for ev in prof_score.key_averages() if ev.key in {label for _, _, label in PARTS}}
         keys = np.asarray(out.num_reference_keys)

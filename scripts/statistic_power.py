@@ -2,13 +2,13 @@
 statistic (z, llr, green) and per number of exact top tokens in gamma (16, 64, 256), for 4 keys x 64
 prompts x 64 tokens. The README's statistic table comes from one run: python scripts/statistic_power.py
 """
-import time, torch, numpy as np, dataclasses
+import torch, numpy as np
 torch.set_num_threads(2)
 from moewm import load_model, ModelConfig
 from moewm.config import ExtractorConfig, EncoderConfig, WatermarkConfig, GenerationConfig
-from moewm.watermark import MoELSHWatermark
-from moewm.keys import WatermarkKey
-from moewm.scoring import CaptureBatch, StatisticSpec, calibrated
+from moewm.schemes.moe_lsh import MoELSHWatermark
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.scoring import CaptureBatch, StatisticSpec, calibrated
 model, tok = load_model(ModelConfig())
 prompts = open('conf/data/prompts.txt').read().splitlines()[:64]
 res = {}

@@ -10,8 +10,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig  # noqa: E402
-from moewm.keys import WatermarkKey  # noqa: E402
-from moewm.testing import byte_tokenizer, micro_model  # noqa: E402
+from moewm.engine.keys import WatermarkKey  # noqa: E402
+from moewm.models.micro import byte_tokenizer, micro_model  # noqa: E402
 
 TEST_SECRET = "unit-test-secret-5f1c"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moewm.testing import MICRO_ARCHITECTURES, byte_tokenizer, micro_model
+from moewm.models.micro import MICRO_ARCHITECTURES, byte_tokenizer, micro_model
 
 BIG_OVERRIDES = {
     "qwen2_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=128,
@@ -16,7 +16,7 @@ BIG_OVERRIDES = {
     "mixtral": dict(hidden_size=128, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
 }
 
-# Families load_model must handle with random weights (granitemoe has no entry in moewm.testing).
+# Families load_model must handle with random weights (granitemoe has no entry in moewm.models.micro).
 EXTRA_ARCHITECTURES = {
     "granitemoe": dict(
         model_type="granitemoe", hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,

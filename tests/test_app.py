@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from moewm.app import CONF_DIR, job_name
+from moewm.app.main import CONF_DIR, job_name
 from moewm.config import ConfigError
-from moewm.schema import register, to_app_config, validate_app
+from moewm.app.schema import register, to_app_config, validate_app
 
 register()
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_every_option_composes_and_validates(group, option):
 )
 def test_model_null_warns_when_the_legacy_z_rule_judges_text_that_is_not_a_model_sample(overrides, warns, caplog):
     app = to_app_config(_compose(["model=micro_moe", *overrides]))
-    with caplog.at_level("WARNING", logger="moewm.schema"):
+    with caplog.at_level("WARNING", logger="moewm.app.schema"):
         validate_app(app)
     assert any("watermark.null=model assumes" in r.getMessage() for r in caplog.records) == warns
 
@@ -81,13 +81,12 @@ def test_misspelled_key_and_wrong_type_fail_at_start_up():
 
 def test_cross_field_checks_name_the_key_and_range():
     app = to_app_config(_compose(["model=micro_moe", "extractor.end_layer_idx=9"]))
-    from moewm.job import ensure_valid_before_load
 
     with pytest.raises(ConfigError, match=r"extractor.end_layer_idx=9: allowed range is \[1, 4\]"):
-        ensure_valid_before_load(app)
+        validate_app(app)
     app = to_app_config(_compose(["model=micro_moe", "extractor.use_top_k=true", "extractor.k=20"]))
     with pytest.raises(ConfigError, match=r"extractor.k=20: allowed range is \[1, 8\]"):
-        ensure_valid_before_load(app)
+        validate_app(app)
 
 
 def test_memory_profile_values_yield_to_command_line():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moewm.attacks import (
+from moewm.evaluation.attacks import (
     SUBSTITUTION_NEIGHBOURS,
     apply_attack,
     attack_token_ids,

@@ -7,9 +7,9 @@ import statistics
 import pytest
 import torch
 
-from moewm import bench
+from moewm.bench import cli, harness, sections
 from moewm.config import ModelConfig
-from moewm.testing import MICRO_ARCHITECTURES
+from moewm.models.micro import MICRO_ARCHITECTURES
 
 SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory")
 POSITIVE_SUFFIXES = ("median_s", "min_s", "tokens_per_s", "_s_per_text")
@@ -35,7 +35,7 @@ def smoke(tmp_path_factory):
     md = out.with_suffix(".md")
     torch_threads = torch.get_num_threads()
     try:
-        bench.main(["--model", "micro", "--smoke", "--threads", "1", "--cache-dir", "none", "--out", str(out), "--markdown", str(md)])
+        cli.main(["--model", "micro", "--smoke", "--threads", "1", "--cache-dir", "none", "--out", str(out), "--markdown", str(md)])
     finally:
         torch.set_num_threads(torch_threads)
     return json.loads(out.read_text()), md.read_text()
@@ -168,7 +168,7 @@ def test_targets_are_judged_against_their_limits():
         },
         "memory": {"watermark_fraction_of_model": 0.2},
     }
-    met = {t["target"]: t["met"] for t in bench.targets(result)}
+    met = {t["target"]: t["met"] for t in sections.targets(result)}
     assert met == {
         "generation moe_lsh/plain": False,
         "generation moe_lsh/plain below kgw/plain": True,
@@ -184,39 +184,39 @@ def test_targets_are_judged_against_their_limits():
 def test_calibrated_target_depends_on_the_model():
     def limit(name):
         result = {"model": {"name": name}, "calibrated": {"reference_keys": 999, "stop_after": 10, "ratio_detect_over_forward_full_logits": 1.5}}
-        (row,) = bench.targets(result)
+        (row,) = sections.targets(result)
         return row["limit"], row["met"]
 
     assert limit("tiny_moe") == (5.0, True)
     assert limit("qwen_moe") == (1.2, False)
-    assert limit("micro-qwen2_moe") == (bench.CALIBRATED_TARGET_DEFAULT, True)
+    assert limit("micro-qwen2_moe") == (sections.CALIBRATED_TARGET_DEFAULT, True)
 
 
 def test_sections_are_chosen_and_skipped_in_order():
-    parse = bench.build_parser().parse_args
-    assert bench.selected_sections(parse([])) == list(bench.SECTIONS)
-    assert bench.selected_sections(parse(["--sections", "memory,calibrated"])) == ["calibrated", "memory"]
-    assert bench.selected_sections(parse(["--sections", "calibrated,detection", "--skip", "detection"])) == ["calibrated"]
+    parse = cli.build_parser().parse_args
+    assert cli.selected_sections(parse([])) == list(sections.SECTIONS)
+    assert cli.selected_sections(parse(["--sections", "memory,calibrated"])) == ["calibrated", "memory"]
+    assert cli.selected_sections(parse(["--sections", "calibrated,detection", "--skip", "detection"])) == ["calibrated"]
     with pytest.raises(SystemExit, match="unknown sections"):
-        bench.selected_sections(parse(["--sections", "calibration"]))
+        cli.selected_sections(parse(["--sections", "calibration"]))
     assert parse(["--stop-after", "none"]).stop_after is None and parse(["--stop-after", "5"]).stop_after == 5
 
 
 def test_forward_batches_follow_the_capture_batching():
-    from moewm.testing import micro_model
+    from moewm.models.micro import micro_model
 
     model = micro_model("qwen2_moe")
     rows = [[5] * n for n in (10, 30, 20, 40, 25)]
-    run, sizes = bench.forward_batches_fn(model, rows, 0, batch_size=2, max_tokens=None)
+    run, sizes = harness.forward_batches_fn(model, rows, 0, batch_size=2, max_tokens=None)
     assert sizes == [2, 2, 1]
     run()
     # A token budget splits the longest rows first: 40 tokens x 2 rows > 60.
-    _, sizes = bench.forward_batches_fn(model, rows, 0, batch_size=4, max_tokens=60)
+    _, sizes = harness.forward_batches_fn(model, rows, 0, batch_size=4, max_tokens=60)
     assert sizes == [1, 2, 2]
 
 
 def test_half_marked_takes_half_of_each_kind():
-    half = bench.HalfMarked([[1], [2]], [[3], [4], [5]], [[9], [8], [7]])
+    half = sections.HalfMarked([[1], [2]], [[3], [4], [5]], [[9], [8], [7]])
     texts, prompts, marked = half.take(5)
     assert texts == [[1], [2], [3], [4], [5]] and prompts == [[9], [8], [9], [8], [7]] and marked == [True, True, False, False, False]
     assert half.take(2) == ([[1], [3]], [[9], [9]], [True, False])
@@ -229,10 +229,10 @@ def test_model_yaml_merges_into_model_config(tmp_path):
     yaml = tmp_path / "micro.yaml"
     lines = ["name: micro_yaml", "path: /nonexistent/micro_yaml", "architecture:"] + [f"  {k}: {v}" for k, v in arch.items()]
     yaml.write_text("\n".join(lines) + "\n")
-    args = bench.build_parser().parse_args(
+    args = cli.build_parser().parse_args(
         ["--model-config", str(yaml), "--random-init", "--device", "cpu", "--set", "architecture.num_hidden_layers=2"]
     )
-    cfg = bench.model_config_from_args(args)
+    cfg = sections.model_config_from_args(args)
     assert isinstance(cfg, ModelConfig)
     assert cfg.name == "micro_yaml" and cfg.random_init and cfg.device == "cpu"
     assert cfg.architecture["model_type"] == "qwen2_moe"
@@ -240,7 +240,7 @@ def test_model_yaml_merges_into_model_config(tmp_path):
 
     yaml.write_text(yaml.read_text() + "not_a_model_key: 1\n")
     with pytest.raises(Exception, match="not_a_model_key"):
-        bench.model_config_from_args(args)
+        sections.model_config_from_args(args)
 
 
 def test_random_init_yaml_model_runs(tmp_path):
@@ -250,7 +250,7 @@ def test_random_init_yaml_model_runs(tmp_path):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
-        result = bench.main(
+        result = cli.main(
             ["--model-config", str(yaml), "--random-init", "--device", "cpu", "--smoke", "--threads", "1", "--cache-dir", "none",
              "--pools", "random", "--sections", "detection,calibrated", "--out", str(out)]
         )
@@ -263,7 +263,7 @@ def test_random_init_yaml_model_runs(tmp_path):
 
 
 def test_peak_memory_sees_a_large_tensor():
-    with bench.PeakMemory(torch.device("cpu")) as pm:
+    with harness.PeakMemory(torch.device("cpu")) as pm:
         block = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, every page touched
         assert block.sum().item() == 16 * 2**20
     assert pm.peak_bytes >= 60 * 2**20
@@ -274,11 +274,11 @@ def test_ratios_pair_the_rounds_so_a_speed_drift_cancels():
     # The ratio of the medians takes "b" from a slow round and "a" from a fast one; the paired ratio does not.
     t = {"a": {"times_s": [0.865, 0.834, 0.867, 1.042, 1.052]}, "b": {"times_s": [0.869, 0.851, 1.002, 1.034, 1.042]}}
     assert statistics.median(t["b"]["times_s"]) / statistics.median(t["a"]["times_s"]) == pytest.approx(1.156, abs=1e-3)
-    assert bench.ratio(t, "b", "a") == pytest.approx(1.0046, abs=1e-3)
+    assert harness.ratio(t, "b", "a") == pytest.approx(1.0046, abs=1e-3)
 
 
 def test_compare_rotates_the_order_within_rounds():
     order = []
     fns = {name: (lambda n=name: order.append(n)) for name in "xyz"}
-    bench.compare(fns, repeats=3, warmup=0, device=torch.device("cpu"))
+    harness.compare(fns, repeats=3, warmup=0, device=torch.device("cpu"))
     assert order == list("xyz" "yzx" "zxy")

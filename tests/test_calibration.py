@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from conftest import PROMPTS, TEST_SECRET
-from moewm.calibration import cache_key, calibrate, calibration_rows
+from moewm.engine.calibration import cache_key, calibrate, calibration_rows
 from moewm.config import ENCODER_KINDS, EncoderConfig, ExtractorConfig, WatermarkConfig
-from moewm.keys import WatermarkKey
-from moewm.keybank import build_encoder
-from moewm.routing import FeatureCapture
-from moewm.watermark import MoELSHWatermark, usable_tokens
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.keybank import build_encoder
+from moewm.engine.routing import FeatureCapture
+from moewm.schemes.moe_lsh import MoELSHWatermark
+
+
+from moewm.engine.generation import usable_tokens
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import logging
 
 import pandas as pd
 
-from moewm.console import OncePerProcess, job_line, job_summary, sweep_report, sweep_table
-from moewm.report import collect
+from moewm.app.console import OncePerProcess, job_line, job_summary, sweep_report, sweep_table
+from moewm.app.report import collect
 from sweep_fixtures import write_job, write_sweep
 
 
@@ -66,7 +66,7 @@ def test_failed_jobs_show_their_error_in_the_table(tmp_path):
 
 def test_the_terminal_shows_each_warning_once_per_process():
     OncePerProcess.seen.clear()
-    records = [logging.LogRecord("moewm.keys", logging.WARNING, __file__, 1, "demo secret", None, None) for _ in range(3)]
+    records = [logging.LogRecord("moewm.engine.keys", logging.WARNING, __file__, 1, "demo secret", None, None) for _ in range(3)]
     kept = [OncePerProcess().filter(r) for r in records]  # a new filter per job, as Hydra builds them
     assert kept == [True, False, False]
 

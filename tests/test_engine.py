@@ -8,15 +8,15 @@ import torch
 
 from conftest import PROMPTS, TEST_SECRET
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
-from moewm.keys import WatermarkKey
-from moewm.reference import reference_detect
-from moewm.routing import NotAnMoEModelError
-from moewm.testing import micro_model
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.keys import WatermarkKey
+from moewm.bench.reference_detector import reference_detect
+from moewm.engine.routing import NotAnMoEModelError
+from moewm.models.micro import micro_model
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 GEN = GenerationConfig(max_new_tokens=72, min_new_tokens=72, batch_size=8)
 # These tests check the mechanics of the seed's design (overlapping anchor pools switched by signature bits),
-# which the token-by-token oracle (moewm.reference) implements; tests/test_pool_designs.py checks that every
+# which the token-by-token oracle (moewm.bench.reference_detector) implements; tests/test_pool_designs.py checks that every
 # design's generation and detection agree.
 SEED_DESIGN = EncoderConfig(num_bits=16, pool_size=8, pools="anchors", green_lists="bits")
 
@@ -84,7 +84,7 @@ def test_routing_inside_generate_equals_full_forward(micro_qwen, tokenizer, key)
 
         prompts = PROMPTS[:4]  # different lengths: exercises left padding
         prompt_ids = [wm.encode_prompt(p) for p in prompts]
-        from moewm.watermark import generate_batched
+        from moewm.engine.generation import generate_batched
 
         new_ids = generate_batched(micro_qwen, tokenizer, prompt_ids, GenerationConfig(max_new_tokens=12, min_new_tokens=12), [Recorder()])
         during = torch.stack(seen, dim=1)  # (B, steps, D)
@@ -116,7 +116,7 @@ def test_exact_gamma_z_by_hand(micro_qwen, tokenizer, key):
     wm = _wm(micro_qwen, tokenizer, key)
     wm.close()
     # Three positions, gammas 0.1, 0.2, 0.5, green pattern 1, 0, 1:
-    from moewm.stats import exact_gamma_z
+    from moewm.engine.stats import exact_gamma_z
 
     green = torch.tensor([[True, False, True]])
     gamma = torch.tensor([[0.1, 0.2, 0.5]], dtype=torch.float64)
@@ -254,7 +254,7 @@ def test_generation_never_samples_ids_the_tokenizer_lacks(tokenizer, key):
 
 
 def test_detection_batches_respect_both_limits():
-    from moewm.watermark import detection_batches
+    from moewm.engine.capture import detection_batches
 
     lengths = [1000, 600, 500, 90, 80, 80, 70, 10]  # sorted longest first, as detect_ids sorts them
     assert detection_batches(lengths, 16, None) == [(0, 8)]

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from conftest import PROMPTS, TEST_SECRET
-from moewm.baselines import build_watermarker
-from moewm.calibration import calibrate
+from moewm.schemes.registry import build_watermarker
+from moewm.engine.calibration import calibrate
 from moewm.config import AttackConfig, EncoderConfig, EvalConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
-from moewm.detection import DetectorOutput
-from moewm.evaluation import detection_metrics, evaluate_job, w1_contexts
-from moewm.job import JobContext
-from moewm.keys import WatermarkKey
-from moewm.length_curve import PositionScores, length_metrics, tokens_to_detect, tokens_to_detect_metrics
-from moewm.nulls import binomial_bound, null_set_metrics
-from moewm.watermark import encode_prompt, generate_batched
+from moewm.engine.detection import DetectorOutput
+from moewm.evaluation.job_metrics import detection_metrics, evaluate_job, w1_contexts
+from moewm.evaluation.job_metrics import JobContext
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.positions import PositionScores
+from moewm.evaluation.length_curve import length_metrics, tokens_to_detect, tokens_to_detect_metrics
+from moewm.evaluation.nulls import binomial_bound, null_set_metrics
+from moewm.engine.generation import encode_prompt, generate_batched
 
 GEN = GenerationConfig(max_new_tokens=36, min_new_tokens=36, batch_size=8)
 NUM = 6  # prompts per job

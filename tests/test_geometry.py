@@ -8,7 +8,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
-from moewm.geometry import (
+from moewm.evaluation.geometry import (
     bit_statistics,
     geometry_metrics,
     next_token_distributions,
@@ -19,8 +19,8 @@ from moewm.geometry import (
     w1_metrics,
     wasserstein_1,
 )
-from moewm.lsh import LSHEncoder
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.lsh import LSHEncoder
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 
 def _encoder(projection, center=None, pools=None, vocab=16):

@@ -10,12 +10,12 @@ import torch
 from conftest import PROMPTS
 from micro_checkpoints import BIG_OVERRIDES, architecture
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, MemoryConfig, ModelConfig, WatermarkConfig
-from moewm.footprint import model_nbytes
-from moewm.memory import estimate
-from moewm.models import load_model
-from moewm.quantize import QuantizedExperts, quantize_model
-from moewm.testing import micro_model
-from moewm.watermark import MoELSHWatermark
+from moewm.models.footprint import model_nbytes
+from moewm.models.memory import estimate
+from moewm.models.loading import load_model
+from moewm.models.quantize import QuantizedExperts, quantize_model
+from moewm.models.micro import micro_model
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from moewm.config import EncoderConfig, WatermarkConfig
-from moewm.lm_head import split_lm_head
-from moewm.padding import pad_rows
-from moewm.testing import micro_model
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.lm_head import split_lm_head
+from moewm.engine.padding import pad_rows
+from moewm.models.micro import micro_model
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 
 def _granite_moe():
@@ -88,7 +88,7 @@ def test_capture_keeps_the_models_next_token_distribution(tokenizer, key, path, 
     wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=32), watermark=WatermarkConfig(capture_top_k=64),
                          key=key, cache_dir=None)
     if path == "full_logits":
-        monkeypatch.setattr("moewm.watermark.split_lm_head", lambda *a: None)
+        monkeypatch.setattr("moewm.schemes.moe_lsh.split_lm_head", lambda *a: None)
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 12, 41)]
     _check_capture(wm, model, rows, [3, 9, 5], 64)

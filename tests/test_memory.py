@@ -1,4 +1,4 @@
-"""The memory estimator (moewm.memory) against measured footprints, and the shipped memory profiles."""
+"""The memory estimator (moewm.models.memory) against measured footprints, and the shipped memory profiles."""
 
 import json
 from pathlib import Path
@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from micro_checkpoints import save_micro
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, MemoryConfig, ModelConfig
-from moewm.keys import WatermarkKey
-from moewm.memory import (
+from moewm.engine.keys import WatermarkKey
+from moewm.models.memory import (
     GB,
     GIB,
     PROFILES,
@@ -19,10 +19,10 @@ from moewm.memory import (
     estimate,
     estimate_from_app_config,
 )
-from moewm.footprint import model_nbytes
-from moewm.models import load_model
-from moewm.placement import max_memory_for_accelerate, parse_size
-from moewm.testing import byte_tokenizer
+from moewm.models.footprint import model_nbytes
+from moewm.models.loading import load_model
+from moewm.models.placement import max_memory_for_accelerate, parse_size
+from moewm.models.micro import byte_tokenizer
 from test_models import model_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_kv_cache_and_watermark_estimates_match_what_is_allocated(checkpoints):
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     est = estimate(cfg, MemoryConfig(), batch_size=batch, prompt_tokens=tokens - 5, new_tokens=5, num_bits=16, pool_size=8)
     assert est.kv_cache_bytes == kv
-    from moewm.watermark import MoELSHWatermark
+    from moewm.schemes.moe_lsh import MoELSHWatermark
 
     with MoELSHWatermark(model, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), key=WatermarkKey("s", 0)) as wm:
         actual = wm.encoder.nbytes()

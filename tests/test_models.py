@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 from micro_checkpoints import architecture, save_micro
 from moewm.config import ConfigError, ExtractorConfig, MemoryConfig, ModelConfig
-from moewm.architecture import check_model_extractor, meta_model, model_layout
-from moewm.models import WeightsUnavailableError, load_model
-from moewm.quantize import QuantizedExperts, QuantizedLinear
-from moewm.routing import NotAnMoEModelError
-from moewm.testing import micro_model
+from moewm.models.architecture import check_model_extractor, meta_model, model_layout
+from moewm.models.loading import WeightsUnavailableError, load_model
+from moewm.models.quantize import QuantizedExperts, QuantizedLinear
+from moewm.engine.routing import NotAnMoEModelError
+from moewm.models.micro import micro_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "conf" / "model"
@@ -101,7 +101,7 @@ def test_uncached_hub_model_fails_fast_offline(tmp_path):
     code = (
         "import time, sys\n"
         "from moewm.config import ModelConfig\n"
-        "from moewm.models import load_model, WeightsUnavailableError\n"
+        "from moewm.models.loading import load_model, WeightsUnavailableError\n"
         "t = time.time()\n"
         "try:\n"
         "    load_model(ModelConfig(name='qwen_moe', path='Qwen/Qwen1.5-MoE-A2.7B-Chat', dtype='bfloat16'))\n"

@@ -1,16 +1,20 @@
 """A job runs each text through the model once for detection and all of its evaluation: generation
-prefills see only prompts, and every full forward over prompt + text (a capture) is a text never
-forwarded before. Counted with a forward hook on the model during a whole job."""
+prefills see only prompts, and every full forward over prompt + text (a capture, or the perplexity pass of a
+scheme whose capture is the ids alone) is a text never forwarded before, attacked texts included. Counted
+with a forward hook on the model during a whole job."""
+
+import pytest
 
 import os
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from moewm.app import CONF_DIR
-from moewm.job import get_model, run_job
-from moewm.schema import register, to_app_config
+from moewm.app.main import CONF_DIR
+from moewm.app.job import run_job
+from moewm.engine import capture
+from moewm.app.services import get_model
+from moewm.app.schema import register, to_app_config
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "one-forward-test-secret")
 
@@ -22,10 +26,24 @@ def _app(overrides):
         return to_app_config(compose(config_name="config", overrides=overrides))
 
 
-def test_a_job_forwards_each_text_once(tmp_path, monkeypatch):
+CASES = {
+    # scheme and attack -> the fewest full forwards: watermarked, plain, greedy and top-p samples of 4 prompts and
+    # 8 chunks of each of 3 human corpora for MoE-LSH (its captures); KGW forwards only for perplexity.
+    "moe_lsh": ([], 4 * 4 + 3 * 8),
+    "moe_lsh_unchanged_by_attack": (["attack=substitution", "attack.strength=0"], 4 * 4 + 3 * 8),
+    "moe_lsh_substitution": (["attack=substitution", "attack.strength=0.3"], 4 * 4 + 3 * 8 + 1),
+    "moe_lsh_paraphrase": (["attack=paraphrase", "attack.paraphrase_max_new_tokens=24"], 4 * 4 + 3 * 8 + 1),
+    "kgw_deletion": (["watermark=kgw", "attack=deletion", "attack.strength=0.2"], 2 * 4),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_job_forwards_each_text_once(case, tmp_path, monkeypatch):
+    extra, fewest = CASES[case]
     monkeypatch.setenv("MOEWM_CACHE_DIR", str(tmp_path / "cache"))
-    app = _app(["data.num_prompts=4", "generation.max_new_tokens=24", "eval=minimal", "logger=none", "progress=false"])
+    app = _app(["data.num_prompts=4", "generation.max_new_tokens=24", "eval=minimal", "logger=none", "progress=false", *extra])
     model, _ = get_model(app)
+    monkeypatch.setattr(capture, "_MEMORY", {})  # no captures of an earlier case in this process: all are counted
     monkeypatch.chdir(tmp_path)  # a fresh outputs/cache: null texts are captured here, not loaded from an earlier run
     full_rows: list[tuple[int, ...]] = []
 
@@ -41,7 +59,7 @@ def test_a_job_forwards_each_text_once(tmp_path, monkeypatch):
     # The decoder: generation reaches it through model.forward, a capture calls it directly (then the head).
     handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     try:
-        metrics = run_job(app, tmp_path / "job", run_name="one-forward", group=None)
+        run_job(app, tmp_path / "job", run_name="one-forward", group=None)
     finally:
         handle.remove()
     # Generation prefills forward the prompts (once per decoding: watermarked, plain, greedy, top-p; at most 8
@@ -49,6 +67,5 @@ def test_a_job_forwards_each_text_once(tmp_path, monkeypatch):
     # prompt + text (24 new tokens, or a human-text chunk).
     captures = [r for r in full_rows if len(r) > 16]
     repeated = {r for r in captures if captures.count(r) > 1}
-    # watermarked, plain, greedy and top-p samples of 4 prompts, and 8 chunks of each of 3 human corpora
-    assert len(captures) >= 4 * 4 + 3 * 8, len(captures)
+    assert len(captures) >= fewest, len(captures)
     assert not repeated, f"{len(repeated)} texts went through the model more than once"

@@ -1,11 +1,11 @@
-"""One home for padding rows of token ids (moewm.padding): the pad id rule and left / right padded batches."""
+"""One home for padding rows of token ids (moewm.engine.padding): the pad id rule and left / right padded batches."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from moewm.padding import pad_id, pad_rows
+from moewm.engine.padding import pad_id, pad_rows
 
 
 def test_pad_id_is_the_pad_token_else_eos_else_zero():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import binom, norm
 
-import moewm.poisson_binomial as pb
-from moewm.poisson_binomial import pmf, upper_tail
+import moewm.engine.poisson_binomial as pb
+from moewm.engine.poisson_binomial import pmf, upper_tail
 
 RTOL = 1e-9
 FLOOR = 1e-280  # references below this are only checked to be tiny

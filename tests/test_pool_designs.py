@@ -6,11 +6,11 @@ import torch
 
 from conftest import PROMPTS
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
-from moewm.keybank import balanced_partition, build_bank
-from moewm.keys import WatermarkKey
-from moewm.lsh import hashed_bits, pool_mask
-from moewm.scoring import BankTables, CaptureBatch, green_pools, key_draws, StatisticSpec
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.keybank import balanced_partition, build_bank
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.lsh import hashed_bits, pool_mask
+from moewm.engine.scoring import BankTables, CaptureBatch, green_pools, key_draws, StatisticSpec
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 DESIGNS = [
     EncoderConfig(num_bits=16, pool_size=8),

@@ -1,4 +1,4 @@
-"""int8 / NF4 quantization that reaches the fused experts (moewm.quantize), on micro checkpoints."""
+"""int8 / NF4 quantization that reaches the fused experts (moewm.models.quantize), on micro checkpoints."""
 
 import json
 
@@ -10,9 +10,9 @@ from transformers import AutoConfig
 from conftest import PROMPTS
 from micro_checkpoints import save_micro
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, MemoryConfig, ModelConfig, WatermarkConfig
-from moewm.footprint import model_nbytes
-from moewm.models import load_model
-from moewm.quantize import (
+from moewm.models.footprint import model_nbytes
+from moewm.models.loading import load_model
+from moewm.models.quantize import (
     NF4_CODE,
     QuantizedExperts,
     QuantizedLinear,
@@ -21,10 +21,10 @@ from moewm.quantize import (
     quantize_model,
     quantized_nbytes,
 )
-from moewm.routing import find_router_modules
-from moewm.signature_agreement import signature_flip_rate
-from moewm.testing import micro_model
-from moewm.watermark import MoELSHWatermark
+from moewm.engine.routing import find_router_modules
+from moewm.evaluation.signature_agreement import signature_flip_rate
+from moewm.models.micro import micro_model
+from moewm.schemes.moe_lsh import MoELSHWatermark
 
 FAMILIES = ["qwen2_moe", "mixtral"]
 

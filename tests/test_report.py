@@ -5,9 +5,9 @@ import itertools
 import pandas as pd
 import pytest
 
-from moewm.report import main as report_main
-from moewm.report import summarize
-from moewm.sweep import group_name, job_labels, swept_keys
+from moewm.app.report import main as report_main
+from moewm.app.report import summarize
+from moewm.app.sweep import group_name, job_labels, swept_keys
 from sweep_fixtures import NULL_SETS, write_sweep
 
 GRID = [{"seed": s, "encoder": e} for s, e in itertools.product((0, 1), ("simhash", "centered", "whitened", "pca"))]

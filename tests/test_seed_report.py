@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moewm.seed_report import seed_sensitivity_report
+from moewm.evaluation.seed_report import seed_sensitivity_report
 
 
 def _sweep(seeds=12):

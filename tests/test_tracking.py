@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moewm.config import LoggerConfig
-from moewm.tracking import Tracker, run_tags, sync_command
+from moewm.app.tracking import Tracker, run_tags, sync_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-value-that-must-not-leak-7d1e"

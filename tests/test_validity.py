@@ -16,12 +16,14 @@ import pytest
 import torch
 from scipy.stats import binom, kstest
 
-from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
-from moewm.keys import WatermarkKey
-from moewm.models import load_model
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, KGWConfig, ModelConfig, WatermarkConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.models.loading import load_model
 from moewm.null_corpora import human_texts
-from moewm.nulls import null_generation
-from moewm.watermark import MoELSHWatermark, encode_prompt, generate_batched
+from moewm.evaluation.nulls import null_generation
+from moewm.schemes.moe_lsh import MoELSHWatermark
+
+from moewm.engine.generation import encode_prompt, generate_batched
 
 SECRET = "validity-test-secret"
 ALPHA = 1e-3
@@ -78,8 +80,8 @@ def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_orig
     Each text is scored under its own key (so the p-values are independent) against the same 199
     reference keys. (Under one fixed key, texts of one genre share that key's luck: their p-values are
     correlated, which is why the per-key checks below use false-positive counts, not a uniformity test.)"""
-    from moewm.keybank import build_bank
-    from moewm.scoring import BankTables, CaptureBatch, calibrated
+    from moewm.engine.keybank import build_bank
+    from moewm.engine.scoring import BankTables, CaptureBatch, calibrated
 
     captures, origin = captured
     with _wm(tiny, 0, reference_keys=199, alpha=0.01) as wm:
@@ -104,8 +106,8 @@ def test_calibrated_p_values_are_exactly_uniform_over_keys_on_text_of_every_orig
 
 def _per_key_shares(tiny, captures, encoder: EncoderConfig, level: float, keys: int = 8) -> np.ndarray:
     """Each of ``keys`` fixed deployed keys' share of null texts at p <= level (R = 99, no early stop)."""
-    from moewm.keybank import build_bank, reference_bank
-    from moewm.scoring import BankTables, CaptureBatch, calibrated
+    from moewm.engine.keybank import build_bank, reference_bank
+    from moewm.engine.scoring import BankTables, CaptureBatch, calibrated
 
     model, tok = tiny
     with MoELSHWatermark(model, tok, ExtractorConfig(), encoder, WatermarkConfig(reference_keys=99, alpha=0.05), WatermarkKey(SECRET, 0), cache_dir=None) as wm:
@@ -194,11 +196,11 @@ def test_watermarked_text_reaches_the_floor(tiny):
 
 @pytest.mark.parametrize("kind", ["kgw", "synthid"])
 def test_baseline_exact_tests_are_valid_on_the_null_sets(tiny, null_texts, kind):
-    from moewm.baselines import build_watermarker
+    from moewm.schemes.registry import build_watermarker
 
     model, tok = tiny
     texts, prompts, _ = _all(null_texts)
-    cfg = WatermarkConfig(kind=kind, kgw_gamma=0.25)
+    cfg = WatermarkConfig(kind=kind, kgw=KGWConfig(gamma=0.25))
     out = build_watermarker(kind, model, tok, cfg, WatermarkKey(SECRET, 0)).detect_ids(texts, prompts)
     p = out.p_value[np.isfinite(out.p_value)]
     assert len(p) >= 200, (kind, len(p))  # every text of the null sets is scored
@@ -220,7 +222,7 @@ def test_decision_follows_alpha(tiny, captured):
 def test_texts_longer_than_the_context_are_scored_in_overlapping_windows(tiny):
     """tiny_moe has 512 positions: a 1,300-token text runs in four windows (stride 384); every token is scored once,
     each with at least the overlap as context, and the first window equals a plain capture of it."""
-    from moewm.capture import windows_for
+    from moewm.engine.capture import windows_for
 
     model, tok = tiny
     text = " ".join(human_texts("kjv_narrative", 12))

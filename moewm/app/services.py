@@ -1,0 +1,74 @@
+"""What the run and detect modes share: the per-process model cache, prompt formatting, the configured scheme,
+and where caches live. Both modes import it; it imports neither."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from moewm.app.schema import AppConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.models.loading import load_model
+from moewm.schemes.base import Watermarker
+
+
+_MODELS: dict[str, tuple[Any, Any]] = {}
+PLAIN_GENERATIONS: dict[str, tuple[list[list[int]], list[list[int]], float]] = {}
+LOAD_COUNT = {"loads": 0}
+
+
+def cache_key(*parts: Any) -> str:
+    return json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+
+
+def get_model(app: AppConfig) -> tuple[Any, Any]:
+    """Load the model, or reuse it when an earlier job in this process loaded the same one."""
+    key = cache_key(app.model, app.memory)
+    if app.reuse_model and key in _MODELS:
+        return _MODELS[key]
+    _MODELS.clear()  # one model in memory at a time
+    PLAIN_GENERATIONS.clear()
+    model, tokenizer = load_model(app.model, app.memory)
+    LOAD_COUNT["loads"] += 1
+    if app.reuse_model:
+        _MODELS[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
+    """Chat checkpoints get their chat template around the prompt; base models the prompt itself."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def build_watermarker(app: AppConfig, model: Any, tokenizer: Any, key: WatermarkKey, calibration: Any) -> Watermarker:
+    """The configured scheme (:mod:`moewm.schemes.registry`), with the app's caches for its reference keys."""
+    from moewm.schemes.registry import build_watermarker as build
+
+    return build(app.watermark.kind, model, tokenizer, app.watermark, key, extractor=app.extractor, encoder=app.encoder,
+                 calibration=calibration, cache_dir=cache_root() / "reference_keys", model_id=cache_key(app.model, app.memory))
+
+
+def cache_root() -> Path:
+    """Caches shared by the jobs of every sweep: reference-key banks, calibration, null-text captures."""
+    return Path(app_output_root()) / "cache"
+
+
+def needs_calibration(app: AppConfig) -> bool:
+    """A routing scheme needs feature statistics for a non-simhash encoder, or for the geometry metrics."""
+    from moewm.schemes.registry import scheme_class
+
+    return scheme_class(app.watermark.kind).capture_runs_model and (app.encoder.kind != "simhash" or app.eval.geometry)
+
+
+def app_output_root() -> str:
+    """Top-level outputs/ (runs, sweeps and caches live there)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(Path(HydraConfig.get().runtime.cwd) / "outputs")
+    except Exception:  # outside a Hydra run (library use, tests)
+        return "outputs"

@@ -1,0 +1,3 @@
+from moewm.bench.cli import main
+
+main()

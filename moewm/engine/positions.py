@@ -1,0 +1,109 @@
+"""Per-position Bernoulli draws of the n-gram schemes (KGW one per scored token, SynthID one per token and
+tournament layer), left-aligned in reading order, with their exact binomial tails: whole text, best window,
+and every prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import binom
+
+from moewm.engine import stats
+
+
+@dataclass
+class PositionScores:
+    """Bernoulli draws per text, scored draws first and in reading order (padding after them).
+
+    ``green`` (B, L) bool, ``gamma`` (B, L) float64 null probability, ``scored`` (B, L) bool;
+    ``draws_per_token`` draws belong to each scored token (1, or SynthID's number of layers).
+    """
+
+    green: torch.Tensor
+    gamma: torch.Tensor
+    scored: torch.Tensor
+    draws_per_token: int = 1
+
+    @staticmethod
+    def from_positions(green: torch.Tensor, gamma: torch.Tensor, scored: torch.Tensor, draws_per_token: int = 1) -> "PositionScores":
+        """Compact per-position arrays (any padding / unscored positions) into the left-aligned form."""
+        green, gamma, scored = green.cpu(), gamma.cpu().to(torch.float64), scored.cpu().bool()
+        order = torch.argsort((~scored).to(torch.int8), dim=-1, stable=True)
+        width = int(scored.sum(-1).max()) if scored.numel() else 0
+        order = order[:, :width]
+        s = torch.gather(scored, -1, order)
+        return PositionScores(
+            green=torch.gather(green.bool(), -1, order) & s,
+            gamma=torch.where(s, torch.gather(gamma, -1, order), torch.zeros((), dtype=torch.float64)),
+            scored=s,
+            draws_per_token=int(draws_per_token),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["PositionScores"]) -> "PositionScores":
+        width = max(p.green.shape[1] for p in parts)
+        m = parts[0].draws_per_token
+
+        def pad(x: torch.Tensor, value: Any) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return PositionScores(
+            green=torch.cat([pad(p.green, False) for p in parts]),
+            gamma=torch.cat([pad(p.gamma, 0.0) for p in parts]),
+            scored=torch.cat([pad(p.scored, False) for p in parts]),
+            draws_per_token=m,
+        )
+
+    def take(self, order: np.ndarray) -> "PositionScores":
+        idx = torch.as_tensor(np.asarray(order), dtype=torch.long)
+        return PositionScores(self.green[idx], self.gamma[idx], self.scored[idx], self.draws_per_token)
+
+    def __len__(self) -> int:
+        return int(self.green.shape[0])
+
+    def tokens_scored(self) -> np.ndarray:
+        return (self.scored.sum(-1) // self.draws_per_token).numpy()
+
+    def z(self) -> np.ndarray:
+        """z of all scored draws (equals the detector's z)."""
+        return stats.exact_gamma_z(self.green, self.gamma, self.scored)["z_score"].numpy()
+
+    def window_exact(self, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Max z over windows of ``window`` scored tokens and its p-value: the exact binomial tail of the
+        best window times the number of windows (Bonferroni). Needs one gamma per text (the baselines)."""
+        best, count = stats.window_z(self.green, self.gamma, self.scored, int(window) * self.draws_per_token)
+        m = self.draws_per_token
+        draws = self.scored.sum(-1).numpy()
+        size = np.minimum(int(window) * m, draws)
+        gamma = self._constant_gamma()
+        # the best window's green count, recovered from its z (same size, one gamma)
+        with np.errstate(invalid="ignore"):
+            greens = np.round(best.numpy() * np.sqrt(size * gamma * (1 - gamma)) + size * gamma)
+        tail = binom.sf(greens - 1, size, gamma)
+        p = np.minimum(1.0, tail * count.numpy())
+        return best.numpy(), np.where(np.isfinite(best.numpy()), p, np.nan)
+
+    def _constant_gamma(self) -> np.ndarray:
+        """Each text's one gamma (NaN for a text with no draws); refuses texts whose gammas differ."""
+        g = self.gamma.numpy()
+        s = self.scored.numpy()
+        first = np.where(s.any(-1), g[np.arange(len(g)), s.argmax(-1)] if len(g) else np.zeros(0), np.nan)
+        if not np.allclose(np.where(s, g, first[:, None]), first[:, None], equal_nan=True):
+            raise ValueError("PositionScores: exact window and prefix tails need one gamma per text")
+        return first
+
+    def prefix_p_values(self) -> list[np.ndarray]:
+        """Per text, the exact binomial p-value after each scored token (one gamma per text)."""
+        m = self.draws_per_token
+        gamma = self._constant_gamma()
+        green = self.green.to(torch.int64).cumsum(-1).numpy()
+        n = self.scored.to(torch.int64).cumsum(-1).numpy()
+        out = []
+        for i in range(len(self)):  # one vectorised tail per text
+            tokens = int(self.scored[i].sum()) // m
+            ends = np.arange(1, tokens + 1) * m - 1
+            out.append(binom.sf(green[i, ends] - 1, n[i, ends], gamma[i]) if tokens else np.zeros(0))
+        return out

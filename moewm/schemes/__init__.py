@@ -1,0 +1,1 @@
+"""Watermarking schemes behind one interface (:class:`moewm.schemes.base.Watermarker`), built by kind from the registry."""

@@ -1,0 +1,114 @@
+"""What every watermarking scheme is: the :class:`Watermarker` protocol, and the text generation they share.
+
+A scheme generates from prompt ids, captures texts (what detection needs of each text: for MoE-LSH one
+forward's routing and next-token distribution, for the n-gram baselines the ids themselves), scores
+captures under its key into a :class:`~moewm.engine.detection.DetectorOutput` (the one output type; the
+decision at alpha is :func:`moewm.engine.detection.decide`), and closes. The job and the evaluation talk
+to this protocol only; a scheme's registry entry (:mod:`moewm.schemes.registry`) is all that names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Protocol, Sequence, runtime_checkable
+
+from torch import nn
+
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
+from moewm.engine.detection import DetectorOutput
+from moewm.engine.generation import generate_batched
+from moewm.engine.keys import WatermarkKey
+
+
+@runtime_checkable
+class Watermarker(Protocol):
+    """One scheme under one key, bound to a model and tokenizer."""
+
+    # Does capture run the model (MoE-LSH: routing and next-token distribution)? Then a capture is worth
+    # caching, and it carries each text's log-probabilities (perplexity comes from it, not a second pass).
+    capture_runs_model: ClassVar[bool]
+    key: WatermarkKey
+    watermark_cfg: WatermarkConfig
+    model: nn.Module
+    tokenizer: Any
+
+    def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation: Optional[GenerationConfig] = None,
+                          watermark: bool = True, progress: bool = False) -> list[list[int]]: ...
+
+    def capture(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+                progress: bool = False) -> list[Any]: ...
+
+    def score(self, captures: Sequence[Any], prefixes: bool = False, progress: bool = False,
+              window: Optional[int] = None) -> DetectorOutput: ...
+
+    def detect_ids(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+                   progress: bool = False, prefixes: bool = False, window: Optional[int] = None) -> DetectorOutput: ...
+
+    def null_description(self) -> dict[str, Any]:
+        """What the p-values rest on: ``statistic``, ``reference_keys`` (0: an exact test) and ``p_value_null`` (a sentence)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TextGeneration:
+    """Text-level generation for every watermarker (MoE-LSH and the baselines): prompts in, ids or text
+    out. A subclass provides ``model``, ``tokenizer``, ``encode_prompt`` and what its watermark adds to
+    :func:`generate_batched` (``watermark_generate_kwargs``)."""
+
+    model: nn.Module
+    tokenizer: Any
+    generation_label = "watermarked"  # for the progress bar
+    capture_runs_model: ClassVar[bool] = False
+
+    @classmethod
+    def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,
+              extractor: Optional[ExtractorConfig] = None, encoder: Optional[EncoderConfig] = None, calibration: Any = None,
+              cache_dir: Optional[str | Path] = "default", model_id: str = "") -> "TextGeneration":
+        """The scheme for one model and key from the job's settings (a scheme takes what it needs of them)."""
+        return cls(model, tokenizer, watermark, key)  # type: ignore[call-arg]
+
+    @classmethod
+    def check_config(cls, watermark: WatermarkConfig) -> None:
+        """Checks of ``watermark.*`` that only this scheme needs, run before any weights load."""
+
+    def encode_prompt(self, prompt: Optional[str]) -> list[int]:
+        raise NotImplementedError
+
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        """What :func:`generate_batched` needs to add this watermark (processors, on_batch, extra_generate_kwargs)."""
+        raise NotImplementedError
+
+    def generate_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """New token ids (eos stripped) for already tokenized prompts."""
+        generation = generation or GenerationConfig()
+        generation.validate()
+        label = f"generate ({self.generation_label})" if watermark else "generate (plain)"
+        kwargs = self.watermark_generate_kwargs() if watermark else {}
+        return generate_batched(
+            self.model, self.tokenizer, prompt_ids, generation, kwargs.pop("processors", []), progress=label if progress else None, **kwargs
+        )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        generation: Optional[GenerationConfig] = None,
+        watermark: bool = True,
+        progress: bool = False,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Generate continuations; returns (prompt token ids, new token ids) per prompt, eos stripped."""
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        return prompt_ids, self.generate_from_ids(prompt_ids, generation, watermark, progress)
+
+    def generate(self, prompts: Sequence[str], generation: Optional[GenerationConfig] = None, watermark: bool = True) -> list[str]:
+        """Watermarked (or, with ``watermark=False``, plain) continuations of ``prompts`` as text."""
+        _, new_ids = self.generate_ids(prompts, generation, watermark)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+

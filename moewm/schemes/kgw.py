@@ -1,0 +1,131 @@
+"""KGW (Kirchenbauer et al., 2023) through transformers' ``WatermarkingConfig`` (generation) and the green
+lists of its ``WatermarkDetector`` (detection).
+
+KGW detection scores only the continuation: the detector gets the last ``context_width`` prompt tokens as
+context (lefthash) in front of the text, plus one sentinel token that it strips as "bos". Its z uses the
+nominal ``greenlist_ratio``; we use the exact green-list fraction ``int(V * ratio) / V`` that its processor
+uses (``gamma_mean``) and the exact binomial tail of the count of distinct n-grams.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import WatermarkDetector, WatermarkingConfig
+
+from moewm.config import ConfigError, WatermarkConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.positions import PositionScores
+from moewm.engine.scoring import first_occurrences
+from moewm.schemes.ngram_base import TransformersWatermark, check_ids, key_int
+
+
+class KGWWatermark(TransformersWatermark):
+    """Kirchenbauer et al. (2023) through ``transformers.WatermarkingConfig`` / ``WatermarkDetector``."""
+
+    name = "kgw"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, watermark_cfg: WatermarkConfig, key: WatermarkKey) -> None:
+        super().__init__(model, tokenizer, watermark_cfg, key)
+        self._config = WatermarkingConfig(
+            greenlist_ratio=watermark_cfg.kgw.gamma,
+            bias=watermark_cfg.delta,
+            hashing_key=key_int(key, "kgw"),
+            seeding_scheme=watermark_cfg.kgw.seeding_scheme,
+            context_width=watermark_cfg.kgw.context_width,
+        )
+        self._config.validate()
+        # The detector strips a leading "bos" (model_config.bos_token_id) and fails when that id is None;
+        # we give it a config copy whose bos is a sentinel that we always prepend, so it strips exactly that.
+        model_config = copy.copy(model.config.get_text_config())
+        self._sentinel = tokenizer.bos_token_id if getattr(tokenizer, "bos_token_id", None) is not None else 0
+        model_config.bos_token_id = self._sentinel
+        self.detector = WatermarkDetector(
+            model_config=model_config,
+            device=str(self.device),
+            watermarking_config=self._config,
+            ignore_repeated_ngrams=watermark_cfg.ignore_repeated,
+        )
+        proc = self.detector.processor
+        if proc.vocab_size != self.vocab_size:
+            raise ConfigError(
+                f"KGW: model.config.vocab_size={proc.vocab_size} differs from the output head's {self.vocab_size}; "
+                "the transformers KGW processor would key a different vocabulary"
+            )
+        self.selfhash = int(proc.seeding_scheme == "selfhash")
+        self.ngram = proc.context_width + 1 - self.selfhash  # tokens per scored n-gram (the detector's n)
+        self.gamma = proc.greenlist_size / proc.vocab_size  # exact green fraction
+
+    @property
+    def watermarking_config(self) -> WatermarkingConfig:
+        return self._config
+
+    def _rows(self, text_ids: Sequence[Sequence[int]], prompt_ids: list[list[int]]) -> list[tuple[list[int], int]]:
+        """Context tail + text per row, and how many context tokens lead it."""
+        need = self.ngram - 1
+        out = []
+        for p, t in zip(prompt_ids, text_ids):
+            tail = p[-need:] if need > 0 else []
+            out.append((tail + list(t), len(tail)))
+        return out
+
+    def draws(self, text_ids: Sequence[Sequence[int]], prompt_ids: list[list[int]]) -> PositionScores:
+        """Green flags of the continuation's distinct n-grams. Repeated n-grams are always scored once here: a
+        repeat is the same draw again, and counting it twice is what breaks KGW's p-value on greedy loops."""
+        return self.position_scores(text_ids, prompt_ids, distinct=True)
+
+    @torch.no_grad()
+    def position_scores(
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, distinct: Optional[bool] = None
+    ) -> PositionScores:
+        """Green flag of every scored continuation token, from the detector's own processor
+        (``distinct``: score each n-gram once; default ``watermark.ignore_repeated``).
+
+        The green list is a seeded ``randperm`` of the vocabulary per context (not vectorisable), so it is
+        drawn once per distinct context of the batch and membership is then looked up in bulk.
+        """
+        check_ids(text_ids, self.vocab_size)
+        prompts = self._prompts(text_ids, prompt_ids)
+        proc = self.detector.processor
+        n = self.ngram
+        rows = self._rows(text_ids, prompts)
+        length = max(len(t) for t in text_ids)
+        green = torch.zeros(len(rows), length, dtype=torch.bool)
+        scored = torch.zeros(len(rows), length, dtype=torch.bool)
+        windows, where = [], []
+        for i, (row, lead) in enumerate(rows):
+            r = torch.tensor(row, dtype=torch.long)
+            if r.numel() < n:
+                continue
+            w = r.unfold(0, n, 1)  # (num, n): n-grams ending at positions n-1 .. len-1 of the row
+            ends = torch.arange(n - 1, r.numel()) - lead  # their target's index in the text
+            keep = ends >= 0
+            windows.append(w[keep])
+            where.append(torch.stack([torch.full_like(ends[keep], i), ends[keep]], 1))
+        if windows:
+            grams = torch.cat(windows)
+            at = torch.cat(where)
+            seeds = grams if self.selfhash else grams[:, :-1]
+            uniq, inverse = torch.unique(seeds, dim=0, return_inverse=True)
+            hit = torch.zeros(grams.shape[0], dtype=torch.bool)
+            order = torch.argsort(inverse, stable=True)
+            bounds = torch.searchsorted(inverse[order], torch.arange(uniq.shape[0] + 1))
+            targets = grams[:, -1]
+            for u in range(uniq.shape[0]):  # one seeded randperm per distinct context (what the detector does)
+                members = order[bounds[u] : bounds[u + 1]]
+                greenlist = proc._get_greenlist_ids(uniq[u].to(self.device)).cpu()
+                hit[members] = torch.isin(targets[members], greenlist)
+            green[at[:, 0], at[:, 1]] = hit
+            scored[at[:, 0], at[:, 1]] = True
+            if self.watermark_cfg.ignore_repeated if distinct is None else distinct:  # each distinct n-gram once per text
+                _, gram_id = torch.unique(grams, dim=0, return_inverse=True)
+                keys = torch.full((len(rows), length), -1, dtype=torch.long)
+                keys[at[:, 0], at[:, 1]] = gram_id
+                scored = first_occurrences(keys, scored)
+                green &= scored
+        gamma = torch.full((len(rows), length), self.gamma, dtype=torch.float64)
+        return PositionScores.from_positions(green, gamma, scored)
+
+

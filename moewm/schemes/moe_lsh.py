@@ -1,0 +1,314 @@
+"""The MoE-LSH watermark: a logits processor that biases the green list, and a one-pass batched detector.
+
+Generation and detection share one green-list function (:class:`moewm.engine.lsh.LSHEncoder` applied to the
+features captured by :class:`moewm.engine.routing.FeatureCapture`), so they cannot drift apart: the green list
+for the token at position t comes from the features at position ``t + extractor.token_idx``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LogitsProcessor
+
+from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
+from moewm.engine import scoring
+from moewm.engine.capture import CaptureSettings, TextCapture, capture_texts, detection_batches
+from moewm.engine.detection import DetectionResult, DetectorOutput, decide
+from moewm.engine.generation import check_tokenizer, encode_prompt, model_vocab_size, usable_tokens
+from moewm.engine.keybank import build_bank, default_cache_dir, model_identity, reference_bank
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.lm_head import SplitLMHead, split_lm_head
+from moewm.engine.lsh import CalibrationStats, LSHEncoder
+from moewm.engine.padding import pad_id
+from moewm.engine.poisson_binomial import upper_tail
+from moewm.engine.routing import FeatureCapture
+from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
+from moewm.schemes.base import TextGeneration
+
+# Kept for code written against the first release.
+MoEDetectorOutput = DetectorOutput
+
+log = logging.getLogger(__name__)
+
+
+class RoutingWatermarkProcessor(LogitsProcessor):
+    """Adds ``delta`` to the green list keyed by the routing of the current context position.
+
+    The model's forward runs before the processor is called, so the hooked routing for the last
+    position is already there; per step this costs one (B, D) x (D, num_bits) product and an index-add.
+    """
+
+    def __init__(self, capture: FeatureCapture, encoder: LSHEncoder, delta: float, token_idx: int = -1) -> None:
+        self.capture = capture
+        self.encoder = encoder
+        self.delta = float(delta)
+        self.back = -int(token_idx)
+        self._history: Optional[torch.Tensor] = None
+        self._last_length = -1
+
+    def reset(self) -> None:
+        self._history = None
+        self._last_length = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        if self.back == 1:
+            features = self.capture.features(batch, positions=slice(-1, None))[:, -1]
+        else:
+            new = self.capture.features(batch, positions=slice(-self.back, None))
+            fresh = self._history is None or length != self._last_length + 1 or self._history.shape[0] != batch
+            history = new if fresh else torch.cat([self._history, new], dim=1)
+            self._history = history[:, -self.back :]
+            self._last_length = length
+            features = self._history[:, max(-self.back, -self._history.shape[1])]
+        bits = self.encoder.signature(features.to(self.encoder.device))
+        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta)
+
+
+class MoELSHWatermark(TextGeneration):
+    """Routing-keyed watermark for one model and key: ``generate`` text, ``detect`` it.
+
+    The hooks that read the router stay on the model until :meth:`close` (or the end of a ``with``
+    block), so ``logits_processor`` can also be passed to a plain ``model.generate``. Detection is a
+    capture (one forward per text) scored under this key and ranked among ``watermark.reference_keys``
+    public reference keys, whose bank is cached under ``cache_dir`` ("default": $MOEWM_CACHE_DIR or
+    ~/.cache/moewm; None: memory only).
+    """
+
+    capture_runs_model: ClassVar[bool] = True
+
+    @classmethod
+    def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,
+              extractor: Optional[ExtractorConfig] = None, encoder: Optional[EncoderConfig] = None, calibration: Any = None,
+              cache_dir: Optional[str | Path] = "default", model_id: str = "") -> "MoELSHWatermark":
+        """``calibration`` may be :class:`~moewm.engine.lsh.CalibrationStats` or a :class:`moewm.engine.calibration.Calibration`."""
+        calibration = getattr(calibration, "stats", calibration)
+        return cls(model, tokenizer, extractor, encoder, watermark, key, calibration, cache_dir=cache_dir, model_id=model_id)
+
+    @classmethod
+    def check_config(cls, watermark: WatermarkConfig) -> None:
+        watermark.check_calibrated_alpha()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        extractor: Optional[ExtractorConfig] = None,
+        encoder: Optional[EncoderConfig] = None,
+        watermark: Optional[WatermarkConfig] = None,
+        key: Optional[WatermarkKey] = None,
+        calibration: Optional[CalibrationStats] = None,
+        cache_dir: Optional[str | Path] = "default",
+        model_id: str = "",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.extractor_cfg = extractor or ExtractorConfig()
+        self.encoder_cfg = encoder or EncoderConfig()
+        self.watermark_cfg = watermark or WatermarkConfig()
+        self.watermark_cfg.validate()
+        self.check_config(self.watermark_cfg)
+        self.key = key or WatermarkKey.from_env(0)
+        self.vocab_size = model_vocab_size(model)
+        check_tokenizer(tokenizer, self.vocab_size)
+        self.capture_hooks = FeatureCapture(model, self.extractor_cfg)
+        embeddings = model.get_input_embeddings().weight
+        usable = usable_tokens(tokenizer, self.vocab_size)
+        self._calibration = calibration
+        # The deployed key is a bank of one, drawn by the same code as the reference keys.
+        true_bank = build_bank(self.encoder_cfg, [self.key], self.capture_hooks.dim, embeddings, usable, self.vocab_size, calibration)
+        self.encoder = true_bank.encoder(0).to(embeddings.device)
+        self._true_tables = BankTables.of(true_bank, embeddings.device)
+        self._reference: Optional[BankTables] = None
+        self.cache_dir: Optional[Path] = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self.model_id = model_id or model_identity(model)
+        self.logits_processor = RoutingWatermarkProcessor(
+            self.capture_hooks, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
+        )
+        self._split_head: Optional[SplitLMHead] = None
+        self._split_head_checked = False
+
+    def null_description(self) -> dict[str, Any]:
+        cfg = self.watermark_cfg
+        return {"statistic": cfg.statistic, "reference_keys": cfg.reference_keys,
+                "p_value_null": f"rank among {cfg.reference_keys} public reference keys (exact for text written without the key, any origin; "
+                                f"floor {1 / (cfg.reference_keys + 1):.2g}; Besag-Clifford stop after {cfg.stop_after} exceedances)"}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self.capture_hooks.detach()
+
+    def __enter__(self) -> "MoELSHWatermark":
+        self.capture_hooks.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # -- generation ------------------------------------------------------------------------------
+    def watermark_generate_kwargs(self) -> dict[str, Any]:
+        return {"processors": [self.logits_processor], "on_batch": self.logits_processor.reset}
+
+    # -- detection -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Optional[str]) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def detect(self, texts: Sequence[str], prompts: Optional[Sequence[Optional[str]]] = None) -> list[DetectionResult]:
+        """Score texts (optionally each after its prompt). Text is tokenised again here: to score the
+        exact tokens a model produced, use :meth:`detect_ids`."""
+        if prompts is not None and len(prompts) != len(texts):
+            raise ValueError(f"prompts: got {len(prompts)} prompts for {len(texts)} texts; they must match one to one")
+        text_ids = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"texts[{i}] is empty: detection needs at least one token of text")
+            text_ids.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        prompt_ids = [self.encode_prompt(prompts[i] if prompts is not None else None) for i in range(len(texts))]
+        return self.detect_ids(text_ids, prompt_ids).results()
+
+    # -- capture once, score many ----------------------------------------------------------------
+    @property
+    def capture_settings(self) -> CaptureSettings:
+        cfg = self.watermark_cfg
+        return CaptureSettings(
+            back=-self.extractor_cfg.token_idx,
+            top_k=cfg.capture_top_k,
+            max_context=cfg.max_context or 0,
+            overlap=cfg.context_overlap,
+            batch_size=cfg.detect_batch_size,
+            max_tokens=cfg.detect_max_tokens,
+        )
+
+    @property
+    def statistic_spec(self) -> StatisticSpec:
+        cfg = self.watermark_cfg
+        return StatisticSpec(kind=cfg.statistic, null=cfg.null, delta=cfg.delta, ignore_repeated=cfg.ignore_repeated)
+
+    def capture(
+        self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
+    ) -> list[TextCapture]:
+        """One forward per text: what every key's detector needs of it (:mod:`moewm.engine.capture`)."""
+        if prompt_ids is None:
+            prompt_ids = [self.encode_prompt(None) for _ in text_ids]
+        if len(prompt_ids) != len(text_ids):
+            raise ValueError(f"prompt_ids: got {len(prompt_ids)} prompts for {len(text_ids)} texts; they must match one to one")
+        for i, t in enumerate(text_ids):
+            if len(t) == 0:
+                raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
+            if max(t) >= self.vocab_size or min(t) < 0:
+                raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
+        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
+        split = self.split_head()
+        self.capture_hooks.attach()
+        return capture_texts(self.model, self.capture_hooks, self.encoder.usable, rows, [len(p) for p in prompt_ids],
+                             self.capture_settings, split=split, pad_id=pad_id(self.tokenizer), progress=progress)
+
+    def reference_tables(self, device: Optional[torch.device] = None) -> BankTables:
+        """The public reference keys for this model and encoder (built once, cached in memory and on disk)."""
+        device = device or self.device
+        count = self.watermark_cfg.reference_keys
+        if self._reference is None or self._reference.num_keys != count or self._reference.device != torch.device(device):
+            embeddings = self.model.get_input_embeddings().weight
+            bank = reference_bank(self.encoder_cfg, count, self.capture_hooks.dim, embeddings, self.encoder.usable,
+                                  self.vocab_size, self._calibration, cache_dir=self.cache_dir, model_id=self.model_id)
+            self._reference = BankTables.of(bank, device)
+        return self._reference
+
+    def score(self, captures: Sequence[TextCapture], prefixes: bool = False, progress: bool = False,
+              window: Optional[int] = None) -> DetectorOutput:
+        """Detection of captured texts: the statistic under the deployed key, ranked among the reference keys
+        (``prefixes``: also the p-value after every scored token; ``window``: windowed detection over that
+        many tokens, default ``watermark.window``)."""
+        if not captures:
+            return DetectorOutput.empty(0)
+        cfg = self.watermark_cfg
+        device = self.device
+        ref = self.reference_tables(device)
+        order = np.argsort([-c.num_scored for c in captures], kind="stable")
+        batches = detection_batches([captures[i].num_scored for i in order], cfg.detect_batch_size, cfg.detect_max_tokens)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="score", unit="batch", leave=False)
+        parts = []
+        for start, stop in batches:
+            idx = order[start:stop]
+            parts.append(self._score_batch([captures[i] for i in idx], ref, prefixes, window or cfg.window))
+        return DetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
+
+    def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
+        cfg = self.watermark_cfg
+        spec = self.statistic_spec
+        batch = CaptureBatch.stack(captures, self.device)
+        result = calibrated(batch, self._true_tables, ref, spec, stop_after=cfg.stop_after, window=window, prefixes=prefixes,
+                            top_k=cfg.statistic_top_k)
+        draws = result.draws
+        assert draws is not None
+        green, scored = draws.green[0], draws.scored[0]
+        # Diagnostics under the parametric null, with the exact green-list size (deployed key only).
+        gamma = scoring.exact_gamma(batch, self._true_tables, spec.null)[0] * scored
+        n = scored.sum(-1)
+        num_green = green.sum(-1)
+        diag = scoring.statistic(scoring.KeyDraws(draws.green, gamma.unsqueeze(0), draws.scored), StatisticSpec(kind="z"))[0]
+        model_null_p = upper_tail(gamma, scored, num_green)
+        n_np = n.cpu().numpy()
+        p, prediction, notes = decide(result.p_value, n_np, cfg.min_tokens, cfg.alpha)
+        z = diag.cpu().numpy()
+        if cfg.z_threshold is not None:  # legacy rule, kept for comparison only
+            prediction = np.nan_to_num(np.where(n_np < cfg.min_tokens, np.nan, z), nan=-np.inf) > cfg.z_threshold
+        window_p = None
+        if result.window_p_value is not None:
+            window_p = np.where(n_np < cfg.min_tokens, np.nan, result.window_p_value)
+        prefix = None
+        if result.prefix_p_value is not None:
+            prefix = [row[: int(c.num_scored)] for row, c in zip(result.prefix_p_value, captures)]
+        return DetectorOutput(
+            num_tokens_scored=n_np.astype(np.int64),
+            num_green_tokens=num_green.cpu().numpy().astype(np.int64),
+            green_fraction=(num_green.double() / n.clamp(min=1)).cpu().numpy(),
+            gamma_mean=(gamma.sum(-1) / n.clamp(min=1)).cpu().numpy(),
+            statistic=result.statistic,
+            z_score=np.where(n_np < cfg.min_tokens, np.nan, z),
+            p_value=p,
+            p_value_floor=np.full(len(captures), 1.0 / (ref.num_keys + 1)),
+            num_reference_keys=result.keys_scored.astype(np.int64),
+            p_value_model_null=np.where(n_np < cfg.min_tokens, np.nan, model_null_p.cpu().numpy()),
+            prediction=prediction,
+            window_statistic=result.window_statistic,
+            window_p_value=window_p,
+            notes=[note or (f"scored in {c.windows} windows of the model's context" if c.windows > 1 else "") for note, c in zip(notes, captures)],
+            prefix_p_value=prefix,
+        )
+
+    def detect_ids(
+        self,
+        text_ids: Sequence[Sequence[int]],
+        prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+        progress: bool = False,
+        prefixes: bool = False,
+        window: Optional[int] = None,
+    ) -> DetectorOutput:
+        """Score token sequences; ``prompt_ids`` (context, not scored) may be given per text."""
+        return self.score(self.capture(text_ids, prompt_ids, progress=progress), prefixes=prefixes, progress=progress, window=window)
+
+    def split_head(self) -> Optional[SplitLMHead]:
+        """The model's decoder and output head, checked once against its own logits (see moewm.engine.lm_head)."""
+        if not self._split_head_checked:
+            self.capture_hooks.detach()
+            probe = self.encoder.pool_tokens[:8].to(self.device).unsqueeze(0)
+            self._split_head = split_lm_head(self.model, probe)
+            self._split_head_checked = True
+        return self._split_head
+
+

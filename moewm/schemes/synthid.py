@@ -1,0 +1,88 @@
+"""SynthID-Text (Dathathri et al., 2024) through transformers' ``SynthIDTextWatermarkingConfig``.
+
+Detection: the count of g-values equal to 1 under its exact binomial null. Each scored token carries
+``m = len(keys)`` g-values (one per tournament layer). For a fixed key, a g-value is a table lookup
+``table[hash(ngram, key_l) % size]`` into a fixed random 0/1 table, so on text that was not generated with
+the key every g-value is a Bernoulli(p0) draw with p0 = the table's mean (0.5 up to the table's sampling
+noise, which we use exactly). The context-repetition mask (the processor's own
+``compute_context_repetition_mask``) keeps only n-grams whose context was not seen earlier in the text, and
+the eos mask drops everything from the first eos on, so the scored draws are distinct. In
+:class:`~moewm.engine.detection.DetectorOutput` terms: ``num_tokens_scored`` = n tokens,
+``num_green_tokens`` = g-values equal to 1 (over n x m draws), ``green_fraction`` = mean g-value,
+``gamma_mean`` = p0.
+
+The first ``ngram_len - 1`` continuation tokens are scored with the same all-zero context that transformers'
+processor uses at generation time (its state starts as zeros, ``skip_first_ngram_calls`` is off), so
+generation and detection see identical n-grams. transformers' Bayesian detector needs a trained model, so
+it is not used here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import SynthIDTextWatermarkingConfig
+
+from moewm.config import WatermarkConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.padding import pad_id, pad_rows
+from moewm.engine.positions import PositionScores
+from moewm.schemes.ngram_base import TransformersWatermark, check_ids, key_int
+
+
+class SynthIDWatermark(TransformersWatermark):
+    """SynthID-Text (Dathathri et al., 2024) through ``transformers.SynthIDTextWatermarkingConfig``.
+
+    Detection: unweighted mean g-value turned into a z-score under its exact null (module docstring).
+    transformers' Bayesian detector needs a trained model, so it is not used here.
+    """
+
+    name = "synthid"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, watermark_cfg: WatermarkConfig, key: WatermarkKey) -> None:
+        super().__init__(model, tokenizer, watermark_cfg, key)
+        keys = [key_int(key, f"synthid/layer{i}", bits=31) for i in range(watermark_cfg.synthid.num_keys)]
+        self._config = SynthIDTextWatermarkingConfig(
+            ngram_len=watermark_cfg.synthid.ngram_len,
+            keys=keys,
+            sampling_table_seed=key_int(key, "synthid/table", bits=31),
+        )
+        self._config.validate()
+        self.processor = self._config.construct_processor(self.vocab_size, self.device)
+        table = self.processor.sampling_table.double()
+        self.p0 = float(table.mean())  # exact null probability of g = 1
+
+    @property
+    def watermarking_config(self) -> SynthIDTextWatermarkingConfig:
+        return self._config
+
+    @property
+    def depth(self) -> int:
+        return int(self.processor.keys.numel())
+
+    @torch.no_grad()
+    def position_scores(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PositionScores:
+        """g-values (token x layer draws) of the continuation with the processor's own masks."""
+        check_ids(text_ids, self.vocab_size)
+        self._prompts(text_ids, prompt_ids)  # checks the count; the prompt is not SynthID context (see module doc)
+        proc = self.processor
+        ctx = proc.ngram_len - 1
+        eos = self.tokenizer.eos_token_id
+        text, attention = pad_rows(text_ids, pad_id(self.tokenizer))
+        real = attention.bool()
+        start = torch.zeros(len(text_ids), ctx, dtype=torch.long)  # the processor's initial all-zero context
+        ids = torch.cat([start, text], dim=1).to(proc.device)
+        g = proc.compute_g_values(ids).cpu().bool()  # (B, length, depth)
+        mask = proc.compute_context_repetition_mask(ids).cpu().bool() & real
+        if eos is not None:  # nothing from the text's first eos on (the all-zero start context may itself be eos = 0)
+            mask &= torch.cumsum((text == eos).long(), dim=1) == 0
+        m = g.shape[-1]
+        scored = mask.unsqueeze(-1).expand(-1, -1, m)
+        gamma = torch.full(g.shape, self.p0, dtype=torch.float64)
+        return PositionScores.from_positions(
+            (g & scored).reshape(len(text_ids), -1), gamma.reshape(len(text_ids), -1), scored.reshape(len(text_ids), -1), draws_per_token=m
+        )
+
+    def draws(self, text_ids: Sequence[Sequence[int]], prompt_ids: list[list[int]]) -> PositionScores:
+        return self.position_scores(text_ids, prompt_ids)
