@@ -13,7 +13,7 @@ from moewm.schemes.registry import build_watermarker
 from moewm.engine.calibration import calibrate
 from moewm.config import AttackConfig, EncoderConfig, EvalConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
 from moewm.engine.detection import DetectorOutput
-from moewm.evaluation.job_metrics import detection_metrics, evaluate_job, w1_contexts
+from moewm.evaluation.job_metrics import detection_metrics, evaluate_job
 from moewm.evaluation.job_metrics import JobContext
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.positions import PositionScores
@@ -44,9 +44,11 @@ def _context(model, tokenizer, plain, kind, attack, tmp_path, encoder=None, eval
                            calibration=cal, cache_dir=None)
     wm_ids = wm.generate_from_ids(prompt_ids, GEN)
     cfg = SimpleNamespace(watermark=wcfg, encoder=encoder, extractor=extractor, generation=GEN, attack=attack, eval=ev, seed=0)
-    wm_det = wm.detect_ids(wm_ids, prompt_ids, prefixes=True, window=ev.window)
-    plain_det = wm.detect_ids(plain_ids, prompt_ids, prefixes=True, window=ev.window)
-    return JobContext(cfg, model, tokenizer, wm, PROMPTS[:NUM], prompt_ids, wm_ids, plain_ids, wm_det, plain_det, cal, tmp_path, {})
+    wm_caps, plain_caps = wm.capture(wm_ids, prompt_ids), wm.capture(plain_ids, prompt_ids)
+    wm_det = wm.score(wm_caps, prefixes=True, window=ev.window)
+    plain_det = wm.score(plain_caps, prefixes=True, window=ev.window)
+    return JobContext(cfg, model, tokenizer, wm, PROMPTS[:NUM], prompt_ids, wm_ids, plain_ids, wm_det, plain_det, cal, tmp_path, {},
+                      wm_caps, plain_caps)
 
 
 def _check_flat(metrics):
@@ -132,14 +134,6 @@ def test_tokens_to_detect_is_where_p_stays_under_the_threshold():
     curve = length_metrics([np.array([0.5, 0.001]), np.array([0.001, 0.001])], [np.array([0.2, 0.3])], [1, 2, 3], 1e-3)
     assert curve["detection_rate_at_1"] == 0.5 and curve["detection_rate_at_2"] == 1.0 and curve["fpr_at_2"] == 0.0
     assert "detection_rate_at_3" not in curve
-
-
-def test_w1_contexts_do_not_depend_on_the_key():
-    prompts = [[1, 2], [3], []]
-    plain = [[5, 6, 7], [8], [9, 9]]
-    a = w1_contexts(prompts, plain, 5)
-    assert a == w1_contexts(prompts, plain, 5) and len(a) == 5 and all(a)
-    assert all(c[: len(prompts[i % 3])] == prompts[i % 3] for i, c in enumerate(a[:2]))
 
 
 def test_baseline_prefix_p_values_are_the_exact_tails_of_each_prefix():

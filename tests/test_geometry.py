@@ -11,6 +11,7 @@ from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.evaluation.geometry import (
     bit_statistics,
     geometry_metrics,
+    capture_distributions,
     next_token_distributions,
     pca_alignment,
     pool_split_entropy,
@@ -143,20 +144,50 @@ def test_w1_on_a_micro_model(micro_qwen, tokenizer, key):
     with MoELSHWatermark(micro_qwen, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), WatermarkConfig(delta=0.0), key) as wm0:
         p, q, green = next_token_distributions(wm0, contexts)
         np.testing.assert_allclose(p, q, atol=1e-12)  # delta 0: nothing moves
-        assert w1_metrics(wm0, contexts)["geo_w1_mean"] == pytest.approx(0.0, abs=1e-9)
+        emb = micro_qwen.get_input_embeddings().weight.detach().float().numpy()
+        assert w1_metrics(p, q, green, emb)["geo_w1_mean"] == pytest.approx(0.0, abs=1e-9)
     with MoELSHWatermark(micro_qwen, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), WatermarkConfig(delta=4.0), key) as wm:
         # the green mask is exactly the green list the processor biases for the next token
         ids = torch.tensor([contexts[0]])
         micro_qwen(input_ids=ids, use_cache=False)
         bits = wm.encoder.signature(wm.capture_hooks.features(1)[:, -1])
         expected = wm.encoder.bias_logits(torch.zeros(1, wm.vocab_size), bits, 1.0)[0] > 0
-        _, _, green = next_token_distributions(wm, contexts)
+        p, q, green = next_token_distributions(wm, contexts)
         assert torch.equal(torch.from_numpy(green[0]), expected)
-        m = w1_metrics(wm, contexts, top_k=20)
+        m = w1_metrics(p, q, green, emb, top_k=20)
         x = torch.randn(200, wm.capture_hooks.dim).softmax(-1)
-        g = geometry_metrics(x, wm.encoder, micro_qwen.get_input_embeddings().weight, watermarker=wm, contexts=contexts, w1_top_k=20, kmeans_clusters=8)
+        g = geometry_metrics(x, wm.encoder, micro_qwen.get_input_embeddings().weight, distributions=(p, q, green), w1_top_k=20, kmeans_clusters=8)
     assert m["geo_w1_mean"] > 0
     assert m["geo_green_mass_wm"] > m["geo_green_mass_unwm"]
     assert 0 < m["geo_w1_support_mass"] <= 1
     assert all(k.startswith("geo_") for k in g) and all(np.isfinite(v) for v in g.values())
     assert g["geo_w1_mean"] == pytest.approx(m["geo_w1_mean"])
+
+
+def test_capture_distributions_are_the_forward_distributions_read_from_captures(micro_qwen, tokenizer, key):
+    """At a captured position, p is the model's next-token distribution there (top-K exactly; the usable rest
+    spread evenly), the green mask is the processor's, and the positions do not depend on the key."""
+    prompt = list(tokenizer("Once upon a time")["input_ids"])
+    text = list(tokenizer(" there was a small dog that ran far away")["input_ids"])
+    wcfg = WatermarkConfig(delta=3.0, capture_top_k=64)
+    with MoELSHWatermark(micro_qwen, tokenizer, ExtractorConfig(), EncoderConfig(num_bits=16, pool_size=8), wcfg, key) as wm:
+        [cap] = wm.capture([text], [prompt])
+        p, q, green = capture_distributions(wm.encoder, 3.0, wm.vocab_size, [cap], count=6, seed=0)
+        p2, _, _ = capture_distributions(wm.encoder, 3.0, wm.vocab_size, [cap], count=6, seed=0)
+        np.testing.assert_array_equal(p, p2)
+        rng = np.random.default_rng(0)
+        where = [int(rng.integers(0, cap.num_scored)) for _ in range(6)]
+        # the context before the j-th scored token is prompt + text[:j] (every text token here is usable and scored)
+        assert cap.num_scored == len(text)
+        contexts = [prompt + text[:j] for j in where]
+        fp, fq, fgreen = next_token_distributions(wm, contexts)
+    np.testing.assert_array_equal(green, fgreen)
+    usable = wm.encoder.usable.numpy()
+    fp_usable = np.where(usable, fp, 0.0)
+    fp_usable /= fp_usable.sum(1, keepdims=True)
+    for i in range(6):  # the captured top-K probabilities are the forward's, renormalised over usable tokens
+        top = cap.top_ids[where[i]].long().numpy()
+        np.testing.assert_allclose(p[i, top], fp_usable[i, top], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-9)
+    assert ((q * green).sum(1) > (p * green).sum(1)).all()  # the bias moves mass onto the green list

@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from moewm.app.services import (PLAIN_GENERATIONS, LOAD_COUNT, cache_key, build_
 from moewm.app.tracking import Tracker
 from moewm.data import load_prompts
 from moewm.engine import stats
-from moewm.engine.capture import cached_captures, capture_cache_key
+from moewm.engine.calibration import calibration_from_captures
+from moewm.engine.capture import TextCapturer, cached_captures, capture_cache_key, capture_settings
 from moewm.engine.detection import DetectorOutput
 from moewm.engine.generation import encode_prompt, generate_batched
 from moewm.engine.keys import WatermarkKey
@@ -119,12 +120,13 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
         PLAIN_GENERATIONS[plain_key] = (prompt_ids, plain_ids, plain_seconds)
 
     calibration = None
-    if needs_calibration(app):
-        from moewm.engine.calibration import calibrate
-
-        rows = [p + t for p, t in zip(prompt_ids, plain_ids)]
-        calibration = calibrate(model, tokenizer, app.extractor, app.encoder, rows,
-                                cache_dir=cache_root() / "calibration", model_id=cache_key(app.model, app.memory))
+    if needs_calibration(app):  # from the captures of the plain texts, which detection then scores (one forward each)
+        capturer = TextCapturer(model, tokenizer, app.extractor, capture_settings(app.extractor, app.watermark))
+        try:
+            _, plain_caps = capture_fixed_texts(capturer.capture, capturer.settings, app, plain_ids, prompt_ids, progress)
+        finally:
+            capturer.close()
+        calibration = calibration_from_captures(plain_caps, app.encoder)
 
     watermarker = build_watermarker(app, model, tokenizer, key, calibration)
     try:
@@ -166,7 +168,7 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
             model_loads_in_process=LOAD_COUNT["loads"],
         )
         ctx = JobContext(app, model, tokenizer, watermarker, prompts, prompt_ids, wm_ids, plain_ids, wm_det, plain_det,
-                         calibration, out_dir, detected.nulls, detected.wm_captures)
+                         calibration, out_dir, detected.nulls, detected.wm_captures, detected.plain_captures)
         metrics.update(_evaluate(ctx))
         metrics["job_seconds"] = time.perf_counter() - t_start
     finally:
@@ -199,18 +201,12 @@ def detect_job_texts(scheme: Watermarker, app: AppConfig, prompt_ids: list[list[
     """Capture and score the job's texts and every null set. A scheme whose capture runs the model (MoE-LSH) runs
     each text through it once; those captures of key-independent texts (plain, null sets) are cached for the sweep."""
     window = app.eval.window
-    model_key = cache_key(app.model, app.memory)
 
     def captured(texts: list[list[int]], prompts: list[list[int]], fixed: bool) -> tuple[list[int], list[Any]]:
-        keep = [i for i, t in enumerate(texts) if len(t) > 0]
-        t, p = [texts[i] for i in keep], [prompts[i] for i in keep]
-        if not keep:
-            return keep, []
-        if not fixed or not scheme.capture_runs_model:  # an ids-only capture costs nothing to redo
-            return keep, scheme.capture(t, p, progress=progress)
-        rows = [list(a) + list(b) for a, b in zip(p, t)]
-        name = capture_cache_key(model_key, app.extractor, scheme.capture_settings, rows, [len(x) for x in p])
-        return keep, cached_captures(name, cache_root() / "captures", lambda: scheme.capture(t, p, progress=progress))
+        if fixed and scheme.capture_runs_model:
+            return capture_fixed_texts(scheme.capture, scheme.capture_settings, app, texts, prompts, progress)
+        keep = [i for i, t in enumerate(texts) if len(t) > 0]  # an ids-only capture costs nothing to redo
+        return keep, (scheme.capture([texts[i] for i in keep], [prompts[i] for i in keep], progress=progress) if keep else [])
 
     def scored(texts: list[list[int]], prompts: list[list[int]], fixed: bool, prefixes: bool, win: Optional[int]) -> tuple[DetectorOutput, list[Any]]:
         keep, caps = captured(texts, prompts, fixed)
@@ -226,6 +222,18 @@ def detect_job_texts(scheme: Watermarker, app: AppConfig, prompt_ids: list[list[
     plain, plain_caps = scored(plain_ids, prompt_ids, True, True, window)
     out = {n.name: scored(n.text_ids, n.prompt_ids, True, False, None)[0] for n in nulls}
     return JobDetections(wm, plain, out, wm_caps, plain_caps)
+
+
+def capture_fixed_texts(capture: Callable[..., list[Any]], settings: Any, app: AppConfig, texts: list[list[int]],
+                        prompts: list[list[int]], progress: bool) -> tuple[list[int], list[Any]]:
+    """Captures of key-independent texts (plain, null sets) through the sweep's cache; the indices of the non-empty texts."""
+    keep = [i for i, t in enumerate(texts) if len(t) > 0]
+    t, p = [texts[i] for i in keep], [prompts[i] for i in keep]
+    if not keep:
+        return keep, []
+    rows = [list(a) + list(b) for a, b in zip(p, t)]
+    name = capture_cache_key(cache_key(app.model, app.memory), app.extractor, settings, rows, [len(x) for x in p])
+    return keep, cached_captures(name, cache_root() / "captures", lambda: capture(t, p, progress=progress))
 
 
 def capture_perplexity(captures: list[Any]) -> np.ndarray:

@@ -1,7 +1,11 @@
 """Calibration statistics of the extractor's feature vectors, computed once per (model, extractor, data).
 
+A job takes them from the captures of its unwatermarked texts (:func:`calibration_from_captures`: the
+features at the positions that key green lists, no second forward); :func:`calibrate` computes them from
+token rows for library use.
+
 The geometric encoder variants (centered / whitened / pca) need the mean and covariance of the routing
-features, and the geometry metrics need the vectors themselves. Both come from one forward pass per
+features, and the geometry metrics need the vectors themselves. :func:`calibrate` runs one forward pass per
 batch over a calibration set of token-id rows (by default the prompts plus their unwatermarked
 continuations), right-padded so that only real positions are kept. The result is cached with
 ``torch.save`` under ``cache_dir`` in a file named by a hash of (model id, extractor config, the caps,
@@ -73,6 +77,17 @@ def feature_stats(features: torch.Tensor) -> CalibrationStats:
     centred = x - mean
     cov = centred.T @ centred / (x.shape[0] - 1)
     return CalibrationStats(mean=mean, cov=cov, count=int(x.shape[0]))
+
+
+def calibration_from_captures(captures: Sequence[Any], encoder_cfg: EncoderConfig) -> Calibration:
+    """Features and statistics from texts a job has already captured (their scored positions: the features
+    that key green lists), capped like :func:`calibration_rows`; no forward pass, nothing cached."""
+    feats = [c.features[: encoder_cfg.calibration_max_tokens] for c in captures if c is not None and c.num_scored > 0]
+    feats = feats[: encoder_cfg.calibration_texts]
+    if len(feats) < 2:
+        raise ValueError(f"calibration: {len(feats)} captured text(s) with scored tokens; encoder.calibration_texts needs at least 2")
+    features = torch.cat(feats).float()
+    return Calibration(features, feature_stats(features), cache_path=None)
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from moewm.engine.padding import pad_rows
-from moewm.engine.lm_head import SplitLMHead
+from moewm.config import ExtractorConfig, WatermarkConfig
+from moewm.engine.lm_head import SplitLMHead, split_lm_head
 from moewm.engine.routing import FeatureCapture
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,61 @@ def capture_texts(
             )
         )
     return captures
+
+
+def capture_settings(extractor: ExtractorConfig, watermark: WatermarkConfig) -> CaptureSettings:
+    """How the configured detector captures texts (captures are shared only between equal settings)."""
+    return CaptureSettings(back=-extractor.token_idx, top_k=watermark.capture_top_k, max_context=watermark.max_context or 0,
+                           overlap=watermark.context_overlap, batch_size=watermark.detect_batch_size, max_tokens=watermark.detect_max_tokens)
+
+
+class TextCapturer:
+    """Captures texts for a model and extractor, with no key at all: what a job captures before any key (or
+    calibration) exists, and what :class:`moewm.schemes.moe_lsh.MoELSHWatermark` captures through."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, extractor: ExtractorConfig, settings: CaptureSettings,
+                 hooks: Optional[FeatureCapture] = None) -> None:
+        from moewm.engine.generation import model_vocab_size, usable_tokens
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.hooks = hooks or FeatureCapture(model, extractor)
+        self.vocab_size = model_vocab_size(model)
+        self.usable = usable_tokens(tokenizer, self.vocab_size)
+        self._split: Optional[SplitLMHead] = None
+        self._split_checked = False
+
+    def split_head(self) -> Optional[SplitLMHead]:
+        """The model's decoder and output head, checked once against its own logits (see moewm.engine.lm_head)."""
+        if not self._split_checked:
+            self.hooks.detach()
+            device = self.model.get_input_embeddings().weight.device
+            probe = torch.nonzero(self.usable).flatten()[:8].to(device).unsqueeze(0)
+            self._split = split_lm_head(self.model, probe)
+            self._split_checked = True
+        return self._split
+
+    def close(self) -> None:
+        """Take the routing hooks off the model."""
+        self.hooks.detach()
+
+    def capture(self, text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]], progress: bool = False) -> list[TextCapture]:
+        """One forward per text (prompt + text; the prompt is context, never scored)."""
+        if len(prompt_ids) != len(text_ids):
+            raise ValueError(f"prompt_ids: got {len(prompt_ids)} prompts for {len(text_ids)} texts; they must match one to one")
+        for i, t in enumerate(text_ids):
+            if len(t) == 0:
+                raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
+            if max(t) >= self.vocab_size or min(t) < 0:
+                raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
+        from moewm.engine.padding import pad_id
+
+        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
+        split = self.split_head()
+        self.hooks.attach()
+        return capture_texts(self.model, self.hooks, self.usable, rows, [len(p) for p in prompt_ids], self.settings,
+                             split=split, pad_id=pad_id(self.tokenizer), progress=progress)
 
 
 # -- a cache of captures of fixed texts (the null sets), shared by every job of a sweep ------------

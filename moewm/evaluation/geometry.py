@@ -2,7 +2,7 @@
 
 All metrics are flat floats prefixed ``geo_`` (:func:`geometry_metrics`). Given calibration feature
 vectors X (N, D), an :class:`~moewm.engine.lsh.LSHEncoder` (hyperplanes w_i, centre c, pools), the input
-embeddings, and optionally the watermarker and some contexts:
+embeddings, and optionally next-token distributions at some positions with and without the bias:
 
 Signature bits b_i(x) = [(x - c) . w_i > 0] over X
   ``geo_bit_balance_mean``   mean over bits of p_i = P(b_i = 1)
@@ -29,7 +29,7 @@ Pools
                              averaged over pools (0: every pool inside one cluster); normalised by
                              log2 min(k, pool size)
   ``geo_green_size_mean``, ``geo_gamma_mean`` / ``geo_gamma_std``  |G(x)| and |G(x)| / usable tokens over X
-Distribution shift (when the watermarker and contexts are given)
+Distribution shift (when distributions are given: :func:`capture_distributions` reads them from a job's captures)
   ``geo_w1_mean`` / ``geo_w1_std``  Wasserstein-1 distance between the unwatermarked and watermarked
                              next-token distributions, ground cost = Euclidean distance of input
                              embeddings, on the union of both distributions' top-k tokens (both
@@ -235,12 +235,41 @@ def next_token_distributions(watermarker: Any, contexts: Sequence[Sequence[int]]
     return torch.cat(ps).numpy(), torch.cat(qs).numpy(), torch.cat(greens).numpy()
 
 
-def w1_metrics(watermarker: Any, contexts: Sequence[Sequence[int]], top_k: int = 50, embeddings: Optional[np.ndarray] = None) -> dict[str, float]:
-    """Mean / std W1 over contexts, support mass, and green-list probability mass without / with the bias."""
-    p, q, green = next_token_distributions(watermarker, contexts)
-    if embeddings is None:
-        embeddings = watermarker.model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    pairs = [topk_w1(p[i], q[i], embeddings, top_k) for i in range(len(p))]  # one small LP per context
+def capture_distributions(encoder: LSHEncoder, delta: float, vocab_size: int, captures: Sequence[Any], count: int,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """p, q and green masks at ``count`` scored positions of texts a job has already captured (no forward).
+
+    Each position's p is the capture's top-K next-token distribution over usable tokens, its left-over mass
+    spread evenly over the other usable tokens (K = ``watermark.capture_top_k``, 256 by default, well above
+    the top-50 that W1 reads); the green mask comes from the capture's routing features through the encoder,
+    exactly as the logits processor would key that position, and q = p * exp(delta * green), renormalised.
+    Positions are drawn with ``seed`` from the texts in turn, independent of the key, so every key of a
+    sweep is measured at the same positions.
+    """
+    caps = [c for c in captures if c is not None and c.num_scored > 0]
+    if not caps or count < 1:
+        return np.zeros((0, vocab_size)), np.zeros((0, vocab_size)), np.zeros((0, vocab_size), dtype=bool)
+    rng = np.random.default_rng(seed)
+    which = np.arange(count) % len(caps)
+    where = [int(rng.integers(0, caps[i].num_scored)) for i in which]  # one draw per position
+    feats = torch.stack([caps[i].features[j] for i, j in zip(which, where)]).float()
+    top_ids = torch.stack([caps[i].top_ids[j] for i, j in zip(which, where)]).long()
+    top_probs = torch.stack([caps[i].top_probs[j] for i, j in zip(which, where)]).double()
+    tail = torch.stack([caps[i].tail[j] for i, j in zip(which, where)]).double()
+    bits = encoder.signature(feats.to(encoder.device))
+    green = (encoder.bias_logits(torch.zeros(count, vocab_size, device=encoder.device), bits, 1.0) > 0).cpu()
+    in_top = torch.zeros(count, vocab_size, dtype=torch.bool).scatter_(1, top_ids, True)
+    rest = encoder.usable.cpu()[:vocab_size].unsqueeze(0) & ~in_top
+    p = torch.zeros(count, vocab_size, dtype=torch.float64).scatter_(1, top_ids, top_probs)
+    p = p + rest * (tail / rest.sum(1).clamp(min=1)).unsqueeze(1)
+    q = p * torch.exp(float(delta) * green.double())
+    q = q / q.sum(1, keepdim=True)
+    return p.numpy(), q.numpy(), green.numpy()
+
+
+def w1_metrics(p: np.ndarray, q: np.ndarray, green: np.ndarray, embeddings: np.ndarray, top_k: int = 50) -> dict[str, float]:
+    """Mean / std W1 over positions, support mass, and green-list probability mass without / with the bias."""
+    pairs = [topk_w1(p[i], q[i], embeddings, top_k) for i in range(len(p))]  # one small LP per position
     w1 = np.array([a for a, _ in pairs])
     return {
         "geo_w1_mean": float(w1.mean()),
@@ -257,15 +286,14 @@ def geometry_metrics(
     embeddings: torch.Tensor | np.ndarray,
     *,
     valid_tokens: Optional[torch.Tensor] = None,
-    watermarker: Any = None,
-    contexts: Optional[Sequence[Sequence[int]]] = None,
+    distributions: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
     w1_top_k: int = 50,
-    w1_contexts: int = 64,
     kmeans_clusters: int = 32,
     random_state: int = 0,
     max_vectors: int = 20000,
 ) -> dict[str, float]:
-    """All ``geo_*`` metrics (module docstring); W1 ones only with ``watermarker`` and ``contexts``."""
+    """All ``geo_*`` metrics (module docstring); W1 ones only with ``distributions`` (p, q, green), e.g. from
+    :func:`capture_distributions`."""
     x = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
     if x.shape[1] != encoder.projection.shape[0]:
         raise ValueError(f"geometry: features have dimension {x.shape[1]}, the encoder's hyperplanes {encoder.projection.shape[0]}")
@@ -283,7 +311,7 @@ def geometry_metrics(
     out["geo_green_size_mean"] = float(sizes.mean())
     out["geo_gamma_mean"] = float(sizes.mean() / encoder.num_usable)
     out["geo_gamma_std"] = float(sizes.std(ddof=1) / encoder.num_usable) if len(sizes) > 1 else 0.0
-    if watermarker is not None and contexts:
+    if distributions is not None and len(distributions[0]):
         emb = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
-        out.update(w1_metrics(watermarker, list(contexts)[:w1_contexts], w1_top_k, emb))
+        out.update(w1_metrics(*distributions, emb, w1_top_k))
     return out

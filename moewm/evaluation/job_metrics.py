@@ -43,7 +43,7 @@ from moewm.engine import stats
 from moewm.evaluation.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
 from moewm.config import EvalConfig
 from moewm.engine.detection import DetectorOutput
-from moewm.evaluation.geometry import geometry_metrics
+from moewm.evaluation.geometry import capture_distributions, geometry_metrics
 from moewm.evaluation.length_curve import length_metrics, tokens_to_detect_metrics
 from moewm.evaluation.nulls import null_set_metrics
 from moewm.evaluation.quality import quality_metrics
@@ -73,6 +73,7 @@ class JobContext:
     out_dir: Path
     null_dets: dict[str, DetectorOutput] = field(default_factory=dict)
     wm_captures: list[Any] = field(default_factory=list)  # per watermarked text (None: empty text), from detection
+    plain_captures: list[Any] = field(default_factory=list)  # per plain text, likewise
 
 
 def _p_scores(p: np.ndarray) -> np.ndarray:
@@ -164,26 +165,6 @@ def score_edited(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequenc
     return DetectorOutput.scatter(len(text_ids), keep, scheme.score([caps[i] for i in keep], window=window))
 
 
-def w1_contexts(prompt_ids: Sequence[Sequence[int]], plain_ids: Sequence[Sequence[int]], count: int, seed: int = 0) -> list[list[int]]:
-    """``count`` contexts: prompt + a random-length prefix of its unwatermarked continuation.
-
-    They depend only on the prompts, the plain generations and ``seed`` (not on the watermark key),
-    so every key seed of a sweep is measured on the same contexts.
-    """
-    rng = np.random.default_rng(seed)
-    out: list[list[int]] = []
-    n = len(prompt_ids)
-    for j in range(count * 2):  # cycle through the prompts; skip empty contexts
-        if len(out) >= count or n == 0:
-            break
-        i = j % n
-        cut = int(rng.integers(0, len(plain_ids[i]) + 1))
-        ctx = list(prompt_ids[i]) + list(plain_ids[i][:cut])
-        if ctx:
-            out.append(ctx)
-    return out
-
-
 def _python_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
     """numpy scalars as Python numbers (NaN stays a float: the file writer, moewm.io, makes it strict JSON)."""
     out: dict[str, Any] = {}
@@ -223,17 +204,15 @@ def evaluate_job(ctx: JobContext) -> dict[str, Any]:
         if features.shape[1] != wm.encoder.projection.shape[0]:
             log.warning("geometry skipped: calibration features have dimension %d, the encoder %d", features.shape[1], wm.encoder.projection.shape[0])
         else:
-            contexts = w1_contexts(ctx.prompt_ids, ctx.plain_ids, ev.w1_contexts)
+            distributions = capture_distributions(wm.encoder, wm.watermark_cfg.delta, wm.vocab_size, ctx.plain_captures, ev.w1_contexts)
             out.update(
                 geometry_metrics(
                     features,
                     wm.encoder,
                     ctx.model.get_input_embeddings().weight,
                     valid_tokens=usable_tokens(ctx.tokenizer, wm.vocab_size),
-                    watermarker=wm,
-                    contexts=contexts,
+                    distributions=distributions,
                     w1_top_k=ev.w1_top_k,
-                    w1_contexts=ev.w1_contexts,
                     kmeans_clusters=ev.kmeans_clusters,
                 )
             )

@@ -18,14 +18,13 @@ from transformers import LogitsProcessor
 
 from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.engine import scoring
-from moewm.engine.capture import CaptureSettings, TextCapture, capture_texts, detection_batches
+from moewm.engine.capture import CaptureSettings, TextCapture, TextCapturer, capture_settings, detection_batches
 from moewm.engine.detection import DetectionResult, DetectorOutput, decide
 from moewm.engine.generation import check_tokenizer, encode_prompt, model_vocab_size, usable_tokens
 from moewm.engine.keybank import build_bank, default_cache_dir, model_identity, reference_bank
 from moewm.engine.keys import WatermarkKey
-from moewm.engine.lm_head import SplitLMHead, split_lm_head
+from moewm.engine.lm_head import SplitLMHead
 from moewm.engine.lsh import CalibrationStats, LSHEncoder
-from moewm.engine.padding import pad_id
 from moewm.engine.poisson_binomial import upper_tail
 from moewm.engine.routing import FeatureCapture
 from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
@@ -131,8 +130,8 @@ class MoELSHWatermark(TextGeneration):
         self.logits_processor = RoutingWatermarkProcessor(
             self.capture_hooks, self.encoder, self.watermark_cfg.delta, self.extractor_cfg.token_idx
         )
-        self._split_head: Optional[SplitLMHead] = None
-        self._split_head_checked = False
+        self.capturer = TextCapturer(model, tokenizer, self.extractor_cfg, capture_settings(self.extractor_cfg, self.watermark_cfg),
+                                     hooks=self.capture_hooks)
 
     def null_description(self) -> dict[str, Any]:
         cfg = self.watermark_cfg
@@ -180,15 +179,7 @@ class MoELSHWatermark(TextGeneration):
     # -- capture once, score many ----------------------------------------------------------------
     @property
     def capture_settings(self) -> CaptureSettings:
-        cfg = self.watermark_cfg
-        return CaptureSettings(
-            back=-self.extractor_cfg.token_idx,
-            top_k=cfg.capture_top_k,
-            max_context=cfg.max_context or 0,
-            overlap=cfg.context_overlap,
-            batch_size=cfg.detect_batch_size,
-            max_tokens=cfg.detect_max_tokens,
-        )
+        return self.capturer.settings
 
     @property
     def statistic_spec(self) -> StatisticSpec:
@@ -201,18 +192,7 @@ class MoELSHWatermark(TextGeneration):
         """One forward per text: what every key's detector needs of it (:mod:`moewm.engine.capture`)."""
         if prompt_ids is None:
             prompt_ids = [self.encode_prompt(None) for _ in text_ids]
-        if len(prompt_ids) != len(text_ids):
-            raise ValueError(f"prompt_ids: got {len(prompt_ids)} prompts for {len(text_ids)} texts; they must match one to one")
-        for i, t in enumerate(text_ids):
-            if len(t) == 0:
-                raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
-            if max(t) >= self.vocab_size or min(t) < 0:
-                raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
-        rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
-        split = self.split_head()
-        self.capture_hooks.attach()
-        return capture_texts(self.model, self.capture_hooks, self.encoder.usable, rows, [len(p) for p in prompt_ids],
-                             self.capture_settings, split=split, pad_id=pad_id(self.tokenizer), progress=progress)
+        return self.capturer.capture(text_ids, prompt_ids, progress=progress)
 
     def reference_tables(self, device: Optional[torch.device] = None) -> BankTables:
         """The public reference keys for this model and encoder (built once, cached in memory and on disk)."""
@@ -304,11 +284,4 @@ class MoELSHWatermark(TextGeneration):
 
     def split_head(self) -> Optional[SplitLMHead]:
         """The model's decoder and output head, checked once against its own logits (see moewm.engine.lm_head)."""
-        if not self._split_head_checked:
-            self.capture_hooks.detach()
-            probe = self.encoder.pool_tokens[:8].to(self.device).unsqueeze(0)
-            self._split_head = split_lm_head(self.model, probe)
-            self._split_head_checked = True
-        return self._split_head
-
-
+        return self.capturer.split_head()
