@@ -406,6 +406,11 @@ class EvalConfig:
     # top-p samples of the same prompts, and human-written corpora (null_texts chunks of each).
     null_sets: list[str] = field(default_factory=lambda: ["greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative"])
     null_texts: int = 64
+    # Extra attacks scored in the same job, as name:strength specs (moewm.attack_suite), e.g.
+    # [substitution:0.1, substitution:0.3]; metrics get the spec as suffix (..._substitution_0p3).
+    attacks: list[str] = field(default_factory=list)
+    # A model config (conf/model/<name>.yaml) that judges perplexity besides the generator (moewm.oracle); null: none.
+    oracle_model: Optional[str] = None
 
     def validate(self) -> None:
         _require(all(n >= 1 for n in self.lengths), f"eval.lengths={list(self.lengths)}: every length must be >= 1")
@@ -415,3 +420,8 @@ class EvalConfig:
         _require(self.window >= 2, f"eval.window={self.window}: must be >= 2")
         _require(self.null_texts >= 1, f"eval.null_texts={self.null_texts}: must be >= 1")
         check_null_sets(self.null_sets)
+        from moewm.attack_suite import parse_attack_specs
+        from moewm.oracle import check_oracle
+
+        parse_attack_specs(self.attacks)
+        check_oracle(self.oracle_model)

@@ -25,6 +25,9 @@ Keys of :func:`evaluate_job`
     directly; the others edit the decoded text, which is tokenized again for detection
   quality (eval.quality): distinct_{1,2,3}_{wm,unwm}, diversity_{wm,unwm}, log_diversity_{wm,unwm},
     length_mean_{wm,unwm}, length_std_{wm,unwm}, n_texts_{wm,unwm}
+  attack suite (eval.attacks, moewm.attack_suite): the attacked-detection keys suffixed per spec
+    (detection_rate_attacked_substitution_0p3, fpr_attacked_..., ...), tokens_to_detect_alpha_censored,
+    the baseline's parameters (kgw_gamma, synthid_num_keys, ...) and perplexity_judge (moewm.oracle)
   geometry (eval.geometry, MoE-LSH with calibration): the ``geo_*`` keys of :mod:`moewm.geometry`
   eval_seconds
 """
@@ -175,6 +178,9 @@ def evaluate_job(ctx: Any) -> dict[str, Any]:
         out.update(quality_metrics(ctx.plain_ids, suffix="_unwm"))
 
     out.update(attack_metrics(ctx, ev))
+    from moewm.attack_suite import tradeoff_job_metrics
+
+    out.update(tradeoff_job_metrics(ctx, ev))
 
     calibration = getattr(ctx, "calibration", None)
     if ev.geometry and calibration is not None and isinstance(wm, MoELSHWatermark):
