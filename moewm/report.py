@@ -67,7 +67,8 @@ SEED_REPORT_PLOTS = ("detection_rate_by_seed.png", "ppl_by_seed.png", "best_pred
 
 
 def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
-    """Write summary.csv and plots (and the seed-sensitivity view when seeds were swept)."""
+    """Write summary.csv and plots (and the seed-sensitivity view when seeds were swept, the trade-off
+    view (moewm.tradeoff: tradeoff.csv, tradeoff.md, Pareto plots) when the jobs are trade-off points)."""
     sweep_dir = Path(sweep_dir)
     df = collect(sweep_dir)
     df.to_csv(sweep_dir / "summary.csv", index=False)
@@ -81,6 +82,17 @@ def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
                       if (sweep_dir / name).exists()]
         except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
             log.warning("seed-sensitivity report failed: %s: %s", type(err).__name__, err)
+    if len(df) and (df.get("status") == "ok").any():
+        from moewm.tradeoff import is_tradeoff_sweep
+
+        if is_tradeoff_sweep(df):
+            try:
+                from moewm.tradeoff import tradeoff_report
+
+                _, paths = tradeoff_report(df, sweep_dir)
+                plots += [Plot(p, caption=f"trade-off: {p.stem[len('tradeoff_'):]}") for p in paths]
+            except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
+                log.warning("trade-off report failed: %s: %s", type(err).__name__, err)
     return df, plots
 
 
