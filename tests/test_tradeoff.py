@@ -270,3 +270,43 @@ def test_a_sweep_summary_of_tradeoff_points_gets_the_report(tmp_path):
     df, plots = summarize(tmp_path)
     assert (tmp_path / "tradeoff.md").exists() and (tmp_path / "tradeoff.csv").exists()
     assert any(p.path.name == "tradeoff_none.png" for p in plots)
+
+
+# -- seed sensitivity over pool designs -------------------------------------------------------------
+def _seed_sweep(keys=20):
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(keys):
+        bad = s in (3, 11)  # bad under anchors, because of its pools ...
+        for pools, ttd in (("anchors", 40.0 if bad else 10.0 + rng.uniform(0, 2)),
+                           ("partition", 10.0 + rng.uniform(0, 2)),  # ... which partition replaces
+                           ("random", 40.0 if bad else 10.0 + rng.uniform(0, 2))):  # ... and random does not
+            rows.append({"seed": s, "encoder_kind": "simhash", "pools": pools, "status": "ok", "detection_rate": 1.0 - ttd / 100,
+                         "auc": 1.0, "ppl_wm_mean": 100.0, "tokens_to_detect_alpha_censored": ttd, "never_detected_alpha": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_seed_report_measures_key_spread_per_pool_design_and_says_which_fixes_bad_keys(tmp_path):
+    from moewm.key_spread import bad_key_follow_up, spread_table
+    from moewm.seed_report import seed_sensitivity_report
+
+    df = _seed_sweep()
+    spread = spread_table(df).set_index("pools")
+    assert spread.loc["anchors", "ttd_ratio"] > 1.5 and not spread.loc["anchors", "target_met"]
+    assert spread.loc["partition", "ttd_ratio"] <= 1.5 and spread.loc["partition", "target_met"]
+    follow = bad_key_follow_up(df).set_index("pools")
+    assert follow.loc["partition", "bad_keys"] == "3,11" and follow.loc["random", "bad_keys"] == "3,11"
+    assert follow.loc["random", "bad_keys_ttd_over_median"] > 3 and follow.loc["partition", "bad_keys_ttd_over_median"] < 1.3
+    table = seed_sensitivity_report(df, tmp_path)
+    assert {"simhash/anchors", "simhash/partition", "simhash/random"} <= set(table.index)
+    md = (tmp_path / "seed_sensitivity.md").read_text()
+    assert "`simhash`: `partition` fixes the bad keys" in md
+    assert "`simhash`: `random` does not fix the bad keys" in md
+    assert (tmp_path / "key_spread.csv").exists()
+
+
+def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
+    params = _compose(["experiment=seed_sensitivity"], hydra_config=True).hydra.sweeper.params
+    assert set(params["encoder"].split(",")) == {"simhash", "centered", "whitened", "pca"}
+    assert set(params["encoder.pools"].split(",")) == {"partition", "anchors", "random"}
+    assert params["seed"] == "range(20)"
