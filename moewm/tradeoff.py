@@ -9,8 +9,10 @@ Per point (``tradeoff.csv``): scheme and parameters; ``tokens_to_detect`` = medi
 censored median tokens to detect at alpha (``tokens_to_detect_alpha_censored`` of
 :mod:`moewm.attack_suite`, inf when half a key's texts are never detected; the uncensored
 ``tokens_to_detect_alpha`` when a job lacks it) with key min / max; ``never_detected``; detection at
-64 tokens; ``ppl_cost`` = watermarked / plain mean perplexity - 1 under the judge (the oracle's when the
-jobs had ``eval.oracle_model``, else the generator's; ``perplexity_judge`` says which); distinct-2 of
+64 tokens; ``ppl_cost`` = watermarked / plain perplexity - 1 under the judge (the oracle's when the jobs
+had ``eval.oracle_model``, else the generator's; ``perplexity_judge`` says which), per job the ratio of
+the geometric means over texts when the job's samples.jsonl is in the sweep folder (robust to one
+text with a huge perplexity), else of the arithmetic means (``ppl_*_mean``); distinct-2 of
 watermarked and plain text; per attack of ``eval.attacks`` the detection rate (mean, key min / max) and
 the false-positive rate of the same attack on plain text; and the pooled false-positive rate over every
 null set of the jobs (``null_fp`` of ``null_n`` texts, ``null_fpr``).
@@ -75,9 +77,28 @@ def _point_names(df: pd.DataFrame) -> pd.Series:
     return df[POINT_COLUMN].astype("string").fillna(described.astype("string")).astype(str)
 
 
+def log_ppl_means(sweep_dir: Path, jobs: pd.Series) -> pd.DataFrame:
+    """Per job (a folder of ``sweep_dir``), the mean over texts of log perplexity of its watermarked and plain
+    texts, read from its samples.jsonl (NaN where there is none)."""
+    out = np.full((len(jobs), 2), np.nan)
+    for i, job in enumerate(jobs.astype(str)):  # one file per job
+        path = Path(sweep_dir) / job / "samples.jsonl"
+        if path.exists():
+            rows = pd.read_json(path, lines=True)
+            if {"ppl_wm", "ppl_unwm"} <= set(rows.columns):
+                logs = np.log(rows[["ppl_wm", "ppl_unwm"]].astype(float).to_numpy())
+                out[i] = np.nanmean(np.where(np.isfinite(logs), logs, np.nan), axis=0)
+    return pd.DataFrame(out, index=jobs.index, columns=["log_ppl_wm", "log_ppl_unwm"])
+
+
 def _ppl_cost(df: pd.DataFrame) -> pd.Series:
-    """Per job, watermarked / plain mean perplexity - 1 under the oracle when it scored, else the generator."""
+    """Per job, the perplexity cost under the oracle when it scored, else the generator: the ratio of the
+    geometric means over texts - 1 when per-text perplexities were read (``log_ppl_*``: one text with a huge
+    perplexity cannot swing it), else the ratio of the means - 1."""
     gen = df["ppl_wm_mean"].astype(float) / df["ppl_unwm_mean"].astype(float) - 1.0
+    if "log_ppl_wm" in df:
+        geo = np.exp(df["log_ppl_wm"].astype(float) - df["log_ppl_unwm"].astype(float)) - 1.0
+        gen = geo.where(geo.notna(), gen)
     if "ppl_oracle_wm_mean" in df and "ppl_oracle_unwm_mean" in df:
         oracle = df["ppl_oracle_wm_mean"].astype(float) / df["ppl_oracle_unwm_mean"].astype(float) - 1.0
         return oracle.where(oracle.notna(), gen)
@@ -90,9 +111,12 @@ def _judge(df: pd.DataFrame) -> pd.Series:
     return "generator:" + _col(df, "model", "?").astype(str)
 
 
-def job_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The successful jobs with the study's per-job columns added: point, ppl_cost, judge, ttd."""
+def job_table(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFrame:
+    """The successful jobs with the study's per-job columns added: point, ppl_cost, judge, ttd (and the
+    per-text log perplexities of the jobs' samples.jsonl when ``sweep_dir`` holds them)."""
     ok = df[df["status"].astype(str) == OK].copy() if "status" in df else df.copy()
+    if sweep_dir is not None and "job" in ok:
+        ok = ok.join(log_ppl_means(Path(sweep_dir), ok["job"]))
     ok["point"] = _point_names(ok)
     ok["ppl_cost"] = _ppl_cost(ok)
     ok["judge"] = _judge(ok)
@@ -109,9 +133,9 @@ def _first(x: pd.Series) -> Any:
     return v.iloc[0] if len(v) else np.nan
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFrame:
     """One row per trade-off point, over its keys (see the module docstring for the columns)."""
-    jobs = job_table(df)
+    jobs = job_table(df, sweep_dir)
     if not len(jobs):
         return pd.DataFrame()
     g = jobs.groupby("point", sort=True)
@@ -131,7 +155,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "never_detected": ("never_detected_alpha", ["mean"]),
         "detection_rate": ("detection_rate", ["mean"]),
         "detection_at_64": ("detection_rate_at_64", ["mean", "min", "max"]),
-        "ppl_cost": ("ppl_cost", ["mean", "min", "max"]),
+        "ppl_cost": ("ppl_cost", ["mean", "min", "max", "sem"]),
         "ppl_wm": ("ppl_wm_mean", ["mean"]),
         "ppl_plain": ("ppl_unwm_mean", ["mean"]),
         "distinct_2_wm": ("distinct_2_wm", ["mean"]),
@@ -206,8 +230,8 @@ def reference_point(table: pd.DataFrame) -> Optional[str]:
     return str(hit.index[0]) if len(hit) else None
 
 
-def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK) -> Headline:
-    """Is some MoE-LSH point at cost <= the reference's both faster to detect and more robust to ``attack``?"""
+def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK, slack: float = 0.0) -> Headline:
+    """Is some MoE-LSH point at cost <= the reference's (+ ``slack``) both faster to detect and more robust to ``attack``?"""
     ref = reference_point(table)
     col = f"attacked_{attack}"
     if ref is None:
@@ -218,7 +242,7 @@ def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK) -> Headline:
     lsh = table[table["scheme"] == "moe_lsh"]
     if not len(lsh):
         return Headline(None, "the sweep has no MoE-LSH point", ref)
-    cheap = lsh[lsh["ppl_cost"] <= r["ppl_cost"]]
+    cheap = lsh[lsh["ppl_cost"] <= r["ppl_cost"] + slack]
     wins = cheap[(cheap["tokens_to_detect"] < r["tokens_to_detect"]) & (cheap[col] > r[col])]
     if len(wins):
         reason = "MoE-LSH point(s) at no more perplexity cost than KGW detect in fewer tokens and keep more detection"
@@ -283,6 +307,14 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
         r = table.loc[head.reference]
         col = f"attacked_{HEADLINE_ATTACK}"
         lines.append(f"**{'Yes' if head.answer else 'No'}**: {head.reason}.")
+        sem = float(r.get("ppl_cost_sem", np.nan))
+        lines.append(f"(Perplexity cost is a mean over keys; its standard error over keys is {_fmt(100 * sem, 0)} points for the "
+                     "reference: cost differences smaller than that are not resolved by this run.)")
+        if np.isfinite(sem) and sem > 0:
+            loose = headline(table, slack=2 * sem)
+            lines.append(f"With the cost bound loosened by two standard errors (MoE-LSH cost <= {_pct(r['ppl_cost'] + 2 * sem)}): "
+                         f"**{'yes' if loose.answer else 'no'}**" + (f" ({', '.join(f'`{w}`' for w in loose.winners)})" if loose.winners else "")
+                         + f", over {len(loose.candidates)} MoE-LSH point(s) within the bound.")
         lines.append("")
         lines.append(f"- Reference `{head.reference}`: perplexity cost {_pct(r['ppl_cost'])}, tokens to detect {_fmt(r['tokens_to_detect'], 1)}, "
                      f"detection after {attack} {_fmt(r[col])} (keys {_span(r[col + '_min'], r[col + '_max'])}).")
@@ -301,11 +333,11 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
         lines.append(f"- {'no attack (tokens to detect)' if name == 'none' else name}: {', '.join(f'`{m}`' for m in members) or 'none'}")
     lines += ["", "## All configurations (mean over keys; [min, max] over keys)", ""]
     atk = [c for c in table.columns if c.startswith("attacked_") and not c.endswith(("_min", "_max"))]
-    header = ["point", "keys", "ppl cost", "tokens to detect", "never det.", "det. @64", "distinct-2", *[a[9:] for a in atk], "null FP"]
+    header = ["point", "keys", "ppl cost ± s.e.", "tokens to detect", "never det.", "det. @64", "distinct-2", *[a[9:] for a in atk], "null FP"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for p, x in table.sort_values(["scheme", "ppl_cost"]).iterrows():
-        cells = [f"`{p}`", str(int(x["keys"])), f"{_pct(x['ppl_cost'])} {_span(100 * x['ppl_cost_min'], 100 * x['ppl_cost_max'], 0)}",
+        cells = [f"`{p}`", str(int(x["keys"])), f"{_pct(x['ppl_cost'])} ± {_fmt(100 * x['ppl_cost_sem'], 0)} {_span(100 * x['ppl_cost_min'], 100 * x['ppl_cost_max'], 0)}",
                  f"{_fmt(x['tokens_to_detect'], 1)} {_span(x['tokens_to_detect_min'], x['tokens_to_detect_max'], 0)}",
                  _fmt(x.get("never_detected")), f"{_fmt(x.get('detection_at_64'))}", _fmt(x.get("distinct_2_wm"), 3)]
         cells += [f"{_fmt(x[a])} {_span(x[a + '_min'], x[a + '_max'])}" for a in atk]
@@ -363,7 +395,7 @@ def plot_fronts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 def tradeoff_report(df: pd.DataFrame, out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
     """Write tradeoff.csv, tradeoff.md and the Pareto plots; return the table and the plot paths."""
     out_dir = Path(out_dir)
-    table = aggregate(df)
+    table = aggregate(df, out_dir)
     if not len(table):
         raise ValueError("tradeoff_report: no successful job in the summary")
     table.to_csv(out_dir / "tradeoff.csv")

@@ -310,3 +310,33 @@ def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_ke
     assert set(params["encoder"].split(",")) == {"simhash", "centered", "whitened", "pca"}
     assert set(params["encoder.pools"].split(",")) == {"partition", "anchors", "random"}
     assert params["seed"] == "range(20)"
+
+
+def test_ppl_cost_uses_geometric_means_of_the_jobs_samples_when_the_sweep_folder_has_them(tmp_path):
+    df = _summary()
+    df["job"] = [str(i) for i in range(len(df))]
+    # job 0 (kgw_g025_d2, key 0): one text with a huge perplexity swings the arithmetic mean, not the geometric one
+    (tmp_path / "0").mkdir()
+    rows = [{"ppl_wm": 1000.0 if i == 0 else 10.0, "ppl_unwm": 10.0} for i in range(16)]
+    (tmp_path / "0" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cost = aggregate(df, tmp_path).loc["kgw_g025_d2", "ppl_cost_max"]  # keys 1 and 2 keep their summary means (0.04, 0.05)
+    assert cost == pytest.approx(np.exp(np.log(100.0) / 16) - 1)
+    assert aggregate(df).loc["kgw_g025_d2", "ppl_cost_min"] == pytest.approx(0.03)  # without the folder: the means in the summary
+
+
+def test_a_tradeoff_sweep_gets_no_seed_sensitivity_report(tmp_path):
+    from moewm.report import summarize
+
+    for i, row in enumerate(_summary().to_dict("records")):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"tradeoff={row.pop('override.tradeoff')}", f"seed={row['seed']}"]))
+        (job / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}))
+    summarize(tmp_path)
+    assert (tmp_path / "tradeoff.md").exists() and not (tmp_path / "seed_sensitivity.md").exists()
+
+
+def test_headline_slack_admits_points_just_above_the_reference_cost():
+    t = aggregate(_summary(lsh_cost=0.06))  # KGW 0.04 with s.e. 0.0058 over its three keys
+    assert headline(t).answer is False
+    assert headline(t, slack=0.03).answer is True
