@@ -168,6 +168,6 @@ def tradeoff_job_metrics(ctx: Any, ev: Any) -> dict[str, Any]:
     out: dict[str, Any] = dict(scheme_params(ctx.cfg))
     if ctx.wm_det.prefix_p_value is not None:
         out["tokens_to_detect_alpha_censored"] = censored_tokens_to_detect(ctx.wm_det.prefix_p_value, ctx.cfg.watermark.alpha)
-    out.update(suite_metrics(ctx, parse_attack_specs(ev.attacks), ev.window))
+    out.update(suite_metrics(ctx, parse_attack_specs(getattr(ev, "attacks", None) or []), getattr(ev, "window", None)))
     out.update(oracle_metrics(ctx, ev))
     return out

@@ -72,8 +72,9 @@ def oracle_metrics(ctx: Any, ev: Any) -> dict[str, Any]:
     from moewm import stats
 
     name = getattr(ev, "oracle_model", None)
-    if name is None or name == ctx.cfg.model.name:
-        return {"perplexity_judge": f"generator:{ctx.cfg.model.name}"}
+    generator = getattr(getattr(ctx.cfg, "model", None), "name", "model")  # library callers may pass a bare context
+    if name is None or name == generator:
+        return {"perplexity_judge": f"generator:{generator}"}
     model, tok = load_oracle(name, ctx.cfg.memory)
     decode = ctx.tokenizer.decode
     prompts = [decode(p, skip_special_tokens=True) for p in ctx.prompt_ids]
