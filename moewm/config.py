@@ -429,6 +429,52 @@ class AttackConfig:
                  f"attack.paraphrase_max_new_tokens={self.paraphrase_max_new_tokens}: must be >= 1")
 
 
+ATTACK_DEFAULT_STRENGTH = 0.2  # a spec without ":strength" (the conf/attack files' default)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One entry of ``eval.attacks``."""
+
+    name: str
+    strength: float
+
+    @property
+    def suffix(self) -> str:
+        """``substitution_0p3``: the metric-name suffix of this spec."""
+        return f"{self.name}_{format(self.strength, 'g').replace('.', 'p').replace('-', 'm')}"
+
+
+def parse_attack_spec(spec: str, where: str = "eval.attacks") -> AttackSpec:
+    """``"substitution:0.3"`` -> AttackSpec; a ConfigError naming ``where`` and the allowed values otherwise."""
+    text = str(spec).strip()
+    name, sep, value = text.partition(":")
+    name = name.strip()
+    allowed = tuple(a for a in ATTACK_KINDS if a != "none")
+    if name not in allowed:
+        raise ConfigError(f"{where}={text!r}: unknown attack {name!r}; allowed values are {allowed}, written name:strength "
+                          f"with strength in [0, 1] (e.g. substitution:0.3)")
+    if not sep:
+        return AttackSpec(name, ATTACK_DEFAULT_STRENGTH)
+    try:
+        strength = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}={text!r}: strength {value!r} is not a number; allowed range is [0, 1] (e.g. {name}:0.3)") from None
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"{where}={text!r}: strength {strength} out of range; allowed range is [0, 1]")
+    return AttackSpec(name, strength)
+
+
+def parse_attack_specs(specs: Sequence[str]) -> list[AttackSpec]:
+    """All specs of ``eval.attacks`` (index in the error), refusing two specs with the same metric suffix."""
+    out = [parse_attack_spec(s, f"eval.attacks[{i}]") for i, s in enumerate(specs)]
+    suffixes = [a.suffix for a in out]
+    dupes = sorted({s for s in suffixes if suffixes.count(s) > 1})
+    if dupes:
+        raise ConfigError(f"eval.attacks={list(specs)}: {dupes} listed more than once")
+    return out
+
+
 @dataclass
 class EvalConfig:
     """Extra measurements of a job: detection vs length, quality, seed-sensitivity geometry."""
@@ -444,6 +490,11 @@ class EvalConfig:
     # top-p samples of the same prompts, and human-written corpora (null_texts chunks of each).
     null_sets: list[str] = field(default_factory=lambda: ["greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative"])
     null_texts: int = 64
+    # Extra attacks scored in the same job, as name:strength specs (moewm.evaluation.attack_suite), e.g.
+    # [substitution:0.1, substitution:0.3]; metrics get the spec as suffix (..._substitution_0p3).
+    attacks: list[str] = field(default_factory=list)
+    # A model config (conf/model/<name>.yaml) that judges perplexity besides the generator (moewm.evaluation.oracle); null: none.
+    oracle_model: Optional[str] = None
 
     def validate(self) -> None:
         _require(all(n >= 1 for n in self.lengths), f"eval.lengths={list(self.lengths)}: every length must be >= 1")
@@ -453,3 +504,4 @@ class EvalConfig:
         _require(self.window >= 2, f"eval.window={self.window}: must be >= 2")
         _require(self.null_texts >= 1, f"eval.null_texts={self.null_texts}: must be >= 1")
         check_null_sets(self.null_sets)
+        parse_attack_specs(self.attacks)  # eval.oracle_model is checked against conf/model by the app (moewm.app.schema)

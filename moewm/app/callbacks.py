@@ -83,6 +83,11 @@ class SweepSummaryCallback(Callback):
         ok = df[df["status"] == "ok"] if "status" in df else df
         means = {f"mean_{c}": float(ok[c].mean()) for c in ok.select_dtypes("number").columns if ok[c].notna().any()}
         tracker.summary({"jobs": len(df), "jobs_ok": len(ok), **means})
+        if (sweep_dir / "tradeoff.csv").exists():  # moewm.evaluation.tradeoff's per-configuration table
+            import pandas as pd
+
+            trade = pd.read_csv(sweep_dir / "tradeoff.csv")
+            tracker.table("tradeoff", trade.astype(object).where(trade.notna(), None).to_dict("records"))
         tracker.images([p.path for p in plots], [p.caption for p in plots])
         url = tracker.url
         tracker.finish()

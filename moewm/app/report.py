@@ -67,12 +67,16 @@ SEED_REPORT_PLOTS = ("detection_rate_by_seed.png", "ppl_by_seed.png", "best_pred
 
 
 def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
-    """Write summary.csv and plots (and the seed-sensitivity view when seeds were swept)."""
+    """Write summary.csv and plots (and the seed-sensitivity view when seeds were swept, the trade-off
+    view (moewm.evaluation.tradeoff: tradeoff.csv, tradeoff.md, Pareto plots) when the jobs are trade-off points)."""
     sweep_dir = Path(sweep_dir)
     df = collect(sweep_dir)
     df.to_csv(sweep_dir / "summary.csv", index=False)
     plots = plot(sweep_dir, df) if len(df) else []
-    if len(df) and "seed" in df and df["seed"].nunique() > 1 and (df.get("status") == "ok").sum() > 2:
+    from moewm.evaluation.tradeoff import is_tradeoff_sweep
+
+    tradeoff = bool(len(df)) and is_tradeoff_sweep(df)
+    if len(df) and "seed" in df and df["seed"].nunique() > 1 and (df.get("status") == "ok").sum() > 2 and not tradeoff:
         try:
             from moewm.evaluation.seed_report import seed_sensitivity_report
 
@@ -81,6 +85,14 @@ def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
                       if (sweep_dir / name).exists()]
         except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
             log.warning("seed-sensitivity report failed: %s: %s", type(err).__name__, err)
+    if tradeoff and (df.get("status") == "ok").any():  # the trade-off study's view instead of the seed report
+        try:
+            from moewm.evaluation.tradeoff import tradeoff_report
+
+            _, paths = tradeoff_report(df, sweep_dir)
+            plots += [Plot(p, caption=f"trade-off: {p.stem[len('tradeoff_'):]}") for p in paths]
+        except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
+            log.warning("trade-off report failed: %s: %s", type(err).__name__, err)
     return df, plots
 
 

@@ -104,6 +104,9 @@ def validate_app(app: AppConfig) -> None:
     for name in GROUPS:
         getattr(app, name).validate()
     check_watermark_config(app.watermark)
+    from moewm.evaluation.oracle import check_oracle
+
+    check_oracle(app.eval.oracle_model)
     if app.mode == "detect" and not app.input:
         raise ConfigError("input: mode=detect needs input=FILE (plain text, one text per line, or JSONL with a 'text' field)")
     warn_if_model_null_misfits(app)

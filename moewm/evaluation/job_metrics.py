@@ -25,6 +25,9 @@ Keys of :func:`evaluate_job`
     directly; the others edit the decoded text, which is tokenized again for detection
   quality (eval.quality): distinct_{1,2,3}_{wm,unwm}, diversity_{wm,unwm}, log_diversity_{wm,unwm},
     length_mean_{wm,unwm}, length_std_{wm,unwm}, n_texts_{wm,unwm}
+  attack suite (eval.attacks, moewm.evaluation.attack_suite): the attacked-detection keys suffixed per spec
+    (detection_rate_attacked_substitution_0p3, fpr_attacked_..., ...), tokens_to_detect_alpha_censored,
+    the baseline's parameters (kgw_gamma, synthid_num_keys, ...) and perplexity_judge (moewm.evaluation.oracle)
   geometry (eval.geometry, MoE-LSH with calibration): the ``geo_*`` keys of :mod:`moewm.evaluation.geometry`
   eval_seconds
 """
@@ -35,12 +38,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from moewm.engine import stats
-from moewm.evaluation.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
+from moewm.evaluation.attacked import attacked_detection_metrics, detected_share, p_scores
 from moewm.config import EvalConfig
 from moewm.engine.detection import DetectorOutput
 from moewm.evaluation.geometry import capture_distributions, geometry_metrics
@@ -76,27 +79,16 @@ class JobContext:
     plain_captures: list[Any] = field(default_factory=list)  # per plain text, likewise
 
 
-def _p_scores(p: np.ndarray) -> np.ndarray:
-    """Detection scores from p-values for ROC metrics: lower p is more watermarked; no p counts as p = 1."""
-    return -np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
-
-
-def _rate(p: np.ndarray | None, alpha: float) -> float:
-    if p is None or len(p) == 0:
-        return float("nan")
-    return float(np.mean(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=np.inf) <= alpha))
-
-
 def detection_metrics(
     wm: DetectorOutput, plain: DetectorOutput, nulls: dict[str, DetectorOutput], alpha: float, lengths: Sequence[int]
 ) -> dict[str, Any]:
     """Rates at alpha, every null set's false-positive rate, ROC summaries and tokens to detect."""
-    out: dict[str, Any] = {"detection_rate": _rate(wm.p_value, alpha), "false_positive_rate": _rate(plain.p_value, alpha)}
+    out: dict[str, Any] = {"detection_rate": detected_share(wm.p_value, alpha), "false_positive_rate": detected_share(plain.p_value, alpha)}
     out.update(null_set_metrics({"plain": plain, **nulls}, alpha))
     negatives = np.concatenate([plain.p_value] + [d.p_value for d in nulls.values()])
-    sep = stats.separation(_p_scores(wm.p_value), _p_scores(negatives), threshold=-alpha - 1e-15)
+    sep = stats.separation(p_scores(wm.p_value), p_scores(negatives), threshold=-alpha - 1e-15)
     out.update(auc=sep.auc, tpr_at_1pct_fpr=sep.tpr_at_1pct_fpr,
-               tpr_at_0p1pct_fpr=stats.tpr_at_fpr(_p_scores(wm.p_value), _p_scores(negatives), 0.001), n_null_texts=int(len(negatives)))
+               tpr_at_0p1pct_fpr=stats.tpr_at_fpr(p_scores(wm.p_value), p_scores(negatives), 0.001), n_null_texts=int(len(negatives)))
     if wm.prefix_p_value is not None:
         out.update(tokens_to_detect_metrics(wm.prefix_p_value, {"0p02": 0.02, "alpha": alpha}))
         out.update(length_metrics(wm.prefix_p_value, plain.prefix_p_value or [], lengths, alpha))
@@ -118,51 +110,13 @@ def detection_metrics(
 
 
 def attack_metrics(ctx: JobContext, ev: EvalConfig) -> dict[str, Any]:
-    cfg = ctx.cfg
-    attack = cfg.attack
+    """The ``attack=`` group's attack on the watermarked texts, detected against the job's nulls."""
+    attack = ctx.cfg.attack
     out: dict[str, Any] = {"attack_name": attack.name, "attack_strength": float(attack.strength)}
     if attack.name == "none":
         return out
-    tok, wm = ctx.tokenizer, ctx.watermarker
-    alpha = cfg.watermark.alpha
-    texts = [tok.decode(ids, skip_special_tokens=True) for ids in ctx.wm_ids]
-    if attack.name in TOKEN_ATTACKS:  # on the generated ids themselves: no decode / encode round trip
-        att_ids = attack_token_ids(ctx.wm_ids, attack, tokenizer=tok, model=ctx.model, seed=attack.seed)
-        changed = [list(a) != list(t) for a, t in zip(att_ids, ctx.wm_ids)]
-    else:
-        unwm_texts = [tok.decode(ids, skip_special_tokens=True) for ids in ctx.plain_ids]
-        attacked = apply_attack(texts, attack, tokenizer=tok, model=ctx.model, unwatermarked=unwm_texts, seed=attack.seed)
-        changed = [a != t for a, t in zip(attacked, texts)]
-        # an unchanged text keeps its original ids (decode / encode need not round-trip exactly)
-        att_ids = [list(tok(a, add_special_tokens=False)["input_ids"]) if c else list(ctx.wm_ids[i]) for i, (a, c) in enumerate(zip(attacked, changed))]
-    det = score_edited(wm, ctx.wm_captures, att_ids, ctx.prompt_ids, changed, window=ev.window)
-    negatives = np.concatenate([ctx.plain_det.p_value] + [d.p_value for d in ctx.null_dets.values()])
-    sep = stats.separation(_p_scores(det.p_value), _p_scores(negatives), threshold=-alpha - 1e-15)
-    out.update(
-        detection_rate_attacked=_rate(det.p_value, alpha),
-        auc_attacked=sep.auc,
-        tpr_at_1pct_fpr_attacked=sep.tpr_at_1pct_fpr,
-        window_detection_rate_attacked=_rate(det.window_p_value, alpha),
-        p_attacked_median=float(np.nanmedian(det.p_value)) if np.isfinite(det.p_value).any() else float("nan"),
-        tokens_attacked_mean=float(np.mean([len(x) for x in att_ids])),
-        attacked_changed_fraction=float(np.mean(changed)),
-    )
+    out.update(attacked_detection_metrics(ctx, attack, ev.window))
     return out
-
-
-def score_edited(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
-                 changed: Sequence[bool], window: Optional[int] = None) -> DetectorOutput:
-    """Detection of edited texts: an unchanged text is scored from the capture the job already has, only the
-    changed ones are captured (the model never sees a text twice); empty texts get the empty-text note."""
-    caps: list[Any] = list(captures) if len(captures) == len(text_ids) else [None] * len(text_ids)
-    redo = [i for i, c in enumerate(changed) if len(text_ids[i]) > 0 and (c or caps[i] is None)]
-    if redo:
-        for i, cap in zip(redo, scheme.capture([text_ids[i] for i in redo], [prompt_ids[i] for i in redo])):
-            caps[i] = cap
-    keep = [i for i in range(len(text_ids)) if len(text_ids[i]) > 0 and caps[i] is not None]
-    if not keep:
-        return DetectorOutput.empty(len(text_ids))
-    return DetectorOutput.scatter(len(text_ids), keep, scheme.score([caps[i] for i in keep], window=window))
 
 
 def _python_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -189,14 +143,17 @@ def evaluate_job(ctx: JobContext) -> dict[str, Any]:
     wm = ctx.watermarker
     alpha = cfg.watermark.alpha
     out: dict[str, Any] = {
-        "window_detection_rate": _rate(ctx.wm_det.window_p_value, alpha),
-        "window_fpr": _rate(ctx.plain_det.window_p_value, alpha),
+        "window_detection_rate": detected_share(ctx.wm_det.window_p_value, alpha),
+        "window_fpr": detected_share(ctx.plain_det.window_p_value, alpha),
     }
     if ev.quality:
         out.update(quality_metrics(ctx.wm_ids, suffix="_wm"))
         out.update(quality_metrics(ctx.plain_ids, suffix="_unwm"))
 
     out.update(attack_metrics(ctx, ev))
+    from moewm.evaluation.attack_suite import tradeoff_job_metrics
+
+    out.update(tradeoff_job_metrics(ctx, ev))
 
     calibration = getattr(ctx, "calibration", None)
     if ev.geometry and calibration is not None and isinstance(wm, MoELSHWatermark):

@@ -10,6 +10,10 @@ detection rate across seeds, within the encoder and pooled over all encoders. Th
 bad seed is the metric with the largest mean absolute within-encoder correlation (weighted by the
 number of seeds): within-encoder, because a pooled correlation can merely tell encoders apart.
 
+When the sweep varied ``pools`` too, a design is ``encoder_kind/pools``. With tokens-to-detect columns
+the report adds the key spread per design and whether the pool design fixes bad keys
+(:mod:`moewm.evaluation.key_spread`, also written as ``key_spread.csv``).
+
 Writes ``seed_sensitivity.csv`` (the returned table), ``seed_sensitivity.md`` (the answers, computed
 from the numbers) and PNG plots (``detection_rate_by_seed.png``, ``ppl_by_seed.png``,
 ``best_predictor.png``).
@@ -84,6 +88,9 @@ def seed_sensitivity_report(df: pd.DataFrame, out_dir: str | Path) -> pd.DataFra
         data = df[df["status"].astype(str).str.lower().isin(OK_STATUSES)]
     data = data[data["detection_rate"].notna()].copy()
     excluded = total - len(data)
+    by_key = data.copy()  # encoder_kind and pools apart, for the key-spread section (moewm.evaluation.key_spread)
+    if "pools" in data and data["pools"].astype(str).nunique() > 1:  # pool designs swept too: a design is encoder/pools
+        data["encoder_kind"] = data["encoder_kind"].astype(str) + "/" + data["pools"].astype(str)
     geo_cols = [c for c in data.columns if c.startswith("geo_") and pd.api.types.is_numeric_dtype(data[c])]
     encoders = sorted(data["encoder_kind"].astype(str).unique())
     data["encoder_kind"] = data["encoder_kind"].astype(str)
@@ -121,6 +128,12 @@ def seed_sensitivity_report(df: pd.DataFrame, out_dir: str | Path) -> pd.DataFra
     best = ranking[0] if ranking and (np.isfinite(ranking[0][1]) or np.isfinite(ranking[0][3])) else None
 
     md = _markdown(table, per_enc, ranking, best, total, excluded, encoders)
+    if "tokens_to_detect_alpha" in by_key or "tokens_to_detect_alpha_censored" in by_key:
+        from moewm.evaluation import key_spread
+
+        spread, follow = key_spread.spread_table(by_key), key_spread.bad_key_follow_up(by_key)
+        spread.to_csv(out_dir / "key_spread.csv", index=False)
+        md += "\n" + key_spread.markdown(spread, follow)
     (out_dir / "seed_sensitivity.md").write_text(md)
     _plots(data, encoders, best[0] if best else None, out_dir)
     return table

@@ -48,6 +48,10 @@ class Watermarker(Protocol):
         """What the p-values rest on: ``statistic``, ``reference_keys`` (0: an exact test) and ``p_value_null`` (a sentence)."""
         ...
 
+    def settings_metrics(self) -> dict[str, Any]:
+        """The scheme's own strength settings as flat metrics (``kgw_gamma``, ...), for tables across schemes."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -71,6 +75,10 @@ class TextGeneration:
     @classmethod
     def check_config(cls, watermark: WatermarkConfig) -> None:
         """Checks of ``watermark.*`` that only this scheme needs, run before any weights load."""
+
+    def settings_metrics(self) -> dict[str, Any]:
+        """The scheme's own settings beyond the job's shared metrics (none by default)."""
+        return {}
 
     def encode_prompt(self, prompt: Optional[str]) -> list[int]:
         raise NotImplementedError

@@ -58,6 +58,10 @@ class KGWWatermark(TransformersWatermark):
         self.ngram = proc.context_width + 1 - self.selfhash  # tokens per scored n-gram (the detector's n)
         self.gamma = proc.greenlist_size / proc.vocab_size  # exact green fraction
 
+    def settings_metrics(self) -> dict[str, Any]:
+        c = self.watermark_cfg.kgw
+        return {"kgw_gamma": float(c.gamma), "kgw_seeding_scheme": c.seeding_scheme, "kgw_context_width": int(c.context_width)}
+
     @property
     def watermarking_config(self) -> WatermarkingConfig:
         return self._config

@@ -53,6 +53,10 @@ class SynthIDWatermark(TransformersWatermark):
         table = self.processor.sampling_table.double()
         self.p0 = float(table.mean())  # exact null probability of g = 1
 
+    def settings_metrics(self) -> dict[str, Any]:
+        c = self.watermark_cfg.synthid
+        return {"synthid_num_keys": int(c.num_keys), "synthid_ngram_len": int(c.ngram_len)}
+
     @property
     def watermarking_config(self) -> SynthIDTextWatermarkingConfig:
         return self._config

@@ -1,0 +1,88 @@
+"""Detection of edited texts, shared by the ``attack=`` group and the attack suite (``eval.attacks``).
+
+An edit is made on token ids (substitution, insertion) or on decoded text (the others); a text the edit left
+unchanged keeps its ids and is scored from the capture the job already has, so the model never sees a text
+twice. Rates are at the decision threshold alpha; ROC summaries put the attacked texts against every null
+text of the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from moewm.config import AttackConfig
+from moewm.engine import stats
+from moewm.engine.detection import DetectorOutput
+from moewm.evaluation.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
+from moewm.schemes.base import Watermarker
+
+
+def p_scores(p: np.ndarray) -> np.ndarray:
+    """Detection scores from p-values for ROC metrics: lower p is more watermarked; no p counts as p = 1."""
+    return -np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
+
+
+def detected_share(p: Optional[np.ndarray], alpha: float) -> float:
+    """Share of texts with p <= alpha (no p: not detected); NaN for no texts."""
+    if p is None or len(p) == 0:
+        return float("nan")
+    return float(np.mean(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=np.inf) <= alpha))
+
+
+def edited_ids(ctx: Any, attack: AttackConfig, ids: Sequence[Sequence[int]],
+               unwatermarked: Optional[list[str]]) -> tuple[list[list[int]], list[bool]]:
+    """The attacked token ids of ``ids`` and which texts changed (token attacks edit ids, the others text)."""
+    tok = ctx.tokenizer
+    ids = [list(x) for x in ids]
+    if attack.name in TOKEN_ATTACKS:  # on the ids themselves: no decode / encode round trip
+        att = attack_token_ids(ids, attack, tokenizer=tok, model=ctx.model, seed=attack.seed)
+        return att, [list(a) != t for a, t in zip(att, ids)]
+    texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
+    attacked = apply_attack(texts, attack, tokenizer=tok, model=ctx.model, unwatermarked=unwatermarked, seed=attack.seed)
+    changed = [a != t for a, t in zip(attacked, texts)]
+    # an unchanged text keeps its original ids (decode / encode need not round-trip exactly)
+    return [list(tok(a, add_special_tokens=False)["input_ids"]) if c else ids[i] for i, (a, c) in enumerate(zip(attacked, changed))], changed
+
+
+def score_edited(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+                 changed: Sequence[bool], window: Optional[int] = None) -> DetectorOutput:
+    """Detection of edited texts: an unchanged text is scored from the capture the job already has, only the
+    changed ones are captured (the model never sees a text twice); empty texts get the empty-text note."""
+    caps: list[Any] = list(captures) if len(captures) == len(text_ids) else [None] * len(text_ids)
+    redo = [i for i, c in enumerate(changed) if len(text_ids[i]) > 0 and (c or caps[i] is None)]
+    if redo:
+        for i, cap in zip(redo, scheme.capture([text_ids[i] for i in redo], [prompt_ids[i] for i in redo])):
+            caps[i] = cap
+    keep = [i for i in range(len(text_ids)) if len(text_ids[i]) > 0 and caps[i] is not None]
+    if not keep:
+        return DetectorOutput.empty(len(text_ids))
+    return DetectorOutput.scatter(len(text_ids), keep, scheme.score([caps[i] for i in keep], window=window))
+
+
+def attacked_detection_metrics(ctx: Any, attack: AttackConfig, window: Optional[int], suffix: str = "") -> dict[str, Any]:
+    """``attack`` on the job's watermarked texts, detected: rates at alpha and ROC against every null text."""
+    alpha = ctx.cfg.watermark.alpha
+    unwm_texts = [ctx.tokenizer.decode(x, skip_special_tokens=True) for x in ctx.plain_ids]
+    ids, changed = edited_ids(ctx, attack, ctx.wm_ids, unwm_texts)
+    det = score_edited(ctx.watermarker, ctx.wm_captures, ids, ctx.prompt_ids, changed, window=window)
+    negatives = np.concatenate([ctx.plain_det.p_value] + [d.p_value for d in ctx.null_dets.values()])
+    sep = stats.separation(p_scores(det.p_value), p_scores(negatives), threshold=-alpha - 1e-15)
+    return {
+        f"detection_rate_attacked{suffix}": detected_share(det.p_value, alpha),
+        f"auc_attacked{suffix}": sep.auc,
+        f"tpr_at_1pct_fpr_attacked{suffix}": sep.tpr_at_1pct_fpr,
+        f"window_detection_rate_attacked{suffix}": detected_share(det.window_p_value, alpha),
+        f"p_attacked_median{suffix}": float(np.nanmedian(det.p_value)) if np.isfinite(det.p_value).any() else float("nan"),
+        f"tokens_attacked_mean{suffix}": float(np.mean([len(x) for x in ids])) if ids else float("nan"),
+        f"attacked_changed_fraction{suffix}": float(np.mean(changed)) if changed else float("nan"),
+    }
+
+
+def attacked_null_metrics(ctx: Any, attack: AttackConfig, window: Optional[int], suffix: str = "") -> dict[str, Any]:
+    """The same edit on the job's plain texts, detected: an edit made without the key must not look watermarked."""
+    ids, changed = edited_ids(ctx, attack, ctx.plain_ids, None)
+    det = score_edited(ctx.watermarker, ctx.plain_captures, ids, ctx.prompt_ids, changed, window=window)
+    return {f"fpr_attacked{suffix}": detected_share(det.p_value, ctx.cfg.watermark.alpha),
+            f"n_attacked_null{suffix}": int(np.isfinite(det.p_value).sum())}

@@ -1,0 +1,343 @@
+"""The trade-off study: its preset and points compose, one job scores several attacks (each with its
+null), bad attack specs and oracles fail before weights load, and the report's Pareto fronts and headline
+follow from the numbers (synthetic summaries whose answers are known by construction)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from moewm.app.main import CONF_DIR
+from moewm.config import AttackSpec, parse_attack_specs
+from moewm.evaluation.attack_suite import censored_tokens_to_detect
+from moewm.config import ATTACK_KINDS, ConfigError
+from moewm.app.schema import register, to_app_config, validate_app
+from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, pareto_front, tradeoff_report
+
+os.environ.setdefault("MOEWM_SECRET_KEY", "tradeoff-test-secret")
+register()
+POINTS = sorted(p.stem for p in (Path(CONF_DIR) / "tradeoff").glob("*.yaml"))
+
+
+def _compose(overrides, hydra_config=False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+# -- config -----------------------------------------------------------------------------------------
+def test_the_preset_sweeps_every_point_over_keys_and_scores_the_attack_suite():
+    cfg = _compose(["experiment=tradeoff"], hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["tradeoff"] == "glob(*)" and params["seed"].startswith("range(")
+    app = to_app_config(_compose(["experiment=tradeoff", f"tradeoff={POINTS[0]}"]))
+    validate_app(app)
+    specs = {a.suffix for a in parse_attack_specs(app.eval.attacks)}
+    assert {"substitution_0p1", "substitution_0p3", "deletion_0p1"} <= specs
+    assert any(s.startswith("copy_paste") for s in specs) and any(s.startswith("paraphrase") for s in specs)
+    assert app.eval.null_sets, "every detection number needs its null sets"
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_every_tradeoff_point_composes_and_validates(point):
+    app = to_app_config(_compose(["experiment=tradeoff", f"tradeoff={point}"]))
+    validate_app(app)
+    kind = point.split("_")[0]
+    assert app.watermark.kind == {"lsh": "moe_lsh", "kgw": "kgw", "synthid": "synthid"}[kind]
+    if kind == "kgw":  # kgw_g025_d2 -> gamma 0.25, delta 2
+        gamma, delta = point.split("_")[1:3]
+        assert app.watermark.kgw.gamma == pytest.approx(float("0." + gamma[2:]))
+        assert app.watermark.delta == float(delta[1:])
+    if kind == "lsh":
+        assert app.encoder.pools == point.split("_")[1]
+
+
+def test_the_reference_point_of_the_headline_exists():
+    assert "kgw_g025_d2" in POINTS
+    assert "lsh_partition_d2" in POINTS  # the default design
+
+
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("subst:0.3", "allowed values are"),
+        ("substitution:1.5", "allowed range is [0, 1]"),
+        ("substitution:lots", "is not a number"),
+        ("none:0.1", "allowed values are"),
+    ],
+)
+def test_a_bad_attack_spec_fails_before_weights_load_naming_the_key(spec, needle):
+    app = to_app_config(_compose(["model=micro_moe", f"eval.attacks=[deletion:0.1,{spec}]"]))
+    with pytest.raises(ConfigError) as err:
+        validate_app(app)
+    msg = str(err.value)
+    assert "eval.attacks[1]" in msg and needle in msg
+    if "values" in needle:
+        assert all(a in msg for a in ATTACK_KINDS if a != "none")
+
+
+def test_repeated_attack_specs_and_unknown_oracles_are_refused():
+    with pytest.raises(ConfigError, match="more than once"):
+        parse_attack_specs(["substitution:0.3", "substitution:0.30"])
+    app = to_app_config(_compose(["model=micro_moe", "eval.oracle_model=gpt5"]))
+    with pytest.raises(ConfigError, match=r"eval.oracle_model='gpt5': allowed values are .*qwen_dense"):
+        validate_app(app)
+    validate_app(to_app_config(_compose(["model=micro_moe", "eval.oracle_model=qwen_dense"])))  # a name only: no weights
+
+
+def test_attack_spec_suffixes_name_the_strength():
+    assert [a.suffix for a in parse_attack_specs(["substitution:0.3", "copy_paste:0.75", "deletion", "swap:1"])] == \
+        ["substitution_0p3", "copy_paste_0p75", "deletion_0p2", "swap_1"]
+    assert AttackSpec("deletion", 0.0).suffix == "deletion_0"
+
+
+def test_censored_tokens_to_detect_counts_never_detected_texts_as_infinitely_long():
+    alpha = 0.01
+    detected_at_3 = np.array([0.5, 0.2, 0.001, 0.001])
+    never = np.array([0.5, 0.5, 0.5, 0.5])
+    assert censored_tokens_to_detect([detected_at_3, detected_at_3, never], alpha) == 3
+    assert censored_tokens_to_detect([detected_at_3, never, never], alpha) == np.inf
+
+
+# -- one job on tiny_moe ----------------------------------------------------------------------------
+SUITE = ["substitution:0", "substitution:0.3", "deletion:0.1", "copy_paste:0.5", "paraphrase:0.5"]
+
+
+@pytest.fixture(scope="module")
+def suite_job(tmp_path_factory):
+    from moewm.app.job import run_job
+
+    tmp = tmp_path_factory.mktemp("suite")
+    old = os.getcwd()
+    os.chdir(tmp)  # the job's outputs/cache lives here
+    try:
+        app = to_app_config(_compose([
+            "data.num_prompts=4", "generation.max_new_tokens=24", "generation.min_new_tokens=24", "eval=minimal",
+            "eval.null_sets=[greedy,human_docstrings]", "eval.null_texts=2", "logger=none", "progress=false",
+            "watermark.reference_keys=99", "watermark.alpha=0.01", "attack=substitution", "attack.strength=0.3",
+            "attack.paraphrase_max_new_tokens=8", f"eval.attacks=[{','.join(SUITE)}]",
+        ]))
+        return run_job(app, tmp / "job", run_name="suite", group=None)
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.slow
+def test_one_job_scores_every_attack_of_the_suite_with_its_null(suite_job):
+    m = suite_job
+    assert m["status"] == "ok"
+    for a in parse_attack_specs(SUITE):
+        for key in ("detection_rate_attacked", "auc_attacked", "tpr_at_1pct_fpr_attacked", "attacked_changed_fraction"):
+            assert 0.0 <= m[f"{key}_{a.suffix}"] <= 1.0, (key, a.suffix)
+    # edits made without the key get their own null; copy_paste's input is plain text already
+    for s in ("substitution_0p3", "deletion_0p1"):
+        assert 0.0 <= m[f"fpr_attacked_{s}"] <= 1.0 and m[f"n_attacked_null_{s}"] == 4
+    assert "fpr_attacked_copy_paste_0p5" not in m and "fpr_attacked_paraphrase_0p5" not in m
+    assert m["perplexity_judge"] == "generator:tiny_moe"
+    assert np.isfinite(m["tokens_to_detect_alpha_censored"]) or m["never_detected_alpha"] >= 0.5
+
+
+@pytest.mark.slow
+def test_the_suite_agrees_with_the_single_attack_group_and_strength_zero_changes_nothing(suite_job):
+    m = suite_job
+    # attack=substitution attack.strength=0.3 and the suite's substitution:0.3 are the same edit, same seed
+    assert m["detection_rate_attacked_substitution_0p3"] == m["detection_rate_attacked"]
+    assert m["p_attacked_median_substitution_0p3"] == pytest.approx(m["p_attacked_median"])
+    assert m["attacked_changed_fraction_substitution_0"] == 0.0
+    assert m["detection_rate_attacked_substitution_0"] == m["detection_rate"]
+    assert m["attacked_changed_fraction_substitution_0p3"] == 1.0
+
+
+# -- aggregation, fronts, headline ------------------------------------------------------------------
+def _job(point, seed, kind, cost, ttd, sub03, **extra):
+    row = {"status": "ok", "override.tradeoff": point, "seed": seed, "watermark_kind": kind, "delta": 2.0, "alpha": 1e-3,
+           "ppl_unwm_mean": 100.0, "ppl_wm_mean": 100.0 * (1 + cost), "tokens_to_detect_alpha_censored": ttd,
+           "tokens_to_detect_alpha": ttd if np.isfinite(ttd) else 70.0, "never_detected_alpha": 0.0, "detection_rate": 1.0,
+           "detection_rate_at_64": 1.0, "distinct_2_wm": 0.9, "distinct_2_unwm": 0.9, "model": "tiny_moe",
+           "perplexity_judge": "generator:tiny_moe", "detection_rate_attacked_substitution_0p3": sub03,
+           "detection_rate_attacked_deletion_0p1": 1.0, "fpr_attacked_substitution_0p3": 0.0, "fp_plain": 0, "n_plain": 16,
+           "fp_greedy": 1 if seed == 0 else 0, "n_greedy": 16, "pools": "partition", "green_bits": 1, "start_layer_idx": 0}
+    if kind == "kgw":
+        row["kgw_gamma"] = extra.pop("gamma", 0.25)
+    row.update(extra)
+    return row
+
+
+def _summary(lsh_cost=0.02, lsh_ttd=10.0, lsh_sub=0.8):
+    rows = []
+    for s in range(3):
+        rows.append(_job("kgw_g025_d2", s, "kgw", 0.03 + 0.01 * s, 12.0 + s, 0.6))  # cost mean 0.04, ttd median 13, sub 0.6
+        rows.append(_job("kgw_g050_d2", s, "kgw", 0.01, 20.0, 0.3, gamma=0.5))
+        rows.append(_job("lsh_cheap", s, "moe_lsh", lsh_cost, lsh_ttd + s, lsh_sub))
+        rows.append(_job("lsh_costly", s, "moe_lsh", 0.5, 5.0, 0.9))
+        rows.append(_job("synthid_k20", s, "synthid", 0.0, 30.0, 0.2, synthid_num_keys=20))
+    rows.append({"status": "failed", "override.tradeoff": "lsh_cheap", "seed": 9, "watermark_kind": "moe_lsh"})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_takes_key_statistics_per_point_and_pools_the_nulls():
+    t = aggregate(_summary())
+    assert set(t.index) == {"kgw_g025_d2", "kgw_g050_d2", "lsh_cheap", "lsh_costly", "synthid_k20"}
+    k = t.loc["kgw_g025_d2"]
+    assert k["keys"] == 3  # the failed job is left out
+    assert k["ppl_cost"] == pytest.approx(0.04) and k["ppl_cost_min"] == pytest.approx(0.03) and k["ppl_cost_max"] == pytest.approx(0.05)
+    assert k["tokens_to_detect"] == 13 and k["tokens_to_detect_min"] == 12 and k["tokens_to_detect_max"] == 14
+    assert k["null_fp"] == 1 and k["null_n"] == 96 and k["null_fpr"] == pytest.approx(1 / 96)
+    assert np.isnan(t.loc["synthid_k20", "delta"]) and t.loc["synthid_k20", "synthid_num_keys"] == 20
+    assert np.isnan(t.loc["kgw_g025_d2", "pools"])  # KGW has no pool design
+
+
+def test_ppl_cost_is_the_oracles_when_one_judged():
+    df = _summary()
+    df["ppl_oracle_wm_mean"], df["ppl_oracle_unwm_mean"], df["perplexity_judge"] = 22.0, 20.0, "oracle:qwen_dense"
+    t = aggregate(df)
+    assert t["ppl_cost"].to_numpy() == pytest.approx(0.1)
+    assert set(t["perplexity_judge"]) == {"oracle:qwen_dense"}
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    cost = np.array([0.0, 0.1, 0.1, 0.2, 0.3, 0.05, np.nan])
+    ttd = np.array([30.0, 10.0, 12.0, 10.0, 5.0, 30.0, 1.0])  # lower is better
+    assert pareto_front(cost, ttd, higher_is_better=False).tolist() == [True, True, False, False, True, False, False]
+    rate = np.array([0.1, 0.5, 0.5, 0.9, 0.9, 0.1, 1.0])  # higher is better; a tie in both keeps both
+    assert pareto_front(cost, rate, higher_is_better=True).tolist() == [True, True, True, True, False, False, False]
+    assert pareto_front(np.array([0.0, 0.0]), np.array([np.inf, 3.0]), False).tolist() == [False, True]
+
+
+def test_fronts_per_attack_from_the_table():
+    f = fronts(aggregate(_summary()))
+    assert set(f) == {"none", "substitution_0p3", "deletion_0p1"}
+    assert set(f["none"]) == {"synthid_k20", "kgw_g050_d2", "lsh_cheap", "lsh_costly"}
+    assert set(f["substitution_0p3"]) == {"synthid_k20", "kgw_g050_d2", "lsh_cheap", "lsh_costly"}
+
+
+def test_headline_is_yes_when_a_cheaper_moe_lsh_point_detects_faster_and_survives_more():
+    h = headline(aggregate(_summary()))
+    assert h.answer is True and h.reference == "kgw_g025_d2" and h.winners == ["lsh_cheap"]
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(lsh_cost=0.06), "no MoE-LSH point is at or below"),  # costs more than KGW (0.04)
+        (dict(lsh_ttd=13.0), "do not beat it on both"),  # median 14 >= KGW's 13
+        (dict(lsh_sub=0.6), "do not beat it on both"),  # a tie under substitution is not "more"
+    ],
+)
+def test_headline_can_fail(change, reason):
+    h = headline(aggregate(_summary(**change)))
+    assert h.answer is False and reason in h.reason and not h.winners
+
+
+def test_headline_is_not_computable_without_the_reference_or_the_attack():
+    df = _summary()
+    assert headline(aggregate(df[df["override.tradeoff"] != "kgw_g025_d2"])).answer is None
+    assert headline(aggregate(df.drop(columns=["detection_rate_attacked_substitution_0p3"]))).answer is None
+
+
+def test_key_spread_is_the_worst_decile_over_the_median_key():
+    s = key_spread(pd.Series(np.arange(1, 21, dtype=float)))  # 1..20
+    assert s["keys"] == 20 and s["median"] == 10.5 and s["worst_decile"] == 19.0  # sorted index ceil(0.9 * 19) = 18 of 0..19
+    assert s["ratio"] == pytest.approx(s["worst_decile"] / 10.5)
+    bad = key_spread(np.r_[np.full(17, 10.0), np.inf, np.inf, np.inf])  # three keys never detect half their texts
+    assert bad["worst_decile"] == np.inf and bad["ratio"] == np.inf
+
+
+def test_report_writes_table_markdown_and_one_plot_per_view(tmp_path):
+    table, plots = tradeoff_report(_summary(), tmp_path)
+    csv = pd.read_csv(tmp_path / "tradeoff.csv", index_col=0)
+    assert csv.loc["lsh_cheap", "ppl_cost"] == pytest.approx(table.loc["lsh_cheap", "ppl_cost"])
+    md = (tmp_path / "tradeoff.md").read_text()
+    assert "## Headline" in md and "**Yes**" in md and "`lsh_cheap`" in md
+    assert "Perplexity judge: the generator itself" in md
+    assert sorted(p.name for p in plots) == ["tradeoff_deletion_0p1.png", "tradeoff_none.png", "tradeoff_substitution_0p3.png"]
+    assert all(p.stat().st_size > 5000 for p in plots)
+
+
+def test_a_sweep_summary_of_tradeoff_points_gets_the_report(tmp_path):
+    from moewm.app.report import summarize
+
+    for i, row in enumerate(_summary().to_dict("records")):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"tradeoff={row.pop('override.tradeoff')}", f"seed={row['seed']}"]))
+        (job / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}))
+    df, plots = summarize(tmp_path)
+    assert (tmp_path / "tradeoff.md").exists() and (tmp_path / "tradeoff.csv").exists()
+    assert any(p.path.name == "tradeoff_none.png" for p in plots)
+
+
+# -- seed sensitivity over pool designs -------------------------------------------------------------
+def _seed_sweep(keys=20):
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(keys):
+        bad = s in (3, 11)  # bad under anchors, because of its pools ...
+        for pools, ttd in (("anchors", 40.0 if bad else 10.0 + rng.uniform(0, 2)),
+                           ("partition", 10.0 + rng.uniform(0, 2)),  # ... which partition replaces
+                           ("random", 40.0 if bad else 10.0 + rng.uniform(0, 2))):  # ... and random does not
+            rows.append({"seed": s, "encoder_kind": "simhash", "pools": pools, "status": "ok", "detection_rate": 1.0 - ttd / 100,
+                         "auc": 1.0, "ppl_wm_mean": 100.0, "tokens_to_detect_alpha_censored": ttd, "never_detected_alpha": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_seed_report_measures_key_spread_per_pool_design_and_says_which_fixes_bad_keys(tmp_path):
+    from moewm.evaluation.key_spread import bad_key_follow_up, spread_table
+    from moewm.evaluation.seed_report import seed_sensitivity_report
+
+    df = _seed_sweep()
+    spread = spread_table(df).set_index("pools")
+    assert spread.loc["anchors", "ttd_ratio"] > 1.5 and not spread.loc["anchors", "target_met"]
+    assert spread.loc["partition", "ttd_ratio"] <= 1.5 and spread.loc["partition", "target_met"]
+    follow = bad_key_follow_up(df).set_index("pools")
+    assert follow.loc["partition", "bad_keys"] == "3,11" and follow.loc["random", "bad_keys"] == "3,11"
+    assert follow.loc["random", "bad_keys_ttd_over_median"] > 3 and follow.loc["partition", "bad_keys_ttd_over_median"] < 1.3
+    table = seed_sensitivity_report(df, tmp_path)
+    assert {"simhash/anchors", "simhash/partition", "simhash/random"} <= set(table.index)
+    md = (tmp_path / "seed_sensitivity.md").read_text()
+    assert "`simhash`: `partition` fixes the bad keys" in md
+    assert "`simhash`: `random` does not fix the bad keys" in md
+    assert (tmp_path / "key_spread.csv").exists()
+
+
+def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
+    params = _compose(["experiment=seed_sensitivity"], hydra_config=True).hydra.sweeper.params
+    assert set(params["encoder"].split(",")) == {"simhash", "centered", "whitened", "pca"}
+    assert set(params["encoder.pools"].split(",")) == {"partition", "anchors", "random"}
+    assert params["seed"] == "range(20)"
+
+
+def test_ppl_cost_uses_geometric_means_of_the_jobs_samples_when_the_sweep_folder_has_them(tmp_path):
+    df = _summary()
+    df["job"] = [str(i) for i in range(len(df))]
+    # job 0 (kgw_g025_d2, key 0): one text with a huge perplexity swings the arithmetic mean, not the geometric one
+    (tmp_path / "0").mkdir()
+    rows = [{"ppl_wm": 1000.0 if i == 0 else 10.0, "ppl_unwm": 10.0} for i in range(16)]
+    (tmp_path / "0" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cost = aggregate(df, tmp_path).loc["kgw_g025_d2", "ppl_cost_max"]  # keys 1 and 2 keep their summary means (0.04, 0.05)
+    assert cost == pytest.approx(np.exp(np.log(100.0) / 16) - 1)
+    assert aggregate(df).loc["kgw_g025_d2", "ppl_cost_min"] == pytest.approx(0.03)  # without the folder: the means in the summary
+
+
+def test_a_tradeoff_sweep_gets_no_seed_sensitivity_report(tmp_path):
+    from moewm.app.report import summarize
+
+    for i, row in enumerate(_summary().to_dict("records")):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"tradeoff={row.pop('override.tradeoff')}", f"seed={row['seed']}"]))
+        (job / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}))
+    summarize(tmp_path)
+    assert (tmp_path / "tradeoff.md").exists() and not (tmp_path / "seed_sensitivity.md").exists()
+
+
+def test_headline_slack_admits_points_just_above_the_reference_cost():
+    t = aggregate(_summary(lsh_cost=0.06))  # KGW 0.04 with s.e. 0.0058 over its three keys
+    assert headline(t).answer is False
+    assert headline(t, slack=0.03).answer is True
