@@ -88,7 +88,7 @@ def test_capture_keeps_the_models_next_token_distribution(tokenizer, key, path, 
     wm = MoELSHWatermark(model, tokenizer, encoder=EncoderConfig(num_bits=16, pool_size=32), watermark=WatermarkConfig(capture_top_k=64),
                          key=key, cache_dir=None)
     if path == "full_logits":
-        monkeypatch.setattr("moewm.schemes.moe_lsh.split_lm_head", lambda *a: None)
+        monkeypatch.setattr("moewm.engine.capture.split_lm_head", lambda *a: None)
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 12, 41)]
     _check_capture(wm, model, rows, [3, 9, 5], 64)

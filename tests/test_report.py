@@ -70,6 +70,8 @@ def test_summary_keeps_failed_jobs_and_the_cli_prints_the_table(tmp_path, capsys
 def test_swept_keys_and_group_name_come_from_presets_and_the_command_line():
     assert swept_keys(["seed=0,1", "data.num_prompts=4", "encoder=pca", "+x=range(3)", "secret_key=a,b"],
                       {"encoder.num_bits": "8,16", "seed": "range(5)"}) == ["encoder.num_bits", "seed", "x"]
+    # a preset's sweep fixed to one value on the command line is no longer swept (nor in the jobs' names)
+    assert swept_keys(["encoder.pools=partition"], {"encoder.pools": "partition,anchors", "seed": "range(5)"}) == ["seed"]
     from pathlib import Path
 
     group = group_name("seed_sensitivity", ["seed", "encoder"], Path("outputs/sweeps/2026-11-28/08-22-03"))
