@@ -49,6 +49,8 @@ def swept_keys(task_overrides: Iterable[str], sweeper_params: Optional[Mapping[s
         key = _key(override.get_key_element())
         if override.is_sweep_override() and key not in SECRET_KEYS and key not in keys:
             keys.append(key)
+        elif not override.is_sweep_override() and key in keys:  # a later single value pins it, as in Hydra's sweeper
+            keys.remove(key)
     return keys
 
 

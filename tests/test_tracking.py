@@ -188,7 +188,7 @@ SMOKE = ["model=micro_moe", "encoder.num_bits=16", "encoder.pool_size=8", "data.
 def test_a_preset_sweep_reaches_wandb_named_grouped_and_tagged(tmp_path, fake_wandb):
     """Through the real entrypoint: jobs named by their swept values, one group per sweep, the preset's tags."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "experiment=seed_sensitivity", "hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.encoder=simhash",
+    args = ["-m", "experiment=seed_sensitivity", "hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.encoder=simhash", "encoder.pools=partition",
             "logger.tags=[mine,seed_sensitivity]", *SMOKE, f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOEWM_SECRET_KEY": SECRET}
     proc = subprocess.run([sys.executable, "-m", "moewm", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -340,3 +340,26 @@ def test_headline_slack_admits_points_just_above_the_reference_cost():
     t = aggregate(_summary(lsh_cost=0.06))  # KGW 0.04 with s.e. 0.0058 over its three keys
     assert headline(t).answer is False
     assert headline(t, slack=0.03).answer is True
+
+
+def test_an_oracle_model_judges_perplexity_and_says_so(tokenizer):
+    from types import SimpleNamespace
+
+    from moewm.oracle import oracle_metrics
+
+    text = [list(tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"])] * 2
+    prompts = [list(tokenizer("Once upon a time", add_special_tokens=False)["input_ids"])] * 2
+    cfg = SimpleNamespace(model=SimpleNamespace(name="tiny_moe"), memory=None, generation=SimpleNamespace(batch_size=2))
+    ctx = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, prompt_ids=prompts, wm_ids=text, plain_ids=text)
+    m = oracle_metrics(ctx, SimpleNamespace(oracle_model="micro_moe"))  # random weights: seconds, no download
+    assert m["perplexity_judge"] == "oracle:micro_moe"
+    assert m["ppl_oracle_wm_mean"] > 1 and m["ppl_oracle_wm_mean"] == pytest.approx(m["ppl_oracle_unwm_mean"])
+    assert oracle_metrics(ctx, SimpleNamespace(oracle_model=None)) == {"perplexity_judge": "generator:tiny_moe"}
+
+
+def test_a_command_line_value_pins_a_key_the_preset_sweeps():
+    from moewm.sweep import swept_keys
+
+    params = {"encoder": "simhash,pca", "encoder.pools": "partition,anchors,random", "seed": "range(20)"}
+    assert swept_keys(["encoder.pools=partition"], params) == ["encoder", "seed"]
+    assert swept_keys([], params) == ["encoder", "encoder.pools", "seed"]
