@@ -363,3 +363,32 @@ def test_a_command_line_value_pins_a_key_the_preset_sweeps():
     params = {"encoder": "simhash,pca", "encoder.pools": "partition,anchors,random", "seed": "range(20)"}
     assert swept_keys(["encoder.pools=partition"], params) == ["encoder", "seed"]
     assert swept_keys([], params) == ["encoder", "encoder.pools", "seed"]
+
+
+# -- the one command, end to end ----------------------------------------------------------------------
+from test_tracking import _runs, fake_wandb  # noqa: E402,F401  (the W&B stand-in and its log reader)
+
+
+@pytest.mark.slow
+def test_the_tradeoff_sweep_ends_with_its_report_and_a_wandb_table(tmp_path, fake_wandb):  # noqa: F811
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=tradeoff", "tradeoff=kgw_g025_d2,lsh_partition_d2", "seed=0", "model=micro_moe",
+            "encoder.num_bits=16", "data.num_prompts=4", "generation.max_new_tokens=24", "generation.min_new_tokens=24",
+            "generation.batch_size=4", "eval.null_sets=[greedy]", "eval.null_texts=2", "watermark.reference_keys=99",
+            "watermark.alpha=0.01", "attack.paraphrase_max_new_tokens=8", "progress=false", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOEWM_SECRET_KEY": "tradeoff-e2e-secret"}
+    proc = subprocess.run([sys.executable, "-m", "moewm", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pd.read_csv(sweep / "tradeoff.csv", index_col=0)
+    assert set(table.index) == {"kgw_g025_d2", "lsh_partition_d2"}
+    assert {"attacked_substitution_0p3", "attacked_paraphrase_0p5", "ppl_cost", "tokens_to_detect", "null_fpr"} <= set(table.columns)
+    md = (sweep / "tradeoff.md").read_text()
+    assert "## Headline" in md and "generator itself" in md
+    assert (sweep / "tradeoff_substitution_0p3.png").exists() and not (sweep / "seed_sensitivity.md").exists()
+    [summary] = [r for r in _runs(fake_wandb()).values() if r.get("job_type") == "sweep-summary"]
+    assert "point" in summary["logged"]["tradeoff"]["table_columns"] and summary["logged"]["tradeoff"]["rows"] == 2
+    assert "tradeoff_none" in summary["logged"]
+    assert "tradeoff-e2e-secret" not in json.dumps(_runs(fake_wandb())) + md
