@@ -300,9 +300,19 @@ def test_seed_report_measures_key_spread_per_pool_design_and_says_which_fixes_ba
     table = seed_sensitivity_report(df, tmp_path)
     assert {"simhash/anchors", "simhash/partition", "simhash/random"} <= set(table.index)
     md = (tmp_path / "seed_sensitivity.md").read_text()
-    assert "`simhash`: `partition` fixes the bad keys" in md
+    assert "`simhash`: `partition` fixes the bad keys and meets the target" in md
     assert "`simhash`: `random` does not fix the bad keys" in md
     assert (tmp_path / "key_spread.csv").exists()
+
+
+def test_a_pool_design_can_fix_the_seed_designs_bad_keys_yet_have_its_own():
+    from moewm.key_spread import bad_key_follow_up, markdown, spread_table
+
+    df = _seed_sweep()
+    own = (df["pools"] == "partition") & df["seed"].isin([5, 7])  # partition's own bad keys, others than anchors'
+    df.loc[own, "tokens_to_detect_alpha_censored"] = 40.0
+    md = markdown(spread_table(df), bad_key_follow_up(df))
+    assert "`simhash`: `partition` fixes the bad keys of the seed's design, but has bad keys of its own" in md
 
 
 def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
