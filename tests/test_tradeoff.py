@@ -301,9 +301,19 @@ def test_seed_report_measures_key_spread_per_pool_design_and_says_which_fixes_ba
     table = seed_sensitivity_report(df, tmp_path)
     assert {"simhash/anchors", "simhash/partition", "simhash/random"} <= set(table.index)
     md = (tmp_path / "seed_sensitivity.md").read_text()
-    assert "`simhash`: `partition` fixes the bad keys" in md
+    assert "`simhash`: `partition` fixes the bad keys and meets the target" in md
     assert "`simhash`: `random` does not fix the bad keys" in md
     assert (tmp_path / "key_spread.csv").exists()
+
+
+def test_a_pool_design_can_fix_the_seed_designs_bad_keys_yet_have_its_own():
+    from moewm.evaluation.key_spread import bad_key_follow_up, markdown, spread_table
+
+    df = _seed_sweep()
+    own = (df["pools"] == "partition") & df["seed"].isin([5, 7])  # partition's own bad keys, others than anchors'
+    df.loc[own, "tokens_to_detect_alpha_censored"] = 40.0
+    md = markdown(spread_table(df), bad_key_follow_up(df))
+    assert "`simhash`: `partition` fixes the bad keys of the seed's design, but has bad keys of its own" in md
 
 
 def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
@@ -341,3 +351,55 @@ def test_headline_slack_admits_points_just_above_the_reference_cost():
     t = aggregate(_summary(lsh_cost=0.06))  # KGW 0.04 with s.e. 0.0058 over its three keys
     assert headline(t).answer is False
     assert headline(t, slack=0.03).answer is True
+
+
+def test_an_oracle_model_judges_perplexity_and_says_so(tokenizer):
+    from types import SimpleNamespace
+
+    from moewm.evaluation.oracle import oracle_metrics
+
+    text = [list(tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"])] * 2
+    prompts = [list(tokenizer("Once upon a time", add_special_tokens=False)["input_ids"])] * 2
+    cfg = SimpleNamespace(model=SimpleNamespace(name="tiny_moe"), memory=None, generation=SimpleNamespace(batch_size=2))
+    ctx = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, prompt_ids=prompts, wm_ids=text, plain_ids=text)
+    m = oracle_metrics(ctx, SimpleNamespace(oracle_model="micro_moe"))  # random weights: seconds, no download
+    assert m["perplexity_judge"] == "oracle:micro_moe"
+    assert m["ppl_oracle_wm_mean"] > 1 and m["ppl_oracle_wm_mean"] == pytest.approx(m["ppl_oracle_unwm_mean"])
+    assert oracle_metrics(ctx, SimpleNamespace(oracle_model=None)) == {"perplexity_judge": "generator:tiny_moe"}
+
+
+def test_a_command_line_value_pins_a_key_the_preset_sweeps():
+    from moewm.app.sweep import swept_keys
+
+    params = {"encoder": "simhash,pca", "encoder.pools": "partition,anchors,random", "seed": "range(20)"}
+    assert swept_keys(["encoder.pools=partition"], params) == ["encoder", "seed"]
+    assert swept_keys([], params) == ["encoder", "encoder.pools", "seed"]
+
+
+# -- the one command, end to end ----------------------------------------------------------------------
+from test_tracking import _runs, fake_wandb  # noqa: E402,F401  (the W&B stand-in and its log reader)
+
+
+@pytest.mark.slow
+def test_the_tradeoff_sweep_ends_with_its_report_and_a_wandb_table(tmp_path, fake_wandb):  # noqa: F811
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=tradeoff", "tradeoff=kgw_g025_d2,lsh_partition_d2", "seed=0", "model=micro_moe",
+            "encoder.num_bits=16", "data.num_prompts=4", "generation.max_new_tokens=24", "generation.min_new_tokens=24",
+            "generation.batch_size=4", "eval.null_sets=[greedy]", "eval.null_texts=2", "watermark.reference_keys=99",
+            "watermark.alpha=0.01", "attack.paraphrase_max_new_tokens=8", "progress=false", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOEWM_SECRET_KEY": "tradeoff-e2e-secret"}
+    proc = subprocess.run([sys.executable, "-m", "moewm", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pd.read_csv(sweep / "tradeoff.csv", index_col=0)
+    assert set(table.index) == {"kgw_g025_d2", "lsh_partition_d2"}
+    assert {"attacked_substitution_0p3", "attacked_paraphrase_0p5", "ppl_cost", "tokens_to_detect", "null_fpr"} <= set(table.columns)
+    md = (sweep / "tradeoff.md").read_text()
+    assert "## Headline" in md and "generator itself" in md
+    assert (sweep / "tradeoff_substitution_0p3.png").exists() and not (sweep / "seed_sensitivity.md").exists()
+    [summary] = [r for r in _runs(fake_wandb()).values() if r.get("job_type") == "sweep-summary"]
+    assert "point" in summary["logged"]["tradeoff"]["table_columns"] and summary["logged"]["tradeoff"]["rows"] == 2
+    assert "tradeoff_none" in summary["logged"]
+    assert "tradeoff-e2e-secret" not in json.dumps(_runs(fake_wandb())) + md
