@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
+from composing import compose_config
 from moewm.app.main import CONF_DIR, job_name
 from moewm.config import ConfigError
 from moewm.app.schema import register, to_app_config, validate_app
@@ -26,12 +25,6 @@ def _options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 # Options that need an extra value the user must give (marked ??? in their YAML).
 NEEDS = {("data", "file"): ["data.path=conf/data/prompts.txt"], ("data", "hf"): ["data.hf_name=some/dataset"]}
 
@@ -41,7 +34,7 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
     if (group, option) == ("model", "qwen_dense"):
         overrides.append("extractor=hidden")
-    app = to_app_config(_compose(overrides))
+    app = to_app_config(compose_config(overrides))
     validate_app(app)
 
 
@@ -58,14 +51,14 @@ def test_every_option_composes_and_validates(group, option):
     ],
 )
 def test_model_null_warns_when_the_legacy_z_rule_judges_text_that_is_not_a_model_sample(overrides, warns, caplog):
-    app = to_app_config(_compose(["model=micro_moe", *overrides]))
+    app = to_app_config(compose_config(["model=micro_moe", *overrides]))
     with caplog.at_level("WARNING", logger="moewm.app.schema"):
         validate_app(app)
     assert any("watermark.null=model assumes" in r.getMessage() for r in caplog.records) == warns
 
 
 def test_dense_model_with_router_extractor_fails_before_loading():
-    app = to_app_config(_compose(["model=qwen_dense", "extractor=router"]))
+    app = to_app_config(compose_config(["model=qwen_dense", "extractor=router"]))
     with pytest.raises(ConfigError, match="extractor=hidden"):
         validate_app(app)
 
@@ -74,32 +67,32 @@ def test_misspelled_key_and_wrong_type_fail_at_start_up():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
-        _compose(["encoder.num_bitz=8"])
+        compose_config(["encoder.num_bitz=8"])
     with pytest.raises(ConfigCompositionException):
-        _compose(["encoder.num_bits=many"])
+        compose_config(["encoder.num_bits=many"])
 
 
 def test_cross_field_checks_name_the_key_and_range():
-    app = to_app_config(_compose(["model=micro_moe", "extractor.end_layer_idx=9"]))
+    app = to_app_config(compose_config(["model=micro_moe", "extractor.end_layer_idx=9"]))
 
     with pytest.raises(ConfigError, match=r"extractor.end_layer_idx=9: allowed range is \[1, 4\]"):
         validate_app(app)
-    app = to_app_config(_compose(["model=micro_moe", "extractor.use_top_k=true", "extractor.k=20"]))
+    app = to_app_config(compose_config(["model=micro_moe", "extractor.use_top_k=true", "extractor.k=20"]))
     with pytest.raises(ConfigError, match=r"extractor.k=20: allowed range is \[1, 8\]"):
         validate_app(app)
 
 
 def test_memory_profile_values_yield_to_command_line():
-    app = to_app_config(_compose(["memory=ultra_low"]))
+    app = to_app_config(compose_config(["memory=ultra_low"]))
     assert (app.extractor.start_layer_idx, app.extractor.end_layer_idx, app.encoder.num_bits, app.encoder.pool_size) == (6, 8, 64, 4)
     assert app.generation.max_new_tokens == 64 and app.extractor.k == 2
-    app = to_app_config(_compose(["memory=ultra_low", "encoder.num_bits=16"]))
+    app = to_app_config(compose_config(["memory=ultra_low", "encoder.num_bits=16"]))
     assert app.encoder.num_bits == 16
 
 
 def test_seed_changes_only_the_key_not_sampling():
-    a = to_app_config(_compose(["seed=1"]))
-    b = to_app_config(_compose(["seed=2"]))
+    a = to_app_config(compose_config(["seed=1"]))
+    b = to_app_config(compose_config(["seed=2"]))
     assert a.generation.sampling_seed == b.generation.sampling_seed
 
 

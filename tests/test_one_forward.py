@@ -7,23 +7,13 @@ import pytest
 
 import os
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from moewm.app.main import CONF_DIR
+from composing import app_config
 from moewm.app.job import run_job
 from moewm.engine import capture
 from moewm.app.services import get_model
-from moewm.app.schema import register, to_app_config
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "one-forward-test-secret")
-
-
-def _app(overrides):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_app_config(compose(config_name="config", overrides=overrides))
 
 
 CASES = {
@@ -43,7 +33,7 @@ CASES = {
 def test_a_job_forwards_each_text_once(case, tmp_path, monkeypatch):
     extra, fewest = CASES[case]
     monkeypatch.setenv("MOEWM_CACHE_DIR", str(tmp_path / "cache"))
-    app = _app(["data.num_prompts=4", "generation.max_new_tokens=24", "eval=minimal", "logger=none", "progress=false", *extra])
+    app = app_config(["data.num_prompts=4", "generation.max_new_tokens=24", "eval=minimal", "logger=none", "progress=false", *extra])
     model, _ = get_model(app)
     monkeypatch.setattr(capture, "_MEMORY", {})  # no captures of an earlier case in this process: all are counted
     monkeypatch.chdir(tmp_path)  # a fresh outputs/cache: null texts are captured here, not loaded from an earlier run

@@ -5,24 +5,15 @@ import json
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from moewm.app.job import run_job
-from moewm.app.main import CONF_DIR
-from moewm.app.schema import register, to_app_config, validate_app
+from composing import app_config
+from moewm.app.schema import validate_app
 from moewm.config import ConfigError, WatermarkConfig
 from moewm.schemes import registry
 from moewm.schemes.base import Watermarker
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "schemes-test-secret")
-
-
-def _app(overrides):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_app_config(compose(config_name="config", overrides=overrides))
 
 
 @pytest.mark.parametrize("kind", registry.scheme_kinds())
@@ -45,21 +36,21 @@ def test_every_registered_scheme_is_a_watermarker(kind, micro_qwen, tokenizer):
 
 def test_an_unknown_kind_is_refused_before_weights_load_naming_the_kinds():
     with pytest.raises(ConfigError, match=r"watermark.kind='dipper': allowed values are \('moe_lsh', 'kgw', 'synthid', 'none'\)"):
-        validate_app(_app(["watermark.kind=dipper"]))
+        validate_app(app_config(["watermark.kind=dipper"]))
 
 
 def test_a_flat_baseline_field_of_earlier_releases_names_its_new_key():
     with pytest.raises(ConfigError, match=r"watermark.kgw_gamma=0.5: renamed; set watermark.kgw.gamma instead"):
         WatermarkConfig(kgw_gamma=0.5).validate()
-    app = _app(["watermark=kgw", "watermark.kgw.gamma=0.5", "watermark.synthid.num_keys=4"])
+    app = app_config(["watermark=kgw", "watermark.kgw.gamma=0.5", "watermark.synthid.num_keys=4"])
     assert app.watermark.kgw.gamma == 0.5 and app.watermark.synthid.num_keys == 4
 
 
 def test_the_calibrated_alpha_floor_is_checked_only_for_schemes_ranked_by_reference_keys():
     for kind in ("moe_lsh", "none"):
         with pytest.raises(ConfigError, match="watermark.alpha=0.0001: allowed range is"):
-            validate_app(_app([f"watermark={kind}", "watermark.alpha=1e-4", "watermark.reference_keys=99"]))
-    validate_app(_app(["watermark=kgw", "watermark.alpha=1e-4", "watermark.reference_keys=99"]))  # an exact test: no floor
+            validate_app(app_config([f"watermark={kind}", "watermark.alpha=1e-4", "watermark.reference_keys=99"]))
+    validate_app(app_config(["watermark=kgw", "watermark.alpha=1e-4", "watermark.reference_keys=99"]))  # an exact test: no floor
 
 
 def test_a_new_scheme_needs_only_its_registry_line(tmp_path, monkeypatch):
@@ -72,7 +63,7 @@ def test_a_new_scheme_needs_only_its_registry_line(tmp_path, monkeypatch):
               "progress=false", "attack=substitution", "attack.strength=0.2"]
     results = {}
     for kind in ("kgw", "kgw_again"):
-        app = _app([*common, "watermark=kgw", f"watermark.kind={kind}"])
+        app = app_config([*common, "watermark=kgw", f"watermark.kind={kind}"])
         run_job(app, tmp_path / kind, run_name=kind, group=None)
         results[kind] = json.loads((tmp_path / kind / "metrics.json").read_text())
     new, old = results["kgw_again"], results["kgw"]

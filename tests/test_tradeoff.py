@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
+from composing import compose_config
 from moewm.app.main import CONF_DIR
 from moewm.config import AttackSpec, parse_attack_specs
 from moewm.evaluation.attack_suite import censored_tokens_to_detect
@@ -25,18 +24,12 @@ register()
 POINTS = sorted(p.stem for p in (Path(CONF_DIR) / "tradeoff").glob("*.yaml"))
 
 
-def _compose(overrides, hydra_config=False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
-
-
 # -- config -----------------------------------------------------------------------------------------
 def test_the_preset_sweeps_every_point_over_keys_and_scores_the_attack_suite():
-    cfg = _compose(["experiment=tradeoff"], hydra_config=True)
+    cfg = compose_config(["experiment=tradeoff"], hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params["tradeoff"] == "glob(*)" and params["seed"].startswith("range(")
-    app = to_app_config(_compose(["experiment=tradeoff", f"tradeoff={POINTS[0]}"]))
+    app = to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={POINTS[0]}"]))
     validate_app(app)
     specs = {a.suffix for a in parse_attack_specs(app.eval.attacks)}
     assert {"substitution_0p1", "substitution_0p3", "deletion_0p1"} <= specs
@@ -46,7 +39,7 @@ def test_the_preset_sweeps_every_point_over_keys_and_scores_the_attack_suite():
 
 @pytest.mark.parametrize("point", POINTS)
 def test_every_tradeoff_point_composes_and_validates(point):
-    app = to_app_config(_compose(["experiment=tradeoff", f"tradeoff={point}"]))
+    app = to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={point}"]))
     validate_app(app)
     kind = point.split("_")[0]
     assert app.watermark.kind == {"lsh": "moe_lsh", "kgw": "kgw", "synthid": "synthid"}[kind]
@@ -73,7 +66,7 @@ def test_the_reference_point_of_the_headline_exists():
     ],
 )
 def test_a_bad_attack_spec_fails_before_weights_load_naming_the_key(spec, needle):
-    app = to_app_config(_compose(["model=micro_moe", f"eval.attacks=[deletion:0.1,{spec}]"]))
+    app = to_app_config(compose_config(["model=micro_moe", f"eval.attacks=[deletion:0.1,{spec}]"]))
     with pytest.raises(ConfigError) as err:
         validate_app(app)
     msg = str(err.value)
@@ -85,10 +78,10 @@ def test_a_bad_attack_spec_fails_before_weights_load_naming_the_key(spec, needle
 def test_repeated_attack_specs_and_unknown_oracles_are_refused():
     with pytest.raises(ConfigError, match="more than once"):
         parse_attack_specs(["substitution:0.3", "substitution:0.30"])
-    app = to_app_config(_compose(["model=micro_moe", "eval.oracle_model=gpt5"]))
+    app = to_app_config(compose_config(["model=micro_moe", "eval.oracle_model=gpt5"]))
     with pytest.raises(ConfigError, match=r"eval.oracle_model='gpt5': allowed values are .*qwen_dense"):
         validate_app(app)
-    validate_app(to_app_config(_compose(["model=micro_moe", "eval.oracle_model=qwen_dense"])))  # a name only: no weights
+    validate_app(to_app_config(compose_config(["model=micro_moe", "eval.oracle_model=qwen_dense"])))  # a name only: no weights
 
 
 def test_attack_spec_suffixes_name_the_strength():
@@ -117,7 +110,7 @@ def suite_job(tmp_path_factory):
     old = os.getcwd()
     os.chdir(tmp)  # the job's outputs/cache lives here
     try:
-        app = to_app_config(_compose([
+        app = to_app_config(compose_config([
             "data.num_prompts=4", "generation.max_new_tokens=24", "generation.min_new_tokens=24", "eval=minimal",
             "eval.null_sets=[greedy,human_docstrings]", "eval.null_texts=2", "logger=none", "progress=false",
             "watermark.reference_keys=99", "watermark.alpha=0.01", "attack=substitution", "attack.strength=0.3",
@@ -317,7 +310,7 @@ def test_a_pool_design_can_fix_the_seed_designs_bad_keys_yet_have_its_own():
 
 
 def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
-    params = _compose(["experiment=seed_sensitivity"], hydra_config=True).hydra.sweeper.params
+    params = compose_config(["experiment=seed_sensitivity"], hydra_config=True).hydra.sweeper.params
     assert set(params["encoder"].split(",")) == {"simhash", "centered", "whitened", "pca"}
     assert set(params["encoder.pools"].split(",")) == {"partition", "anchors", "random"}
     assert params["seed"] == "range(20)"
