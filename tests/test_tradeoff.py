@@ -111,7 +111,7 @@ def suite_job(tmp_path_factory):
     os.chdir(tmp)  # the job's outputs/cache lives here
     try:
         app = to_app_config(compose_config([
-            "data.num_prompts=4", "generation.max_new_tokens=24", "generation.min_new_tokens=24", "eval=minimal",
+            "data.num_prompts=4", "generation.max_new_tokens=20", "generation.min_new_tokens=20", "eval=minimal",
             "eval.null_sets=[greedy,human_docstrings]", "eval.null_texts=2", "logger=none", "progress=false",
             "watermark.reference_keys=99", "watermark.alpha=0.01", "attack=substitution", "attack.strength=0.3",
             "attack.paraphrase_max_new_tokens=8", f"eval.attacks=[{','.join(SUITE)}]",
@@ -119,6 +119,9 @@ def suite_job(tmp_path_factory):
         return run_job(app, tmp / "job", run_name="suite", group=None)
     finally:
         os.chdir(old)
+        from moewm.app import services
+
+        services.PLAIN_GENERATIONS.clear()  # no cached plain generations for later tests that count forwards
 
 
 @pytest.mark.slow
