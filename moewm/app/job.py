@@ -202,24 +202,30 @@ def detect_job_texts(scheme: Watermarker, app: AppConfig, prompt_ids: list[list[
     each text through it once; those captures of key-independent texts (plain, null sets) are cached for the sweep."""
     window = app.eval.window
 
-    def captured(texts: list[list[int]], prompts: list[list[int]], fixed: bool) -> tuple[list[int], list[Any]]:
+    def captured(texts: list[list[int]], prompts: list[list[int]], fixed: bool,
+                 known: Optional[list[Any]] = None) -> tuple[list[int], list[Any]]:
         if fixed and scheme.capture_runs_model:
-            return capture_fixed_texts(scheme.capture, scheme.capture_settings, app, texts, prompts, progress)
-        keep = [i for i, t in enumerate(texts) if len(t) > 0]  # an ids-only capture costs nothing to redo
-        return keep, (scheme.capture([texts[i] for i in keep], [prompts[i] for i in keep], progress=progress) if keep else [])
+            return capture_fixed_texts(scheme.capture, capture_settings(app.extractor, app.watermark), app, texts, prompts, progress)
+        keep = [i for i, t in enumerate(texts) if len(t) > 0]
+        todo = [i for i in keep if known is None or known[i] is None]  # a text captured already is not forwarded again
+        fresh = dict(zip(todo, scheme.capture([texts[i] for i in todo], [prompts[i] for i in todo], progress=progress) if todo else []))
+        return keep, [fresh[i] if i in fresh else known[i] for i in keep]  # type: ignore[index]
 
-    def scored(texts: list[list[int]], prompts: list[list[int]], fixed: bool, prefixes: bool, win: Optional[int]) -> tuple[DetectorOutput, list[Any]]:
-        keep, caps = captured(texts, prompts, fixed)
+    def scored(texts: list[list[int]], prompts: list[list[int]], fixed: bool, prefixes: bool, win: Optional[int],
+               known: Optional[list[Any]] = None) -> tuple[DetectorOutput, list[Any]]:
+        keep, caps = captured(texts, prompts, fixed, known)
         if not keep:
-            return DetectorOutput.empty(len(texts)), []
+            return DetectorOutput.empty(len(texts)), [None] * len(texts)
         det = scheme.score(caps, prefixes=prefixes, progress=progress, window=win)
         full: list[Any] = [None] * len(texts)
         for j, i in enumerate(keep):
             full[i] = caps[j]
         return DetectorOutput.scatter(len(texts), keep, det), full
 
-    wm, wm_caps = scored(wm_ids, prompt_ids, False, True, window)
     plain, plain_caps = scored(plain_ids, prompt_ids, True, True, window)
+    # a watermarked text equal to its plain text (scheme none, or a short greedy reply) reuses the plain capture
+    same = [plain_caps[i] if list(wm_ids[i]) == list(plain_ids[i]) else None for i in range(len(wm_ids))]
+    wm, wm_caps = scored(wm_ids, prompt_ids, False, True, window, same)
     out = {n.name: scored(n.text_ids, n.prompt_ids, True, False, None)[0] for n in nulls}
     return JobDetections(wm, plain, out, wm_caps, plain_caps)
 
