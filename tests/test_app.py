@@ -227,3 +227,14 @@ def test_submitit_local_sweep_runs_the_cluster_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(sweep / "summary.csv")
     assert len(df) == 2 and (df.status == "ok").all()
+
+
+def test_the_readme_api_example_runs_and_detects(monkeypatch, capsys):
+    """The README's ten-line API example, exactly as printed there (the public entry points of the package)."""
+    monkeypatch.setenv("MOEWM_SECRET_KEY", "readme-api-test-secret")
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## The API in ten lines"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    exec(compile(code, "README.md", "exec"), {})
+    z, p, prediction = capsys.readouterr().out.split()[-3:]
+    assert prediction == "True" and float(p) <= 1e-3 and float(z) > 3

@@ -25,6 +25,7 @@ CASES = {
     "moe_lsh_paraphrase": (["attack=paraphrase", "attack.paraphrase_max_new_tokens=24"], 4 * 4 + 3 * 8 + 1),
     # geometry and a centred encoder: calibration and the W1 distributions come from the plain texts' captures
     "moe_lsh_geometry_centered": (["eval.geometry=true", "encoder=centered", "eval.w1_contexts=8"], 4 * 4 + 3 * 8),
+    "moe_lsh_attack_suite": (["eval.attacks=[substitution:0.3,deletion:0.1,copy_paste:0.5]"], 4 * 4 + 3 * 8 + 1),
     "none": (["watermark=none"], 3 * 4 + 3 * 8),  # plain generation scored by MoE-LSH: its "watermarked" texts are the plain ones
     "kgw_deletion": (["watermark=kgw", "attack=deletion", "attack.strength=0.2"], 2 * 4),
 }
