@@ -399,3 +399,11 @@ def test_the_tradeoff_sweep_ends_with_its_report_and_a_wandb_table(tmp_path, fak
     assert "point" in summary["logged"]["tradeoff"]["table_columns"] and summary["logged"]["tradeoff"]["rows"] == 2
     assert "tradeoff_none" in summary["logged"]
     assert "tradeoff-e2e-secret" not in json.dumps(_runs(fake_wandb())) + md
+
+
+@pytest.mark.parametrize("model", ["qwen_moe", "mixtral", "olmoe"])
+def test_every_tradeoff_point_validates_on_a_full_size_model_before_weights_load(model):
+    """The GPU run is the same command with model=<real checkpoint>: every point's layer range and settings fit
+    the full-size architecture (checked on the meta device, no weights)."""
+    for point in POINTS:
+        validate_app(to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={point}", f"model={model}", "eval.oracle_model=qwen_dense"])))
