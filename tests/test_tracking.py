@@ -210,3 +210,15 @@ def test_a_preset_sweep_reaches_wandb_named_grouped_and_tagged(tmp_path, fake_wa
     assert {"z_per_job", "roc", "null_calibration"} <= set(summary["logged"])
     assert summary["summary"]["jobs"] == 2 and "mean_detection_rate" in summary["summary"]
     assert SECRET not in json.dumps(runs)
+
+
+def test_w_and_b_tables_get_one_type_per_column_and_no_infinity():
+    """A key that never detects has tokens to detect inf, stored in metrics.json as the text "inf": W&B refuses a
+    column that mixes it with numbers (seen in CI), so it becomes an empty cell; text-and-number columns become text."""
+    import numpy as np
+
+    from moewm.app.tracking import table_cells
+
+    columns, data = table_cells([{"t": "inf", "mixed": 1, "x": np.float64(2.5)}, {"t": 17.0, "mixed": "a", "x": float("nan"), "late": True}])
+    assert columns == ["t", "mixed", "x", "late"]
+    assert data == [[None, "1", 2.5, None], [17.0, "a", None, True]]

@@ -79,7 +79,7 @@ class SweepSummaryCallback(Callback):
                                 config={"sweep_dir": str(sweep_dir), "jobs": len(df), "swept": keys, "experiment": experiment},
                                 job_type="sweep-summary")
         rows = df.astype(object).where(df.notna(), None).to_dict("records")
-        tracker.table("summary", [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in r.items()} for r in rows])
+        tracker.table("summary", rows)
         ok = df[df["status"] == "ok"] if "status" in df else df
         means = {f"mean_{c}": float(ok[c].mean()) for c in ok.select_dtypes("number").columns if ok[c].notna().any()}
         tracker.summary({"jobs": len(df), "jobs_ok": len(ok), **means})

@@ -125,8 +125,8 @@ class Tracker:
         def do() -> None:
             if not rows:
                 return
-            columns = list(rows[0])
-            self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+            columns, data = table_cells(rows)
+            self.run.log({key: wandb.Table(columns=columns, data=data)})
 
         self._safe("table", do)
 
@@ -176,3 +176,32 @@ def sync_command(sweep_dir: Path) -> Optional[str]:
     if not globs:
         return None
     return "wandb sync " + " ".join(f"{shlex.quote(str(shown))}/{pattern}" for pattern in globs)
+
+
+_NON_FINITE_TEXT = {"inf", "-inf", "nan"}
+
+
+def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and cells a W&B table accepts: one type per column (a column mixing text and numbers becomes
+    text), numpy scalars as Python ones, and no non-finite number (an ``inf`` that a JSON file stored as text,
+    e.g. tokens to detect of a key that never detects, becomes an empty cell)."""
+    import math
+
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+
+    def cell(v: Any) -> Any:
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, str) and v.strip().lower() in _NON_FINITE_TEXT:
+            return None
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    data = [[cell(r.get(c)) for c in columns] for r in rows]
+    for j in range(len(columns)):
+        kinds = {type(row[j]) for row in data if row[j] is not None}
+        if str in kinds and len(kinds) > 1:
+            for row in data:
+                row[j] = None if row[j] is None else str(row[j])
+    return columns, data
