@@ -38,10 +38,8 @@ def scheme_class(kind: str) -> Any:
 
 
 def check_watermark_config(watermark: WatermarkConfig) -> None:
-    """``watermark.*`` as a whole: the shared fields, then what the chosen scheme needs (before weights load)."""
-    cls = scheme_class(watermark.kind)
-    watermark.validate()
-    cls.check_config(watermark)
+    """What the chosen scheme needs of ``watermark.*`` beyond its own ``validate()`` (before weights load)."""
+    scheme_class(watermark.kind).check_config(watermark)
 
 
 def build_watermarker(
