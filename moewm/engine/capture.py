@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from moewm.engine.generation import check_text_ids, model_vocab_size, usable_tokens
+from moewm.engine.padding import pad_id as tokenizer_pad_id
 from moewm.engine.padding import pad_rows
 from moewm.config import ExtractorConfig, WatermarkConfig
 from moewm.engine.lm_head import SplitLMHead, split_lm_head
@@ -221,8 +223,6 @@ class TextCapturer:
 
     def __init__(self, model: nn.Module, tokenizer: Any, extractor: ExtractorConfig, settings: CaptureSettings,
                  hooks: Optional[FeatureCapture] = None) -> None:
-        from moewm.engine.generation import model_vocab_size, usable_tokens
-
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -250,18 +250,13 @@ class TextCapturer:
         """One forward per text (prompt + text; the prompt is context, never scored)."""
         if len(prompt_ids) != len(text_ids):
             raise ValueError(f"prompt_ids: got {len(prompt_ids)} prompts for {len(text_ids)} texts; they must match one to one")
-        for i, t in enumerate(text_ids):
-            if len(t) == 0:
-                raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
-            if max(t) >= self.vocab_size or min(t) < 0:
-                raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {self.vocab_size - 1}]")
-        from moewm.engine.padding import pad_id
+        check_text_ids(text_ids, self.vocab_size)
 
         rows = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
         split = self.split_head()
         self.hooks.attach()
         return capture_texts(self.model, self.hooks, self.usable, rows, [len(p) for p in prompt_ids], self.settings,
-                             split=split, pad_id=pad_id(self.tokenizer), progress=progress)
+                             split=split, pad_id=tokenizer_pad_id(self.tokenizer), progress=progress)
 
 
 # -- a cache of captures of fixed texts (the null sets), shared by every job of a sweep ------------

@@ -9,7 +9,7 @@ null is a model of the text (see the README's Statistics section).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -137,16 +137,6 @@ class DetectorOutput:
                 prefixes[i] = part.prefix_p_value[j]
             full.prefix_p_value = prefixes
         return full
-
-
-def detect_nonempty(detect: Callable[[list, list], "DetectorOutput"], texts: Sequence[Sequence[int]],
-                    prompts: Sequence[Sequence[int]]) -> "DetectorOutput":
-    """``detect(texts, prompts)`` on the non-empty texts only; an empty text gets an :meth:`DetectorOutput.empty`
-    row (p = NaN, never a positive) instead of an error, so one empty generation cannot sink a job."""
-    keep = [i for i, t in enumerate(texts) if len(t) > 0]
-    if not keep:
-        return DetectorOutput.empty(len(texts))
-    return DetectorOutput.scatter(len(texts), keep, detect([list(texts[i]) for i in keep], [list(prompts[i]) for i in keep]))
 
 
 def decide(p_value: np.ndarray, num_scored: np.ndarray, min_tokens: int, alpha: float) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -54,6 +54,15 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
         )
 
 
+def check_text_ids(text_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Refuse texts a detector cannot score: an empty one, or ids outside the model's vocabulary."""
+    for i, t in enumerate(text_ids):
+        if len(t) == 0:
+            raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
+        if max(t) >= vocab_size or min(t) < 0:
+            raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {vocab_size - 1}]")
+
+
 def usable_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     """Tokens that may join a pool: real tokenizer entries that are not special tokens."""
     valid = torch.zeros(vocab_size, dtype=torch.bool)

@@ -19,7 +19,8 @@ from moewm.config import ConfigError, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.positions import PositionScores
 from moewm.engine.scoring import first_occurrences
-from moewm.schemes.ngram_base import TransformersWatermark, check_ids, key_int
+from moewm.engine.generation import check_text_ids
+from moewm.schemes.ngram_base import TransformersWatermark, key_int
 
 
 class KGWWatermark(TransformersWatermark):
@@ -90,7 +91,7 @@ class KGWWatermark(TransformersWatermark):
         The green list is a seeded ``randperm`` of the vocabulary per context (not vectorisable), so it is
         drawn once per distinct context of the batch and membership is then looked up in bulk.
         """
-        check_ids(text_ids, self.vocab_size)
+        check_text_ids(text_ids, self.vocab_size)
         prompts = self._prompts(text_ids, prompt_ids)
         proc = self.detector.processor
         n = self.ngram

@@ -15,7 +15,7 @@ import torch
 
 from moewm.config import WatermarkConfig
 from moewm.engine.detection import DetectorOutput, decide
-from moewm.engine.generation import encode_prompt, model_vocab_size
+from moewm.engine.generation import check_text_ids, encode_prompt, model_vocab_size
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.poisson_binomial import upper_tail
 from moewm.engine.positions import PositionScores
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 def key_int(key: WatermarkKey, purpose: str, bits: int = 32) -> int:
     """A non-negative integer of ``bits`` bits derived from the key for ``purpose``."""
     return int.from_bytes(key.derive(purpose)[:8], "little") & ((1 << bits) - 1)
-
-
-def check_ids(text_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
-    for i, t in enumerate(text_ids):
-        if len(t) == 0:
-            raise ValueError(f"text_ids[{i}] is empty: detection needs at least one token of text")
-        if max(t) >= vocab_size or min(t) < 0:
-            raise ValueError(f"text_ids[{i}]: token ids must lie in [0, {vocab_size - 1}]")
 
 
 def output_from_scores(ps: PositionScores, cfg: WatermarkConfig, notes_prefix: str = "", prefixes: bool = False,
@@ -149,7 +141,7 @@ class TransformersWatermark(TextGeneration):
     def capture(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
                 progress: bool = False) -> list[IdsCapture]:
         """The ids themselves: detection needs no forward pass."""
-        check_ids(text_ids, self.vocab_size)
+        check_text_ids(text_ids, self.vocab_size)
         prompts = self._prompts(text_ids, prompt_ids)
         return [IdsCapture(tuple(int(x) for x in t), tuple(int(x) for x in p)) for t, p in zip(text_ids, prompts)]
 

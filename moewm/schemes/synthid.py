@@ -28,7 +28,8 @@ from moewm.config import WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.padding import pad_id, pad_rows
 from moewm.engine.positions import PositionScores
-from moewm.schemes.ngram_base import TransformersWatermark, check_ids, key_int
+from moewm.engine.generation import check_text_ids
+from moewm.schemes.ngram_base import TransformersWatermark, key_int
 
 
 class SynthIDWatermark(TransformersWatermark):
@@ -68,7 +69,7 @@ class SynthIDWatermark(TransformersWatermark):
     @torch.no_grad()
     def position_scores(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PositionScores:
         """g-values (token x layer draws) of the continuation with the processor's own masks."""
-        check_ids(text_ids, self.vocab_size)
+        check_text_ids(text_ids, self.vocab_size)
         self._prompts(text_ids, prompt_ids)  # checks the count; the prompt is not SynthID context (see module doc)
         proc = self.processor
         ctx = proc.ngram_len - 1
