@@ -27,15 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from moewm.config import AttackSpec, parse_attack_specs
-
+from moewm.evaluation.attacked import attacked_detection_metrics, attacked_null_metrics
+from moewm.evaluation.length_curve import tokens_to_detect
 
 NO_ATTACKED_NULL = ("copy_paste", "paraphrase")
 
 
 def suite_metrics(ctx: Any, specs: Sequence[AttackSpec], window: int | None = None) -> dict[str, Any]:
     """Per spec: detection of the attacked watermarked texts, and of the attacked plain texts (its null)."""
-    from moewm.evaluation.attacked import attacked_detection_metrics, attacked_null_metrics
-
     if not specs:
         return {}
     t0 = time.perf_counter()
@@ -51,8 +50,6 @@ def suite_metrics(ctx: Any, specs: Sequence[AttackSpec], window: int | None = No
 
 def censored_tokens_to_detect(prefix_p: Sequence[np.ndarray], alpha: float) -> float:
     """Median tokens to detect over all texts, a never-detected text counting as infinitely long."""
-    from moewm.evaluation.length_curve import tokens_to_detect
-
     t = tokens_to_detect(prefix_p, alpha)
     if not len(t):
         return float("nan")
