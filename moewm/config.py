@@ -14,8 +14,8 @@ from moewm.null_corpora import HUMAN_CORPORA
 
 EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
-POOL_DESIGNS = ("anchors", "partition", "random")
-GREEN_LISTS = ("bits", "hashed")
+POOL_DESIGNS = ("anchors", "partition", "random", "random_partition")
+GREEN_LISTS = ("bits", "hashed", "vote")
 STATISTICS = ("z", "llr", "green")
 
 
@@ -79,7 +79,9 @@ class EncoderConfig:
     # The pools (moewm.engine.keybank): ``partition`` = a balanced semantic partition of the usable vocabulary
     # into num_bits groups, the key choosing which bit owns which group (pool_size unused); ``anchors``
     # = the seed's design, the pool_size tokens nearest a keyed anchor (pools overlap and cover part of
-    # the vocabulary); ``random`` = pool_size keyed random tokens. Why partition: README, Statistics.
+    # the vocabulary); ``random`` = pool_size keyed random tokens; ``random_partition`` = the usable vocabulary
+    # split into num_bits equal groups at random (a public draw, like the semantic partition key-independent:
+    # every token in one group, but groups are not semantic). Why partition: README, Statistics.
     pools: str = "partition"
     pool_size: int = 64
     # Which pools are green (moewm.engine.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
@@ -88,6 +90,12 @@ class EncoderConfig:
     green_lists: str = "hashed"
     # A pool is green only when this many keyed bits are all 1 (green share about 2^-m of the pools).
     green_bits: int = 1
+    # green_lists=vote: this many sub-signature lists (odd), list j a keyed hash of its own block of the
+    # signature's bits; a pool is green when most lists choose it (one flipped bit re-draws one list).
+    vote_lists: int = 5
+    # 1: the token before the scored one is hashed into the green list too (hashed / vote lists): a
+    # routing + token context, between pure routing (0) and KGW's token context.
+    context_tokens: int = 0
     # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
     semantic_pools: Optional[bool] = None
     # Only for centered / whitened / pca: how many calibration texts and tokens estimate the statistics.
@@ -110,6 +118,11 @@ class EncoderConfig:
         _require(self.green_lists in GREEN_LISTS, f"encoder.green_lists={self.green_lists!r}: allowed values are {GREEN_LISTS}")
         _require(1 <= self.green_bits <= min(8, self.num_bits),
                  f"encoder.green_bits={self.green_bits}: allowed range is [1, {min(8, self.num_bits)}] (at most encoder.num_bits, and 8)")
+        _require(self.green_lists != "vote" or (self.vote_lists >= 1 and self.vote_lists % 2 == 1 and self.vote_lists <= self.num_bits),
+                 f"encoder.vote_lists={self.vote_lists}: allowed values are odd numbers in [1, {self.num_bits}] (at most encoder.num_bits)")
+        _require(self.context_tokens in (0, 1), f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1")
+        _require(self.context_tokens == 0 or self.green_lists != "bits",
+                 "encoder.context_tokens=1 needs encoder.green_lists=hashed or vote (bit-switched lists have no hash to key)")
         if self.semantic_pools is not None:
             implied = "anchors" if self.semantic_pools else "random"
             _require(self.pools in ("anchors", implied),
@@ -197,6 +210,11 @@ class WatermarkConfig:
     # list (white-box, exact for the model's unwatermarked samples); "uniform" = |G_t| / usable tokens
     # (the classic KGW assumption, biased when pools are not a uniform draw of the vocabulary).
     null: str = "model"
+    # Margin-aware detection (MoE-LSH): at each position the margin_bits signature bits whose projection lies
+    # nearest its hyperplane are uncertain; the position is also scored under the signature with each such
+    # bit flipped, weighted 0.5 * exp(-margin / (margin_scale * the position's median margin)). 0: off.
+    margin_bits: int = 0
+    margin_scale: float = 0.5
     # Baseline watermarks (kind=kgw / synthid) through transformers' own implementations.
     kgw: KGWConfig = field(default_factory=KGWConfig)
     synthid: SynthIDConfig = field(default_factory=SynthIDConfig)
@@ -229,6 +247,8 @@ class WatermarkConfig:
         _require(self.min_tokens >= 1, f"watermark.min_tokens={self.min_tokens}: must be >= 1")
         if self.window is not None:
             _require(self.window >= 2, f"watermark.window={self.window}: must be >= 2 (or null to turn it off)")
+        _require(0 <= self.margin_bits <= 8, f"watermark.margin_bits={self.margin_bits}: allowed range is [0, 8]")
+        _require(self.margin_scale > 0, f"watermark.margin_scale={self.margin_scale}: must be > 0")
         _require(self.null in ("model", "uniform"), f"watermark.null={self.null!r}: allowed values are model, uniform")
         _require(self.detect_batch_size >= 1, f"watermark.detect_batch_size={self.detect_batch_size}: must be >= 1")
         if self.detect_max_tokens is not None:

@@ -115,7 +115,7 @@ def _describe_scheme(m: Mapping[str, Any]) -> str:
     kind = str(m.get("watermark_kind", "?"))
     if kind == "moe_lsh":
         pools = m.get("pools", "anchors")
-        shape = f"{m.get('num_bits', '?')} {pools} pools" if pools == "partition" else f"{m.get('num_bits', '?')} {pools} pools of {m.get('pool_size', '?')}"
+        shape = f"{m.get('num_bits', '?')} {pools} pools" if pools in ("partition", "random_partition") else f"{m.get('num_bits', '?')} {pools} pools of {m.get('pool_size', '?')}"
         rule = m.get("green_lists", "bits") + (f", {m['green_bits']} bits per pool" if m.get("green_bits", 1) != 1 else "")
         return f"moe_lsh {shape} ({rule} green lists), delta {_g(m.get('delta'))}"
     return kind if kind == "none" else f"{kind}, delta {_g(m.get('delta'))}"

@@ -34,7 +34,7 @@ from moewm.engine.routing import FeatureCapture
 
 log = logging.getLogger(__name__)
 
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TextCapture:
     logprob: torch.Tensor  # (n,) float32: log p(token | context) under the model's full softmax
     num_text_tokens: int
     windows: int = 1
+    previous: Optional[torch.Tensor] = None  # (n,) long: the token before each scored one (routing + token context)
 
     @property
     def num_scored(self) -> int:
@@ -57,7 +58,8 @@ class TextCapture:
     def truncated(self, count: int) -> "TextCapture":
         """The capture of the first ``count`` scored tokens (what a prefix of the text would give)."""
         return TextCapture(self.features[:count], self.tokens[:count], self.top_ids[:count], self.top_probs[:count],
-                           self.tail[:count], self.logprob[:count], self.num_text_tokens, self.windows)
+                           self.tail[:count], self.logprob[:count], self.num_text_tokens, self.windows,
+                           None if self.previous is None else self.previous[:count])
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ def capture_texts(
         rows_b, cols = torch.nonzero(keep, as_tuple=True)
         rows_d, cols_d = rows_b.to(device), cols.to(device)
         token = ids_dev[rows_d, cols_d]
+        previous = ids_dev[rows_d, cols_d - 1]  # scored positions start at >= back >= 1
         feat = feats[rows_d, cols_d - back].float()
         top_ids = torch.empty(rows_b.numel(), k, dtype=torch.int32, device=device)
         top_probs = torch.empty(rows_b.numel(), k, dtype=torch.float32, device=device)
@@ -188,7 +191,7 @@ def capture_texts(
             tail[s : s + step] = (1.0 - top.values.sum(-1)).clamp(min=0.0)
         del source
         out = dict(features=feat.cpu(), tokens=token.cpu(), top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), tail=tail.cpu(),
-                   logprob=logprob.cpu(), positions=cols + torch.tensor([chosen[int(b)][1] for b in rows_b], dtype=torch.long))
+                   logprob=logprob.cpu(), previous=previous.cpu(), positions=cols + torch.tensor([chosen[int(b)][1] for b in rows_b], dtype=torch.long))
         for b, (i, start, _, _) in enumerate(chosen):
             sel = rows_b == b
             parts[i].append((start, {name: value[sel] for name, value in out.items()}))
@@ -206,6 +209,7 @@ def capture_texts(
                 logprob=merged["logprob"],
                 num_text_tokens=len(rows[i]) - int(prompt_lengths[i]),
                 windows=len(row_parts),
+                previous=merged["previous"],
             )
         )
     return captures

@@ -61,6 +61,8 @@ class KeyBank:
     green_lists: str = "bits"
     groups: Optional[torch.Tensor] = None  # (nb, P) long, -1 padded: a partition's groups (key-independent)
     owner: Optional[torch.Tensor] = None  # (R, nb) long: the group bit i of key r owns
+    vote_lists: int = 1  # green_lists=vote: sub-signature lists voting on each pool
+    context_tokens: int = 0  # 1: the previous token is hashed into every green list
 
     @property
     def num_keys(self) -> int:
@@ -94,13 +96,15 @@ class KeyBank:
 
     def encoder(self, i: int = 0) -> LSHEncoder:
         return LSHEncoder(self.projection[i], self.center[i], self.key_pools(i), self.vocab_size, self.fingerprints[i], self.kind,
-                          usable=self.usable, green_lists=self.green_lists, mixing=self.mixing[i], salt=self.salt[i])
+                          usable=self.usable, green_lists=self.green_lists, mixing=self.mixing[i], salt=self.salt[i],
+                          vote_lists=self.vote_lists, context_tokens=self.context_tokens)
 
     def select(self, start: int, stop: int) -> "KeyBank":
         """Keys ``start`` .. ``stop - 1`` as a bank of their own (views, no copy)."""
         return KeyBank(self.projection[start:stop], self.center[start:stop], None if self.pools is None else self.pools[start:stop],
                        self.usable, self.fingerprints[start:stop], self.kind, self.mixing[start:stop], self.salt[start:stop],
-                       self.green_lists, self.groups, None if self.owner is None else self.owner[start:stop])
+                       self.green_lists, self.groups, None if self.owner is None else self.owner[start:stop],
+                       self.vote_lists, self.context_tokens)
 
     def tensors(self) -> dict[str, Optional[torch.Tensor]]:
         return {"projection": self.projection, "center": self.center, "pools": self.pools, "usable": self.usable,
@@ -215,6 +219,26 @@ def balanced_partition(embeddings: torch.Tensor, valid: torch.Tensor, parts: int
     return groups
 
 
+# The random partition is public and fixed: a seed of its own, never a key's.
+RANDOM_PARTITION_SEED = 0x5EEDC0DE
+
+
+def random_partition(valid: torch.Tensor, parts: int) -> torch.Tensor:
+    """(parts, P) long, -1 padded: the usable tokens dealt into ``parts`` groups of sizes differing by at most
+    one in a uniformly random order drawn from a public seed (``encoder.pools=random_partition``): like the
+    semantic partition every usable token is in exactly one group, but a group's tokens are unrelated."""
+    ids = torch.nonzero(valid.cpu(), as_tuple=True)[0]
+    if parts > ids.numel():
+        raise ConfigError(f"encoder.num_bits={parts}: a partition needs at most one group per usable token ({ids.numel()})")
+    shuffled = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(RANDOM_PARTITION_SEED))]
+    width = (ids.numel() + parts - 1) // parts
+    groups = torch.full((parts, width), -1, dtype=torch.long)
+    for i in range(parts):  # group i takes every parts-th token of the shuffled order
+        members = torch.sort(shuffled[i::parts]).values
+        groups[i, : members.numel()] = members
+    return groups
+
+
 _PARTITIONS: dict[str, torch.Tensor] = {}
 
 
@@ -265,12 +289,17 @@ def build_bank(
     usable = valid_tokens.bool().cpu()
     fingerprints = [k.fingerprint for k in keys]
     design = cfg.pool_design
-    if design == "partition":
-        groups = partition if partition is not None else model_partition(embeddings, valid_tokens, cfg.num_bits)
+    if design in ("partition", "random_partition"):
+        if design == "random_partition":
+            groups = random_partition(valid_tokens, cfg.num_bits)
+        else:
+            groups = partition if partition is not None else model_partition(embeddings, valid_tokens, cfg.num_bits)
         owner = torch.stack([torch.randperm(cfg.num_bits, generator=key.generator("partition-owner")) for key in keys])
-        return KeyBank(projection, center, None, usable, fingerprints, cfg.kind, mixing, salt, cfg.green_lists, groups, owner)
+        return KeyBank(projection, center, None, usable, fingerprints, cfg.kind, mixing, salt, cfg.green_lists, groups, owner,
+                       cfg.vote_lists, cfg.context_tokens)
     pools = semantic_pools(embeddings, valid_tokens, cfg, keys) if design == "anchors" else random_pools(valid_tokens, cfg, keys)
-    return KeyBank(projection, center, pools.long(), usable, fingerprints, cfg.kind, mixing, salt, cfg.green_lists)
+    return KeyBank(projection, center, pools.long(), usable, fingerprints, cfg.kind, mixing, salt, cfg.green_lists,
+                   vote_lists=cfg.vote_lists, context_tokens=cfg.context_tokens)
 
 
 def build_encoder(
@@ -339,7 +368,8 @@ def reference_bank(
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             bank = KeyBank(blob["projection"], blob["center"], blob["pools"], blob["usable"], list(blob["fingerprints"]), str(blob["kind"]),
-                           blob["mixing"], blob["salt"], str(blob["green_lists"]), blob["groups"], blob["owner"])
+                           blob["mixing"], blob["salt"], str(blob["green_lists"]), blob["groups"], blob["owner"],
+                           cfg.vote_lists, cfg.context_tokens)
             log.info("reference keys: %d from cache %s", bank.num_keys, path)
         except Exception as err:  # a truncated or foreign file: rebuild and overwrite it
             log.warning("reference keys: ignoring unreadable cache file %s (%s)", path, err)

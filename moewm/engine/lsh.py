@@ -4,7 +4,10 @@ The green list at a position is the union of the green pools. Which pools are gr
 :func:`pool_mask` of the signature bits: pool i when bit i is 1 (``encoder.green_lists=bits``, the
 seed's design: similar routing gives a similar green list), or a keyed hash of the whole signature
 (``hashed``: every distinct signature its own green list, so a text's green draws stay independent
-even when its routing dwells in one region); with ``green_bits=m`` a pool needs m keyed bits at 1. Pools overlap, so the green
+even when its routing dwells in one region), or a majority vote of ``vote_lists`` lists, each a keyed
+hash of its own block of bits (``vote``: one flipped bit re-draws one list, so most of the green list
+survives a small routing change); with ``green_bits=m`` a pool needs m keyed bits at 1, and with
+``context_tokens=1`` the token before the scored one is hashed in too (routing + token context). Pools overlap, so the green
 list's size varies from position to position; the encoder therefore reports it exactly
 (:meth:`LSHEncoder.green_size`) instead of assuming ``num_bits * pool_size / 2``.
 
@@ -51,46 +54,74 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def hashed_bits(bits: torch.Tensor, salt: torch.Tensor, rounds: int) -> torch.Tensor:
-    """(rounds, ..., nb) bool: pseudo-random bits from a keyed hash of each whole signature.
+def hashed_bits(bits: torch.Tensor, salt: torch.Tensor, rounds: int, context: Optional[torch.Tensor] = None,
+                out_bits: Optional[int] = None) -> torch.Tensor:
+    """(rounds, R, ..., out_bits) bool: pseudo-random bits from a keyed hash of each whole signature.
 
     ``bits`` (R, ..., nb) are R keys' signatures and ``salt`` (R,) their keyed 32-bit salts; every
-    distinct (salt, signature) gives independent-looking output bits.
+    distinct (salt, signature[, context]) gives independent-looking output bits. ``context`` (...,) long,
+    broadcast over keys, is mixed into the hash (the previous token of ``encoder.context_tokens``);
+    ``out_bits`` (default nb) is how many bits each round gives (a sub-signature still picks every pool).
     """
     nb = bits.shape[-1]
+    out_bits = nb if out_bits is None else int(out_bits)
     words = pack_bits(bits).long() & _MASK32  # (R, ..., W)
     shape = (-1,) + (1,) * (words.dim() - 2)
     h = salt.to(words.device).long().view(shape) & _MASK32
     for w in range(words.shape[-1]):
         h = _mix32(h ^ words[..., w])
+    if context is not None:  # token ids < 2^31: one more mixing round keyed by the context token
+        h = _mix32(h ^ ((context.to(h.device).long() * _ROUND) & _MASK32).unsqueeze(0))
     shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.long)
     out = []
     for j in range(rounds):
-        chunks = [_mix32(h ^ ((_ROUND * (j * 64 + c + 1)) & _MASK32)) for c in range(num_words(nb))]
+        chunks = [_mix32(h ^ ((_ROUND * (j * 64 + c + 1)) & _MASK32)) for c in range(num_words(out_bits))]
         unpacked = (torch.stack(chunks, -1).unsqueeze(-1) >> shifts) & 1  # (R, ..., W, 32)
-        out.append(unpacked.flatten(-2)[..., :nb].bool())
+        out.append(unpacked.flatten(-2)[..., :out_bits].bool())
     return torch.stack(out)
 
 
-def pool_mask(bits: torch.Tensor, mode: str, mixing: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+def vote_blocks(num_bits: int, lists: int) -> list[tuple[int, int]]:
+    """[start, stop) of the signature bits that key each of ``lists`` sub-signature lists (contiguous, sizes
+    differing by at most one, covering every bit)."""
+    edges = [round(j * num_bits / lists) for j in range(lists + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _list_salt(salt: torch.Tensor, j: int) -> torch.Tensor:
+    return _mix32((salt.long() & _MASK32) ^ ((_ROUND * (7919 * (j + 1))) & _MASK32))
+
+
+def pool_mask(bits: torch.Tensor, mode: str, mixing: torch.Tensor, salt: torch.Tensor,
+              context: Optional[torch.Tensor] = None, lists: int = 1) -> torch.Tensor:
     """(R, ..., nb) bool: which pools are green, from R keys' signature bits (R, ..., nb).
 
     ``bits`` mode: pool i is green when bits mixing[r, j, i] are 1 for every j (mixing[:, 0] is the
     identity, so with one round pool i follows bit i). ``hashed`` mode: the same AND over rounds of
-    bits drawn from a keyed hash of the whole signature.
+    bits drawn from a keyed hash of the whole signature. ``vote`` mode: ``lists`` sub-signature lists,
+    list j a keyed hash of its own block of bits (:func:`vote_blocks`) choosing pools like ``hashed``;
+    a pool is green when a strict majority of lists choose it, so a flipped bit re-draws one list and
+    moves only the pools that list decided. ``context`` (..., ) long, when given, is hashed in too
+    (``hashed`` and ``vote`` only).
     """
     rounds = mixing.shape[1]
+    nb = bits.shape[-1]
     if mode == "hashed":
-        drawn = hashed_bits(bits, salt, rounds)
-        return drawn.all(0)
+        return hashed_bits(bits, salt, rounds, context).all(0)
+    if mode == "vote":
+        votes = torch.zeros(bits.shape, dtype=torch.int16, device=bits.device)
+        for j, (lo, hi) in enumerate(vote_blocks(nb, lists)):
+            votes += hashed_bits(bits[..., lo:hi], _list_salt(salt, j), rounds, context, out_bits=nb).all(0)
+        return votes * 2 > lists
+    if context is not None:
+        raise ValueError("pool_mask: a context token needs hashed or vote green lists (encoder.green_lists)")
     if rounds == 1:
         return bits
-    r, nb = bits.shape[0], bits.shape[-1]
+    r = bits.shape[0]
     flat = bits.reshape(r, -1, nb)
     index = mixing.to(bits.device).unsqueeze(1).expand(r, flat.shape[1], rounds, nb)
     gathered = torch.gather(flat.unsqueeze(2).expand(r, flat.shape[1], rounds, nb), 3, index)
     return gathered.all(2).view(bits.shape)
-
 
 
 @dataclass(frozen=True)
@@ -159,8 +190,13 @@ class LSHEncoder:
         green_lists: str = "bits",
         mixing: Optional[torch.Tensor] = None,
         salt: Optional[torch.Tensor] = None,
+        vote_lists: int = 1,
+        context_tokens: int = 0,
     ) -> None:
         self.kind = kind
+        self.vote_lists = int(vote_lists)
+        # 1: the token before the scored one is hashed into its green list (routing + token context).
+        self.context_tokens = int(context_tokens)
         self.fingerprint = fingerprint
         self.vocab_size = int(vocab_size)
         self.projection = projection.float()
@@ -210,36 +246,42 @@ class LSHEncoder:
         """Bits (..., num_bits) as bool; computed in float32 whatever the model's dtype."""
         return (features.float() - self.center) @ self.projection > 0
 
-    def pool_mask(self, bits: torch.Tensor) -> torch.Tensor:
-        """(..., nb) bool: the green pools of each signature (:func:`pool_mask` for this key)."""
-        return pool_mask(bits.unsqueeze(0), self.green_lists, self.mixing.unsqueeze(0), self.salt.view(1))[0]
+    def pool_mask(self, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(..., nb) bool: the green pools of each signature (:func:`pool_mask` for this key); ``context``
+        (...,) holds the previous tokens when the encoder hashes one in (``encoder.context_tokens``)."""
+        if self.context_tokens and context is None:
+            raise ValueError("this encoder keys green lists by the previous token too (encoder.context_tokens=1): pass context")
+        return pool_mask(bits.unsqueeze(0), self.green_lists, self.mixing.unsqueeze(0), self.salt.view(1),
+                         context if self.context_tokens else None, self.vote_lists)[0]
 
-    def green_columns(self, bits: torch.Tensor) -> torch.Tensor:
+    def green_columns(self, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(..., u) bool: which pool tokens are green for each signature."""
-        mask = self.pool_mask(bits)
+        mask = self.pool_mask(bits, context)
         if self.pool_of_column is not None:
             return mask[..., self.pool_of_column]
         return mask.to(self.membership.dtype) @ self.membership > 0
 
-    def green_size(self, bits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def green_size(self, bits: torch.Tensor, chunk: int = 4096, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Exact |G| for each signature (pools overlap), chunked so memory stays bounded."""
         flat = bits.reshape(-1, self.num_bits)
-        sizes = torch.cat([self.green_columns(part).sum(-1) for part in flat.split(chunk)]) if flat.numel() else flat.new_zeros(0, dtype=torch.long)
+        ctx = None if context is None else context.reshape(-1)
+        parts = [self.green_columns(flat[s : s + chunk], None if ctx is None else ctx[s : s + chunk]).sum(-1) for s in range(0, flat.shape[0], chunk)]
+        sizes = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.long)
         return sizes.reshape(bits.shape[:-1])
 
-    def gamma(self, bits: torch.Tensor) -> torch.Tensor:
+    def gamma(self, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Null probability that a token is green: |G| over the tokens that can occur in text (float64)."""
-        return self.green_size(bits).to(torch.float64) / self.num_usable
+        return self.green_size(bits, context=context).to(torch.float64) / self.num_usable
 
-    def is_green(self, bits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def is_green(self, bits: torch.Tensor, tokens: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Whether each token is in the green list of the matching signature; bits (..., nb), tokens (...)."""
         column = self.token_to_column[tokens.clamp(0, self.vocab_size - 1)]
         in_some_pool = column >= 0
         owners = self.membership.T[column.clamp(min=0)]  # (..., nb): pools that contain the token
-        hit = (owners * self.pool_mask(bits).to(owners.dtype)).sum(-1) > 0
+        hit = (owners * self.pool_mask(bits, context).to(owners.dtype)).sum(-1) > 0
         return hit & in_some_pool & (tokens >= 0) & (tokens < self.vocab_size)
 
-    def bias_logits(self, scores: torch.Tensor, bits: torch.Tensor, delta: float) -> torch.Tensor:
-        """Scores with ``delta`` added to the green tokens of each row (scores (B, V), bits (B, nb))."""
-        green = self.green_columns(bits).to(scores.dtype) * delta
+    def bias_logits(self, scores: torch.Tensor, bits: torch.Tensor, delta: float, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores with ``delta`` added to the green tokens of each row (scores (B, V), bits (B, nb), context (B,))."""
+        green = self.green_columns(bits, context).to(scores.dtype) * delta
         return scores.index_add(1, self.pool_tokens, green)

@@ -43,7 +43,7 @@ _HASH_COEFFS = torch.randint(-(2**40), 2**40, (4097,), generator=torch.Generator
 @dataclass
 class CaptureBatch:
     """Captures padded to one width: features (B, n, D), tokens (B, n), top_ids / top_probs (B, n, K),
-    tail (B, n), valid (B, n) marks real positions."""
+    tail (B, n), valid (B, n) marks real positions, previous (B, n) the token before each one."""
 
     features: torch.Tensor
     tokens: torch.Tensor
@@ -51,6 +51,7 @@ class CaptureBatch:
     top_probs: torch.Tensor
     tail: torch.Tensor
     valid: torch.Tensor
+    previous: torch.Tensor
 
     @staticmethod
     def stack(captures: Sequence[TextCapture], device: torch.device | str = "cpu") -> "CaptureBatch":
@@ -65,6 +66,7 @@ class CaptureBatch:
         top_probs = torch.zeros(b, n, k, dtype=torch.float32)
         tail = torch.zeros(b, n, dtype=torch.float32)
         valid = torch.zeros(b, n, dtype=torch.bool)
+        previous = torch.zeros(b, n, dtype=torch.long)
         for i, c in enumerate(captures):  # one copy per text into the padded block
             m = c.tokens.numel()
             features[i, :m] = c.features
@@ -73,7 +75,9 @@ class CaptureBatch:
             top_probs[i, :m] = c.top_probs
             tail[i, :m] = c.tail
             valid[i, :m] = True
-        parts = (features, tokens, top_ids, top_probs, tail, valid)
+            if c.previous is not None:
+                previous[i, :m] = c.previous
+        parts = (features, tokens, top_ids, top_probs, tail, valid, previous)
         return CaptureBatch(*(t.to(device) for t in parts))
 
     def with_top_k(self, k: int) -> "CaptureBatch":
@@ -81,10 +85,12 @@ class CaptureBatch:
         if k >= self.top_ids.shape[-1]:
             return self
         dropped = self.top_probs[..., k:].sum(-1)
-        return CaptureBatch(self.features, self.tokens, self.top_ids[..., :k], self.top_probs[..., :k], self.tail + dropped, self.valid)
+        return CaptureBatch(self.features, self.tokens, self.top_ids[..., :k], self.top_probs[..., :k], self.tail + dropped, self.valid,
+                            self.previous)
 
     def select(self, rows: torch.Tensor) -> "CaptureBatch":
-        return CaptureBatch(self.features[rows], self.tokens[rows], self.top_ids[rows], self.top_probs[rows], self.tail[rows], self.valid[rows])
+        return CaptureBatch(self.features[rows], self.tokens[rows], self.top_ids[rows], self.top_probs[rows], self.tail[rows], self.valid[rows],
+                            self.previous[rows])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,6 +105,8 @@ class StatisticSpec:
     null: str = "model"
     delta: float = 2.0
     ignore_repeated: bool = False
+    margin_bits: int = 0  # margin-aware scoring: also score each position with its least certain bits flipped
+    margin_scale: float = 0.5
 
 
 @dataclass
@@ -108,22 +116,55 @@ class KeyDraws:
     green: torch.Tensor  # (R, B, n) bool
     gamma: torch.Tensor  # (R, B, n) float64
     scored: torch.Tensor  # (R, B, n) bool
+    # Margin-aware scoring: green flag and gamma averaged over a position's likely signatures (float64).
+    soft_green: Optional[torch.Tensor] = None
+    soft_gamma: Optional[torch.Tensor] = None
 
 
 # -- the keys' green pools and token tables ---------------------------------------------------------
-def signatures(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
-    """(R, B, n, nb) bool: each key's hyperplane bits for every feature vector, from one matrix product."""
+def projections(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
+    """(R, B, n, nb) float: each key's signed distance-like projection (x - c_r) . h_r,i for every feature vector."""
     b, n, d = features.shape
     r, _, nb = bank.projection.shape
     planes = bank.projection.to(features.device)
     proj = features.reshape(b * n, d) @ planes.permute(1, 0, 2).reshape(d, r * nb)  # (B n, R nb)
     offset = torch.einsum("rd,rdk->rk", bank.center.to(features.device), planes)  # (R, nb)
-    return (proj.reshape(b, n, r, nb).permute(2, 0, 1, 3) - offset[:, None, None, :]) > 0
+    return proj.reshape(b, n, r, nb).permute(2, 0, 1, 3) - offset[:, None, None, :]
 
 
-def green_pools(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
+def signatures(features: torch.Tensor, bank: KeyBank) -> torch.Tensor:
+    """(R, B, n, nb) bool: each key's hyperplane bits for every feature vector, from one matrix product."""
+    return projections(features, bank) > 0
+
+
+def bank_pool_mask(bits: torch.Tensor, bank: KeyBank, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(R, B, n, nb) bool: each key's green pools for signature bits (R, B, n, nb); ``previous`` (B, n)
+    holds the context tokens, used when the bank hashes one in."""
+    if bank.context_tokens and previous is None:
+        raise ValueError("the bank keys green lists by the previous token too (encoder.context_tokens=1): captures must carry it")
+    return pool_mask(bits, bank.green_lists, bank.mixing, bank.salt, previous if bank.context_tokens else None, bank.vote_lists)
+
+
+def green_pools(features: torch.Tensor, bank: KeyBank, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(R, B, n, nb) bool: each key's green pools at every position (its signature through its pool mask)."""
-    return pool_mask(signatures(features, bank), bank.green_lists, bank.mixing, bank.salt)
+    return bank_pool_mask(signatures(features, bank), bank, previous)
+
+
+def margin_alternatives(features: torch.Tensor, bank: KeyBank, count: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The observed signature bits (R, B, n, nb), the ``count`` least certain bits (R, B, n, u) and their
+    flip weights (R, B, n, u).
+
+    A bit's certainty is its projection's magnitude relative to the position's median magnitude (scale-free
+    across keys and features); the weight 0.5 * exp(-|m| / (scale * median)) is 0.5 on the hyperplane and
+    falls off away from it, a heuristic (any fixed rule is valid once ranked among the reference keys).
+    """
+    proj = projections(features, bank)
+    magnitude = proj.abs()
+    u = min(int(count), magnitude.shape[-1])
+    median = magnitude.median(-1, keepdim=True).values.clamp(min=1e-12)
+    near, which = torch.topk(magnitude, u, dim=-1, largest=False)
+    weight = 0.5 * torch.exp(-near / (scale * median))
+    return proj > 0, which, weight.double()
 
 
 def token_table(bank: KeyBank, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -260,22 +301,9 @@ def first_occurrences(keys: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> KeyDraws:
-    """Green flags and gammas of every key in ``tables`` for every position of ``batch``.
-
-    Work is laid out (texts, positions, [top-K,] keys) so each token's pool bits for all keys are one
-    contiguous row of the token table. The statistic's gamma counts the top-K tokens exactly and
-    spreads the remaining mass over the rest of the green list, sized as the sum of the green pools'
-    sizes (exact for a partition; for overlapping pools an upper bound of the union: exact sizes per key
-    would cost more than everything else together, and any fixed rule is valid once calibrated, as long
-    as every key gets the same one).
-    """
-    bank = tables.bank
-    b, n = batch.shape
-    r = bank.num_keys
-    masks = green_pools(batch.features, bank)  # (R, B, n, nb)
-    usable = bank.num_usable
-
+def _green_and_gamma(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, R) green flags and gammas of every key for green pools ``masks`` (R, B, n, nb) at every position."""
+    usable = tables.bank.num_usable
     green = tables.green(batch.tokens, masks) & batch.valid.unsqueeze(-1)  # (B, n, R)
     size = tables.green_size(masks).permute(1, 2, 0).clamp(max=usable)  # (B, n, R)
     if spec.null == "uniform":
@@ -289,6 +317,41 @@ def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> K
         gamma = sums[..., 0] + batch.tail.double().unsqueeze(-1) * (size - sums[..., 1]).clamp(min=0) / rest
     valid = batch.valid.unsqueeze(-1)
     gamma = torch.where(valid, gamma.clamp(0.0, 1.0), torch.zeros((), dtype=torch.float64, device=gamma.device))
+    return green, gamma
+
+
+def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> KeyDraws:
+    """Green flags and gammas of every key in ``tables`` for every position of ``batch``.
+
+    Work is laid out (texts, positions, [top-K,] keys) so each token's pool bits for all keys are one
+    contiguous row of the token table. The statistic's gamma counts the top-K tokens exactly and
+    spreads the remaining mass over the rest of the green list, sized as the sum of the green pools'
+    sizes (exact for a partition; for overlapping pools an upper bound of the union: exact sizes per key
+    would cost more than everything else together, and any fixed rule is valid once calibrated, as long
+    as every key gets the same one). With ``spec.margin_bits`` the statistic reads soft draws: each
+    position's green flag and gamma averaged over its observed signature and the signatures with one
+    uncertain bit flipped (:func:`margin_alternatives`); ``green`` stays the observed signature's.
+    """
+    bank = tables.bank
+    b, n = batch.shape
+    r = bank.num_keys
+    soft_green = soft_gamma = None
+    if spec.margin_bits > 0:
+        bits, which, weight = margin_alternatives(batch.features, bank, spec.margin_bits, spec.margin_scale)
+        masks = bank_pool_mask(bits, bank, batch.previous)  # (R, B, n, nb)
+        green, gamma = _green_and_gamma(batch, tables, spec, masks)
+        weight = weight.permute(1, 2, 0, 3)  # (B, n, R, u)
+        stay = 1.0 - weight.sum(-1)
+        soft_green, soft_gamma = stay * green.double(), stay * gamma
+        for j in range(which.shape[-1]):  # a few uncertain bits: each flipped alone
+            flip = torch.zeros_like(bits).scatter_(-1, which[..., j : j + 1], True)
+            g_j, p_j = _green_and_gamma(batch, tables, spec, bank_pool_mask(bits ^ flip, bank, batch.previous))
+            soft_green = soft_green + weight[..., j] * g_j.double()
+            soft_gamma = soft_gamma + weight[..., j] * p_j
+        soft_green, soft_gamma = soft_green.permute(2, 0, 1), soft_gamma.permute(2, 0, 1)
+    else:
+        masks = green_pools(batch.features, bank, batch.previous)  # (R, B, n, nb)
+        green, gamma = _green_and_gamma(batch, tables, spec, masks)
     green, gamma = green.permute(2, 0, 1), gamma.permute(2, 0, 1)  # (R, B, n)
     scored = batch.valid.expand(r, b, n)
     if spec.ignore_repeated:  # each (green pools, token) pair once: repeats are not new draws
@@ -298,14 +361,18 @@ def key_draws(batch: CaptureBatch, tables: BankTables, spec: StatisticSpec) -> K
         h = (words.long() * coeffs[:w].view(1, 1, 1, w)).sum(-1).permute(2, 0, 1) + batch.tokens.unsqueeze(0) * coeffs[w]
         scored = first_occurrences(h.reshape(r * b, n), scored.reshape(r * b, n)).view(r, b, n)
     zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
-    return KeyDraws(green & scored, torch.where(scored, gamma, zero), scored)
+    draws = KeyDraws(green & scored, torch.where(scored, gamma, zero), scored)
+    if soft_green is not None and soft_gamma is not None:
+        draws.soft_green = torch.where(scored, soft_green, zero)
+        draws.soft_gamma = torch.where(scored, soft_gamma, zero)
+    return draws
 
 
 def exact_gamma(batch: CaptureBatch, tables: BankTables, null: str) -> torch.Tensor:
     """(R, B, n) gamma with the exact green-list size (pools overlap): the diagnostics' null, computed
     for the deployed key only, where its cost does not matter."""
     bank = tables.bank
-    masks = green_pools(batch.features, bank)
+    masks = green_pools(batch.features, bank, batch.previous)
     if bank.pools is None:  # a partition: pools are disjoint, their sizes add up exactly
         size = tables.green_size(masks)
     else:
@@ -326,8 +393,8 @@ def exact_gamma(batch: CaptureBatch, tables: BankTables, null: str) -> torch.Ten
 # -- statistics --------------------------------------------------------------------------------------
 def per_token_terms(draws: KeyDraws, spec: StatisticSpec) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(score, variance) per position whose sums make the statistic; z uses both, llr and green the first."""
-    g = draws.green.double()
-    p = draws.gamma
+    g = draws.green.double() if draws.soft_green is None else draws.soft_green
+    p = draws.gamma if draws.soft_gamma is None else draws.soft_gamma
     if spec.kind == "z":
         return g - p, p * (1 - p)
     if spec.kind == "llr":

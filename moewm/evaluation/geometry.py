@@ -228,7 +228,7 @@ def next_token_distributions(watermarker: Any, contexts: Sequence[Sequence[int]]
         feats = capture.features(len(chunk), positions=slice(-back, None))[:, 0]
         capture.clear()
         bits = enc.signature(feats.to(enc.device)).to(logits.device)
-        green = enc.bias_logits(torch.zeros_like(logits), bits, 1.0) > 0
+        green = enc.bias_logits(torch.zeros_like(logits), bits, 1.0, ids[:, -1].to(enc.device)) > 0
         ps.append(torch.softmax(logits, -1).double().cpu())
         qs.append(torch.softmax(logits + delta * green, -1).double().cpu())
         greens.append(green.cpu())
@@ -257,7 +257,10 @@ def capture_distributions(encoder: LSHEncoder, delta: float, vocab_size: int, ca
     top_probs = torch.stack([caps[i].top_probs[j] for i, j in zip(which, where)]).double()
     tail = torch.stack([caps[i].tail[j] for i, j in zip(which, where)]).double()
     bits = encoder.signature(feats.to(encoder.device))
-    green = (encoder.bias_logits(torch.zeros(count, vocab_size, device=encoder.device), bits, 1.0) > 0).cpu()
+    previous = None
+    if encoder.context_tokens:
+        previous = torch.stack([caps[i].previous[j] for i, j in zip(which, where)]).to(encoder.device)
+    green = (encoder.bias_logits(torch.zeros(count, vocab_size, device=encoder.device), bits, 1.0, previous) > 0).cpu()
     in_top = torch.zeros(count, vocab_size, dtype=torch.bool).scatter_(1, top_ids, True)
     rest = encoder.usable.cpu()[:vocab_size].unsqueeze(0) & ~in_top
     p = torch.zeros(count, vocab_size, dtype=torch.float64).scatter_(1, top_ids, top_probs)

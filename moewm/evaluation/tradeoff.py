@@ -143,10 +143,11 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
         "scheme": g["watermark_kind"].agg(_first),
         "keys": g["seed"].nunique() if "seed" in jobs else g.size(),
     })
-    for col in ("delta", "pools", "green_bits", "start_layer_idx", "end_layer_idx", "kgw_gamma", "synthid_num_keys"):
+    lsh_columns = ("pools", "green_lists", "green_bits", "vote_lists", "context_tokens", "margin_bits", "start_layer_idx", "end_layer_idx")
+    for col in ("delta",) + lsh_columns + ("kgw_gamma", "synthid_num_keys"):
         if col in jobs:
             out[col] = g[col].agg(_first)
-    out.loc[out["scheme"] != "moe_lsh", [c for c in ("pools", "green_bits", "start_layer_idx", "end_layer_idx") if c in out]] = np.nan
+    out.loc[out["scheme"] != "moe_lsh", [c for c in lsh_columns if c in out]] = np.nan
     if "synthid_num_keys" in out:
         out.loc[out["scheme"] == "synthid", "delta"] = np.nan  # SynthID has no delta
     stats = {

@@ -464,8 +464,8 @@ def estimate(
         weights=parts,
         kv_cache_bytes=_kv_bytes(config, int(batch_size), int(prompt_tokens) + int(new_tokens), dtype_bytes),
         # a partition's pools hold every token once: num_bits pools of vocab / num_bits
-        watermark_bytes=_watermark_bytes(dim, int(num_bits), -(-vocab // int(num_bits)) if pools == "partition" else int(pool_size), vocab)
-        + (vocab * 8 if pools == "partition" else 0),  # a partition also maps each token to its one pool
+        watermark_bytes=_watermark_bytes(dim, int(num_bits), -(-vocab // int(num_bits)) if pools in ("partition", "random_partition") else int(pool_size), vocab)
+        + (vocab * 8 if pools in ("partition", "random_partition") else 0),  # a partition also maps each token to its one pool
         activation_bytes=scratch + _activation_bytes(config, int(batch_size), int(prompt_tokens), int(new_tokens), dtype_bytes, sel, layout.width, dim),
         runtime_bytes=int(RUNTIME_ALLOWANCE),
         quantized_note=_quantized_note(memory, parts),

@@ -67,7 +67,8 @@ class RoutingWatermarkProcessor(LogitsProcessor):
             self._last_length = length
             features = self._history[:, max(-self.back, -self._history.shape[1])]
         bits = self.encoder.signature(features.to(self.encoder.device))
-        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta)
+        context = input_ids[:, -1].to(self.encoder.device) if self.encoder.context_tokens else None
+        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta, context)
 
 
 class MoELSHWatermark(TextGeneration):
@@ -184,7 +185,8 @@ class MoELSHWatermark(TextGeneration):
     @property
     def statistic_spec(self) -> StatisticSpec:
         cfg = self.watermark_cfg
-        return StatisticSpec(kind=cfg.statistic, null=cfg.null, delta=cfg.delta, ignore_repeated=cfg.ignore_repeated)
+        return StatisticSpec(kind=cfg.statistic, null=cfg.null, delta=cfg.delta, ignore_repeated=cfg.ignore_repeated,
+                             margin_bits=cfg.margin_bits, margin_scale=cfg.margin_scale)
 
     def capture(
         self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = False
