@@ -188,3 +188,166 @@ def test_paraphrase_with_the_jobs_model(micro_qwen, tokenizer):
     assert sum(s in half for s in ["The committee met on Tuesday to review the budget.", "The vote was postponed."]) >= 1
     with pytest.raises(ConfigError, match="paraphrase"):
         apply_attack(texts, cfg, tokenizer=tokenizer, model=None)
+
+
+# -- whitespace at the ends, and nothing before an edit changes (issue 19: delete_words stripped the text) ----------
+from pathlib import Path  # noqa: E402
+
+from moewm.evaluation.attacks import _pieces, _rng, _replace_units, _units, copy_paste, delete_words, swap_words, truncate_words  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "moewm" / "assets" / "tiny_moe"
+# continuations as the job decodes them: a leading space (the first token is "Ġword"), newlines, a trailing run
+CONTINUATIONS = [
+    " line of the function returns the number of items in the list.\n  It is used by the caller. Then it stops\n",
+    " the rain kept falling on the roofs of the old town, and nobody went out. The market was closed.",
+    "\n\tdef count(items):\n        return len(items)  # the number of items\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY))
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _lead(text):
+    return re.match(r"\s*", text).group(0)
+
+
+def _trail(text):
+    return re.search(r"\s*$", text).group(0)
+
+
+@pytest.mark.parametrize("name", ["deletion", "swap", "truncation", "copy_paste", "substitution", "insertion"])
+def test_strength_zero_keeps_every_token_id(name, bpe):
+    emb = torch.randn(len(bpe), 8, generator=torch.Generator().manual_seed(0))
+    out = apply_attack(CONTINUATIONS, AttackConfig(name=name, strength=0.0), tokenizer=bpe, embeddings=emb,
+                       unwatermarked=CONTINUATIONS[::-1], seed=0)
+    assert [_ids(bpe, t) for t in out] == [_ids(bpe, t) for t in CONTINUATIONS]
+    if name in ("substitution", "insertion"):
+        ids = [_ids(bpe, t) for t in CONTINUATIONS]
+        assert attack_token_ids(ids, AttackConfig(name=name, strength=0.0), tokenizer=bpe, embeddings=emb) == ids
+
+
+def test_deletion_keeps_the_leading_space_and_first_token_when_the_first_word_stays(bpe):
+    kept_first = 0
+    for seed in range(40):
+        for i, text in enumerate(CONTINUATIONS):
+            pieces, words = _pieces(text)
+            k = round(0.1 * len(words))
+            gone = _rng(seed, "deletion", i).choice(len(words), size=k, replace=False)
+            [out] = apply_attack([text], AttackConfig(name="deletion", strength=0.1), tokenizer=bpe, seed=seed) if i == 0 else \
+                [delete_words(text, 0.1, _rng(seed, "deletion", i))]
+            assert _lead(out) == _lead(text) and _trail(out) == _trail(text)
+            if 0 not in gone:
+                kept_first += 1
+                assert _ids(bpe, out)[0] == _ids(bpe, text)[0]
+    assert kept_first > 50
+
+
+def test_deletion_changes_no_token_before_the_first_deleted_word(bpe):
+    checked = 0
+    for seed in range(30):
+        for i, text in enumerate(CONTINUATIONS):
+            pieces, words = _pieces(text)
+            for s in (0.05, 0.1, 0.3):
+                k = round(s * len(words))
+                if k == 0:
+                    continue
+                first = int(np.min(_rng(seed, "deletion", i).choice(len(words), size=k, replace=False)))
+                out = delete_words(text, s, _rng(seed, "deletion", i))
+                cut = len("".join(pieces[: words[first] - 1])) if words[first] > 0 else 0  # where its preceding whitespace starts
+                enc = bpe(text, add_special_tokens=False, return_offsets_mapping=True)
+                before = [t for t, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end <= cut]
+                assert _ids(bpe, out)[: len(before)] == before
+                assert out[:cut] == text[:cut]
+                checked += len(before) > 0
+    assert checked > 100
+
+
+def test_deletion_of_words_keeps_the_whitespace_around_the_kept_words():
+    text = " a b\n c  d e\n"
+    rng = np.random.default_rng(0)
+    assert delete_words(text, 1.0, rng) == " \n"
+    # deleting only the last word leaves the text's trailing run; only the first, its leading run
+    class Pick:  # a stand-in generator that deletes the given words
+        def __init__(self, idx):
+            self.idx = np.array(idx)
+
+        def choice(self, n, size, replace):
+            return self.idx[:size]
+    assert delete_words(text, 0.2, Pick([4])) == " a b\n c  d\n"
+    assert delete_words(text, 0.2, Pick([0])) == " b\n c  d e\n"
+    assert delete_words(text, 0.4, Pick([1, 2])) == " a d e\n"  # a keeps the run that followed it
+
+
+def test_swap_and_truncation_keep_the_ends(bpe):
+    for seed in range(20):
+        for i, text in enumerate(CONTINUATIONS):
+            out = swap_words(text, 0.3, _rng(seed, "swap", i))
+            assert _lead(out) == _lead(text) and _trail(out) == _trail(text)
+            if out.split()[0] == text.split()[0]:
+                assert _ids(bpe, out)[0] == _ids(bpe, text)[0]
+            cut = truncate_words(text, 0.3)
+            assert _lead(cut) == _lead(text) and text.startswith(cut) and _ids(bpe, cut)[0] == _ids(bpe, text)[0]
+
+
+def _layout(prefix, n, seed):
+    """n words ``prefix``0.. separated by varied whitespace, with a leading space (like a continuation)."""
+    gaps = np.random.default_rng(seed).choice([" ", " ", " ", "\n", "  ", "\n\t"], size=n)
+    return "".join(f"{g if i else ' '}{prefix}{i}" for i, g in enumerate(gaps)) + "\n"
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_copy_paste_copies_every_span_and_run_verbatim(strength, bpe):
+    wm, unwm = _layout("w", 30, 1), _layout("u", 40, 2)
+    for seed in range(10):
+        out = copy_paste(wm, unwm, strength, 3, np.random.default_rng(seed))
+        assert len(out.split()) == 30
+        if strength == 0.0:
+            assert out == wm
+        # cut the output into maximal runs of one source's words, each with the whitespace before it
+        pieces, words = _pieces(out)
+        runs = []
+        for w in words:
+            chunk = (pieces[w - 1] if w > 0 else "") + pieces[w]
+            src, number = pieces[w][0], int(pieces[w][1:])
+            if runs and runs[-1][0] == src and runs[-1][2] + 1 == number:
+                runs[-1][1] += chunk
+                runs[-1][2] = number
+            else:
+                runs.append([src, chunk, number])
+        assert out.startswith(_lead(wm))  # the output begins like the continuation it replaces
+        runs[0][1] = runs[0][1][len(_lead(wm)):]
+        for src, chunk, _ in runs:  # every run is its source's text, whitespace before it included (but the first)
+            assert chunk in (wm if src == "w" else unwm)
+        assert unwm.lstrip().startswith("".join(c for src, c, _ in runs if src == "u").lstrip())  # its beginning, verbatim
+        assert sum(src == "w" for src, _, _ in runs) <= 3
+        assert _ids(bpe, out)[0] in _ids(bpe, wm) + _ids(bpe, unwm)
+
+
+def test_paraphrase_units_are_replaced_in_place_and_the_rest_stays_verbatim():
+    text = " First sentence here.\n  Second one, with a\nbreak! Third\tand last\n"
+    assert _units(text) == ["First sentence here.", "Second one, with a break!", "Third and last"]
+    assert _replace_units(text, {}) == text
+    assert _replace_units(text, {1: "NEW."}) == " First sentence here.\n  NEW. Third\tand last\n"
+    assert _replace_units(text, {2: "End."}) == " First sentence here.\n  Second one, with a\nbreak! End.\n"
+
+
+def test_paraphrase_keeps_the_leading_space_and_unrewritten_sentences(micro_qwen, tokenizer):
+    text = " The committee met on Tuesday.\nThe vote was postponed. Nobody objected."
+    cfg = AttackConfig(name="paraphrase", strength=0.34, paraphrase_max_new_tokens=6)
+    for seed in range(3):
+        [out] = apply_attack([text], cfg, tokenizer=tokenizer, model=micro_qwen, seed=seed)
+        assert out.startswith(" ")
+        j = int(_rng(seed, "paraphrase", 0).choice(3, size=1, replace=False)[0])
+        sentences = ["The committee met on Tuesday.", "The vote was postponed.", "Nobody objected."]
+        for other in set(range(3)) - {j}:
+            assert sentences[other] in out
+        if j != 0:  # the first sentence untouched: the text starts exactly as before
+            assert out.startswith(" The committee met on Tuesday.\n")

@@ -75,3 +75,16 @@ def test_summary_table_reads_only_each_jobs_own_metrics(tmp_path):
     write_sweep(tmp_path, [{"seed": 0}, {"seed": 1}])
     df = collect(tmp_path)
     assert isinstance(df, pd.DataFrame) and list(df["ppl_wm_mean"]) == [95.0, 96.0]
+
+
+def test_a_run_shows_each_attacked_row_with_what_survived(tmp_path):
+    metrics = write_job(tmp_path, ["seed=0"], 0)
+    metrics.update(attack_name="deletion", attack_strength=0.1, detection_rate_attacked=0.5, survival_positions=0.8,
+                   survival_signature=0.61, survival_bitflip=0.031, survival_green=0.81, evidence_per_token_clean=0.9,
+                   evidence_per_token_attacked=0.4, detection_rate_attacked_substitution_0p3=0.25)
+    text = job_summary(metrics, tmp_path, "seed=0")
+    deletion = next(line for line in text.splitlines() if line.strip().startswith("attacked deletion"))
+    assert "detected 50 %" in deletion and "context kept 0.61 at 0.80 of positions" in deletion and "bit flips 0.031" in deletion
+    assert "green kept 0.81" in deletion and "evidence/token 0.90 -> 0.40" in deletion
+    sub = next(line for line in text.splitlines() if line.strip().startswith("attacked substitution 0.3"))
+    assert "detected 25 %" in sub and "context kept" not in sub  # no diagnostics written for it: none shown

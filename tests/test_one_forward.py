@@ -53,9 +53,11 @@ def test_a_job_forwards_each_text_once(case, tmp_path, monkeypatch):
     # The decoder: generation reaches it through model.forward, a capture calls it directly (then the head).
     handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     try:
-        run_job(app, tmp_path / "job", run_name="one-forward", group=None)
+        metrics = run_job(app, tmp_path / "job", run_name="one-forward", group=None)
     finally:
         handle.remove()
+    if any(e.startswith(("attack=", "eval.attacks=")) for e in extra):  # the survival diagnostics came from these same captures
+        assert any(k.startswith("survival_signature") and metrics[k] == metrics[k] for k in metrics), sorted(metrics)
     # Generation prefills forward the prompts (once per decoding: watermarked, plain, greedy, top-p; at most 8
     # tokens here), and the output-head check an 8-token probe. Every longer full forward is a capture of
     # prompt + text (24 new tokens, or a human-text chunk).

@@ -17,7 +17,7 @@ from moewm.config import AttackSpec, parse_attack_specs
 from moewm.evaluation.attack_suite import censored_tokens_to_detect
 from moewm.config import ATTACK_KINDS, ConfigError
 from moewm.app.schema import register, to_app_config, validate_app
-from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, pareto_front, tradeoff_report
+from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, objectives, pareto_front, tradeoff_report
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "tradeoff-test-secret")
 register()
@@ -407,3 +407,38 @@ def test_every_tradeoff_point_validates_on_a_full_size_model_before_weights_load
     the full-size architecture (checked on the meta device, no weights)."""
     for point in POINTS:
         validate_app(to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={point}", f"model={model}", "eval.oracle_model=qwen_dense"])))
+
+
+def test_the_report_has_the_survival_diagnostics_of_every_attack(tmp_path):
+    df = _summary()
+    lsh = df["watermark_kind"] == "moe_lsh"
+    for a in ("substitution_0p3", "deletion_0p1"):
+        df[f"survival_positions_{a}"] = 0.7
+        df[f"survival_signature_{a}"] = np.where(lsh, 0.45, 1.0)
+        df[f"survival_bitflip_{a}"] = np.where(lsh, 0.056, np.nan)
+        df[f"survival_green_{a}"] = np.where(lsh, 0.71, 1.0)
+        df[f"evidence_per_token_attacked_{a}"] = 0.3
+        df[f"survival_signature_dist2_{a}"] = np.where(lsh, 0.4, 1.0)
+        df[f"survival_signature_dist17up_{a}"] = np.where(lsh, 0.8, 1.0)
+    df["evidence_per_token_clean"] = 0.9
+    table, _ = tradeoff_report(df, tmp_path)
+    assert table.loc["lsh_cheap", "survival_signature_substitution_0p3"] == pytest.approx(0.45)
+    assert table.loc["kgw_g025_d2", "survival_green_deletion_0p1"] == 1.0
+    md = (tmp_path / "tradeoff.md").read_text()
+    survival = md[md.index("## Survival diagnostics"):]
+    assert "### substitution 0.3" in survival and "### deletion 0.1" in survival
+    row = next(line for line in survival.splitlines() if line.startswith("| `lsh_cheap`"))
+    assert "| 0.45 |" in row and "0.056" in row and "| 0.71 |" in row and "0.90 -> 0.30" in row and "| 0.40 |" in row and "| 0.80 |" in row
+    assert not any(name.startswith("survival") for name, *_ in objectives(table))  # no Pareto view of a diagnostic
+
+
+@pytest.mark.slow
+def test_every_attacked_row_has_its_survival_diagnostics(suite_job):
+    m = suite_job
+    for a in parse_attack_specs(SUITE):
+        for key in ("survival_positions", "survival_signature", "survival_green", "survival_bitflip"):
+            assert 0.0 <= m[f"{key}_{a.suffix}"] <= 1.0, (key, a.suffix)
+        assert m[f"survival_signature_distbefore_{a.suffix}"] in (1.0,) or m[f"survival_count_distbefore_{a.suffix}"] == 0
+    assert m["survival_signature_substitution_0"] == m["survival_positions_substitution_0"] == 1.0
+    assert m["survival_signature"] == m["survival_signature_substitution_0p3"]  # the attack= group's row too
+    assert m["evidence_per_token_attacked_substitution_0"] == m["evidence_per_token_clean"]

@@ -128,6 +128,32 @@ def _files_line(out_dir: Path, metrics: Mapping[str, Any]) -> str:
     return f"  files            {shown_path(out_dir)}/  {', '.join(present)}"
 
 
+ATTACKED = re.compile(r"^detection_rate_attacked(?P<suffix>.*)$")
+
+
+def attacked_lines(m: Mapping[str, Any]) -> list[str]:
+    """One line per attacked row (the ``attack=`` group's, then each of ``eval.attacks``): detection, and what of the
+    watermark survived the edit (moewm.evaluation.survival): the scheme's context (routing signature / n-gram
+    context) kept at positions whose token and previous token survived, its per-bit flip rate, green draws kept,
+    and the evidence per scored token before -> after."""
+    out = []
+    for key in m:
+        match = ATTACKED.match(str(key))
+        if not match:
+            continue
+        sfx = match["suffix"]
+        label = m.get("attack_name", "?") if not sfx else sfx[1:].replace("_0p", " 0.").replace("_", " ")
+        parts = [f"detected {_pct(float(m[key]))}" if _num(m[key]) is not None else "detected -"]
+        if _num(m.get(f"survival_signature{sfx}")) is not None:
+            parts.append(f"context kept {_f2(m[f'survival_signature{sfx}'])} at {_f2(m.get(f'survival_positions{sfx}'))} of positions")
+            if _num(m.get(f"survival_bitflip{sfx}")) is not None:
+                parts.append(f"bit flips {_g(m[f'survival_bitflip{sfx}'], 2)}")
+            parts.append(f"green kept {_f2(m.get(f'survival_green{sfx}'))}")
+            parts.append(f"evidence/token {_f2(m.get('evidence_per_token_clean'))} -> {_f2(m.get(f'evidence_per_token_attacked{sfx}'))}")
+        out.append(f"  attacked {str(label):<15} " + " | ".join(parts))
+    return out
+
+
 def job_summary(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
     """A single job's numbers that matter, about ten lines, ending with where its files are."""
     m = metrics
@@ -166,6 +192,7 @@ def job_summary(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
         lines.append(f"  perplexity       {ppl_wm:.1f} watermarked vs {ppl_un:.1f} plain{change}")
     if m.get("attack_name") not in (None, "none"):
         lines.append(f"  attack           {m['attack_name']}, strength {_g(m.get('attack_strength'))}")
+    lines += attacked_lines(m)
     took = [f"{_num(m['job_seconds']):.0f} s"] if _num(m.get("job_seconds")) is not None else []
     if _num(m.get("peak_memory_mb")) is not None:
         took.append(f"peak memory {_num(m['peak_memory_mb']):.0f} MB")

@@ -34,7 +34,7 @@ from moewm.engine.routing import FeatureCapture
 
 log = logging.getLogger(__name__)
 
-CAPTURE_VERSION = 2
+CAPTURE_VERSION = 3  # 2: captures keep each scored token's text position; 3: and the token before it
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TextCapture:
     logprob: torch.Tensor  # (n,) float32: log p(token | context) under the model's full softmax
     num_text_tokens: int
     windows: int = 1
+    positions: Optional[torch.Tensor] = None  # (n,) long: each scored token's index in the text ids (None: cached before it was kept)
     previous: Optional[torch.Tensor] = None  # (n,) long: the token before each scored one (routing + token context)
 
     @property
@@ -59,6 +60,7 @@ class TextCapture:
         """The capture of the first ``count`` scored tokens (what a prefix of the text would give)."""
         return TextCapture(self.features[:count], self.tokens[:count], self.top_ids[:count], self.top_probs[:count],
                            self.tail[:count], self.logprob[:count], self.num_text_tokens, self.windows,
+                           None if self.positions is None else self.positions[:count],
                            None if self.previous is None else self.previous[:count])
 
 
@@ -209,6 +211,7 @@ def capture_texts(
                 logprob=merged["logprob"],
                 num_text_tokens=len(rows[i]) - int(prompt_lengths[i]),
                 windows=len(row_parts),
+                positions=merged["positions"] - int(prompt_lengths[i]),
                 previous=merged["previous"],
             )
         )

@@ -4,6 +4,7 @@ and every prefix."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -107,3 +108,39 @@ class PositionScores:
             ends = np.arange(1, tokens + 1) * m - 1
             out.append(binom.sf(green[i, ends] - 1, n[i, ends], gamma[i]) if tokens else np.zeros(0))
         return out
+
+
+@dataclass
+class PositionContexts:
+    """What keys the green draw of each scored position of one text under one key, in reading order: what the
+    survival diagnostics (:mod:`moewm.evaluation.survival`) compare between a text and its edited version.
+
+    ``positions`` (n,) int64: the token's index in the text ids; ``tokens`` (n,) int64; ``context`` (n, c): what
+    the green list is keyed on (MoE-LSH: the routing signature's bits; KGW / SynthID: the n-gram context ids);
+    ``green_list`` (n, g): the green list's own key (MoE-LSH: the green pools, which ``encoder.green_lists``
+    derives from the signature; the n-gram schemes: the context again); ``green`` (n, m) bool: the token's draws
+    under the key (m = 1, SynthID one per tournament layer); ``scored`` (n,) bool: counted by detection (repeats
+    excluded as detection excludes them); ``evidence`` (n,) float64: the token's standardised green excess
+    sum_draws (g - gamma) / sqrt(gamma (1 - gamma)) / sqrt(m), 0 where not scored, in z units for every scheme
+    (a text's z is about sqrt(tokens) times its mean); ``bits``: whether ``context`` holds signature bits.
+    """
+
+    positions: np.ndarray
+    tokens: np.ndarray
+    context: np.ndarray
+    green_list: np.ndarray
+    green: np.ndarray
+    scored: np.ndarray
+    evidence: np.ndarray
+    bits: bool = False
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    @staticmethod
+    def standardised(green: torch.Tensor, gamma: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """(..., n) evidence from draws (..., n, m) with null probabilities gamma (..., n, m); 0 where not scored."""
+        g, p = green.double(), gamma.double()
+        var = (p * (1 - p)).clamp(min=1e-300)
+        term = torch.where(p > 0, (g - p) / var.sqrt(), torch.zeros_like(g)).sum(-1) / math.sqrt(green.shape[-1])
+        return torch.where(scored, term, torch.zeros_like(term))

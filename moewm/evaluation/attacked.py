@@ -3,7 +3,8 @@
 An edit is made on token ids (substitution, insertion) or on decoded text (the others); a text the edit left
 unchanged keeps its ids and is scored from the capture the job already has, so the model never sees a text
 twice. Rates are at the decision threshold alpha; ROC summaries put the attacked texts against every null
-text of the job.
+text of the job. Every attacked row also gets the survival diagnostics (:mod:`moewm.evaluation.survival`),
+from the same two captures per text: the job's original one and the edited text's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from moewm.config import AttackConfig
 from moewm.engine import stats
 from moewm.engine.detection import DetectorOutput
 from moewm.evaluation.attacks import TOKEN_ATTACKS, apply_attack, attack_token_ids
+from moewm.evaluation.survival import survival_metrics
 from moewm.schemes.base import Watermarker
 
 
@@ -46,19 +48,44 @@ def edited_ids(ctx: Any, attack: AttackConfig, ids: Sequence[Sequence[int]],
     return [list(tok(a, add_special_tokens=False)["input_ids"]) if c else ids[i] for i, (a, c) in enumerate(zip(attacked, changed))], changed
 
 
-def score_edited(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
-                 changed: Sequence[bool], window: Optional[int] = None) -> DetectorOutput:
-    """Detection of edited texts: an unchanged text is scored from the capture the job already has, only the
-    changed ones are captured (the model never sees a text twice); empty texts get the empty-text note."""
+def edited_captures(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+                    changed: Sequence[bool]) -> list[Any]:
+    """Captures of edited texts: an unchanged text keeps the capture the job already has, only the changed ones
+    are captured (the model never sees a text twice); None for an empty text."""
     caps: list[Any] = list(captures) if len(captures) == len(text_ids) else [None] * len(text_ids)
     redo = [i for i, c in enumerate(changed) if len(text_ids[i]) > 0 and (c or caps[i] is None)]
     if redo:
         for i, cap in zip(redo, scheme.capture([text_ids[i] for i in redo], [prompt_ids[i] for i in redo])):
             caps[i] = cap
-    keep = [i for i in range(len(text_ids)) if len(text_ids[i]) > 0 and caps[i] is not None]
+    return [c if len(t) > 0 else None for c, t in zip(caps, text_ids)]
+
+
+def score_captures(scheme: Watermarker, caps: Sequence[Any], window: Optional[int] = None) -> DetectorOutput:
+    """Detection of captures (None: an empty text, which gets the empty-text note)."""
+    keep = [i for i, c in enumerate(caps) if c is not None]
     if not keep:
-        return DetectorOutput.empty(len(text_ids))
-    return DetectorOutput.scatter(len(text_ids), keep, scheme.score([caps[i] for i in keep], window=window))
+        return DetectorOutput.empty(len(caps))
+    return DetectorOutput.scatter(len(caps), keep, scheme.score([caps[i] for i in keep], window=window))
+
+
+def score_edited(scheme: Watermarker, captures: Sequence[Any], text_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+                 changed: Sequence[bool], window: Optional[int] = None) -> DetectorOutput:
+    """Detection of edited texts from :func:`edited_captures`."""
+    return score_captures(scheme, edited_captures(scheme, captures, text_ids, prompt_ids, changed), window=window)
+
+
+def survival_of(scheme: Watermarker, original: Sequence[Any], edited: Sequence[Any], original_ids: Sequence[Sequence[int]],
+                edited_ids_: Sequence[Sequence[int]], suffix: str = "") -> dict[str, Any]:
+    """The survival diagnostics (:mod:`moewm.evaluation.survival`) of edited texts against their originals, from
+    both texts' captures (those the detections made); texts without an original capture are left out."""
+    rows = [i for i, c in enumerate(original) if c is not None]
+    if not rows or len(original) != len(edited):
+        return {}
+    before = scheme.position_contexts([original[i] for i in rows])
+    present = [i for i in rows if edited[i] is not None]
+    after_of = dict(zip(present, scheme.position_contexts([edited[i] for i in present])))
+    return survival_metrics(before, [after_of.get(i) for i in rows], [original_ids[i] for i in rows],
+                            [edited_ids_[i] for i in rows], suffix=suffix)
 
 
 def attacked_detection_metrics(ctx: Any, attack: AttackConfig, window: Optional[int], suffix: str = "") -> dict[str, Any]:
@@ -66,7 +93,8 @@ def attacked_detection_metrics(ctx: Any, attack: AttackConfig, window: Optional[
     alpha = ctx.cfg.watermark.alpha
     unwm_texts = [ctx.tokenizer.decode(x, skip_special_tokens=True) for x in ctx.plain_ids]
     ids, changed = edited_ids(ctx, attack, ctx.wm_ids, unwm_texts)
-    det = score_edited(ctx.watermarker, ctx.wm_captures, ids, ctx.prompt_ids, changed, window=window)
+    caps = edited_captures(ctx.watermarker, ctx.wm_captures, ids, ctx.prompt_ids, changed)
+    det = score_captures(ctx.watermarker, caps, window=window)
     negatives = np.concatenate([ctx.plain_det.p_value] + [d.p_value for d in ctx.null_dets.values()])
     sep = stats.separation(p_scores(det.p_value), p_scores(negatives), threshold=-alpha - 1e-15)
     return {
@@ -77,6 +105,7 @@ def attacked_detection_metrics(ctx: Any, attack: AttackConfig, window: Optional[
         f"p_attacked_median{suffix}": float(np.nanmedian(det.p_value)) if np.isfinite(det.p_value).any() else float("nan"),
         f"tokens_attacked_mean{suffix}": float(np.mean([len(x) for x in ids])) if ids else float("nan"),
         f"attacked_changed_fraction{suffix}": float(np.mean(changed)) if changed else float("nan"),
+        **survival_of(ctx.watermarker, ctx.wm_captures, caps, ctx.wm_ids, ids, suffix=suffix),
     }
 
 

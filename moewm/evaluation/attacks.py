@@ -23,8 +23,12 @@ paraphrase     an LLM rewrites round(s * units) of the text's sentences (at leas
                over ``PARAPHRASE_UNIT_WORDS`` words are split), prompted with ``PARAPHRASE_PROMPT``, sampling
 =============  ===============================================================================================
 
-Word-level attacks keep the original whitespace between the remaining words; substitution and insertion
-work on token ids and decode the result.
+Word-level attacks keep the text's own whitespace: its leading and trailing runs, and between two kept words
+the run that followed the left one (copy_paste: every copied span and run verbatim, with the run before it;
+paraphrase: every sentence it does not rewrite verbatim). So an edit changes no token before it, and a
+continuation keeps its first token (``Ġline`` stays ``Ġline``; until issue 19 deletion stripped the text, and
+copy_paste and paraphrase joined words with single spaces). Substitution and insertion work on token ids and
+decode the result.
 """
 
 from __future__ import annotations
@@ -66,21 +70,31 @@ def _count(strength: float, n: int) -> int:
 
 
 # -- word-level ----------------------------------------------------------------------------------
+def _edges(pieces: list[str]) -> tuple[str, str]:
+    """The text's leading and trailing whitespace runs ("" where there is none)."""
+    lead = pieces[0] if pieces and pieces[0].isspace() else ""
+    trail = pieces[-1] if len(pieces) > 1 and pieces[-1].isspace() else ""
+    return lead, trail
+
+
 def delete_words(text: str, strength: float, rng: np.random.Generator) -> str:
+    """Delete round(strength * words) random words. Each remaining word keeps the whitespace run that followed
+    it (the last one the text's trailing run), and the text keeps its leading run: nothing before the first
+    deleted word changes, not even the first token's leading space."""
     pieces, words = _pieces(text)
     k = _count(strength, len(words))
     if k == 0:
         return text
-    gone = words[rng.choice(len(words), size=k, replace=False)]
-    keep = np.ones(len(pieces), dtype=bool)
-    keep[gone] = False
-    is_space = np.array([p.isspace() for p in pieces] + [False])
-    after = gone + 1
-    drop_after = is_space[after]  # the whitespace run after the word, else the one before it
-    keep[after[drop_after]] = False
-    before = gone[~drop_after] - 1
-    keep[before[before >= 0]] = False
-    return "".join(p for p, k_ in zip(pieces, keep) if k_).strip()
+    keep = np.ones(len(words), dtype=bool)
+    keep[rng.choice(len(words), size=k, replace=False)] = False
+    kept = words[keep]
+    lead, trail = _edges(pieces)
+    # between two kept words: the run after the left one (interior, so a whitespace piece); after the last: trail
+    out = [lead]
+    for j, w in enumerate(kept):
+        out.append(pieces[w])
+        out.append(pieces[w + 1] if j + 1 < len(kept) else trail)
+    return "".join(out) if len(kept) else lead + trail
 
 
 def swap_words(text: str, strength: float, rng: np.random.Generator) -> str:
@@ -112,10 +126,31 @@ def truncate_words(text: str, strength: float) -> str:
     return "".join(pieces[: words[keep - 1] + 1])
 
 
+def _segments(parts: list[tuple[list[str], np.ndarray, int, int]], lead: str) -> str:
+    """Words ``start`` .. ``stop - 1`` of each (pieces, word indices, start, stop) in turn, verbatim with the
+    whitespace between them. The output starts with ``lead``; every later segment with the whitespace run
+    before its first word in its source (one space at its source's word 0 when that text has no leading run);
+    the last segment keeps its text's trailing run when it reaches that text's end."""
+    out: list[str] = []
+    last = None
+    for pieces, words, start, stop in parts:
+        if stop <= start:
+            continue
+        a, b = int(words[start]), int(words[stop - 1])
+        out.append(lead if not out else (pieces[a - 1] if a > 0 else " "))
+        out.append("".join(pieces[a : b + 1]))
+        last = (pieces, b, stop == len(words))
+    if last is not None and last[2] and last[1] + 1 < len(last[0]):
+        out.append(last[0][last[1] + 1])
+    return "".join(out)
+
+
 def copy_paste(wm_text: str, unwm_text: str, strength: float, spans: int, rng: np.random.Generator) -> str:
-    """CP-``spans``: watermarked spans (a 1 - strength share of the words) inside unwatermarked text."""
-    w = wm_text.split()
-    u = unwm_text.split()
+    """CP-``spans``: watermarked spans (a 1 - strength share of the words) inside unwatermarked text. Every span
+    and every unwatermarked run is copied verbatim, the output starting with the watermarked text's leading
+    whitespace (:func:`_segments`)."""
+    wp, w = _pieces(wm_text)
+    up, u = _pieces(unwm_text)
     total = len(w)
     n_fill = _count(strength, total)
     n_keep = total - n_fill
@@ -123,22 +158,21 @@ def copy_paste(wm_text: str, unwm_text: str, strength: float, spans: int, rng: n
         log.warning("copy_paste: unwatermarked text has %d words, %d wanted; using all of it", len(u), n_fill)
         n_fill = len(u)
     if n_keep == 0:
-        return " ".join(u[:n_fill])
+        return _segments([(up, u, 0, n_fill)], _edges(wp)[0])
     k = min(spans, n_keep)
     # span lengths as equal as possible; their places in the watermarked text random and disjoint:
     # span j starts after the spans before it plus c_j skipped words, c sorted in [0, total - n_keep]
     lengths = n_keep // k + (np.arange(k) < n_keep % k)
     skipped = np.sort(rng.integers(0, total - n_keep + 1, size=k))
     starts = np.cumsum(np.r_[0, lengths[:-1]]) + skipped
-    wm_spans = [w[a : a + b] for a, b in zip(starts, lengths)]
     # the beginning of the unwatermarked text, cut into k + 1 runs around the spans
     bounds = np.r_[0, np.sort(rng.integers(0, n_fill + 1, size=k)), n_fill]
-    out: list[str] = []
+    parts: list[tuple[list[str], np.ndarray, int, int]] = []
     for j in range(k + 1):
-        out += u[bounds[j] : bounds[j + 1]]
+        parts.append((up, u, int(bounds[j]), int(bounds[j + 1])))
         if j < k:
-            out += wm_spans[j]
-    return " ".join(out)
+            parts.append((wp, w, int(starts[j]), int(starts[j] + lengths[j])))
+    return _segments(parts, _edges(wp)[0])
 
 
 # -- token-level ---------------------------------------------------------------------------------
@@ -189,13 +223,33 @@ def insert_tokens(ids_list: list[list[int]], strength: float, valid: torch.Tenso
 
 
 # -- paraphrase ----------------------------------------------------------------------------------
+def _unit_spans(pieces: list[str], words: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) word ranges of a text's paraphrase units: its sentences (ending at a word that ends with
+    . ! or ?), those over ``PARAPHRASE_UNIT_WORDS`` words cut into pieces of that many."""
+    ends = np.flatnonzero([pieces[w][-1] in ".!?" for w in words]) + 1
+    spans = []
+    for a, b in zip(np.r_[0, ends], np.r_[ends, len(words)]):
+        spans += [(int(s), int(min(s + PARAPHRASE_UNIT_WORDS, b))) for s in range(int(a), int(b), PARAPHRASE_UNIT_WORDS)]
+    return spans
+
+
 def _units(text: str) -> list[str]:
-    units = []
-    for sentence in _SENTENCE_END.split(text.strip()):
-        words = sentence.split()
-        for s in range(0, len(words), PARAPHRASE_UNIT_WORDS):
-            units.append(" ".join(words[s : s + PARAPHRASE_UNIT_WORDS]))
-    return [u for u in units if u]
+    """A text's paraphrase units as the paraphraser sees them (words joined by single spaces)."""
+    pieces, words = _pieces(text)
+    return [" ".join(pieces[w] for w in words[a:b]) for a, b in _unit_spans(pieces, words)]
+
+
+def _replace_units(text: str, new: dict[int, str]) -> str:
+    """``text`` with unit j replaced by ``new[j]``; every other unit, the whitespace between units and the
+    text's leading and trailing whitespace stay verbatim."""
+    pieces, words = _pieces(text)
+    spans = _unit_spans(pieces, words)
+    lead, trail = _edges(pieces)
+    out = [lead]
+    for j, (a, b) in enumerate(spans):
+        out.append(new[j] if j in new else "".join(pieces[words[a] : words[b - 1] + 1]))
+        out.append(pieces[words[b - 1] + 1] if j + 1 < len(spans) else trail)
+    return "".join(out)
 
 
 def _paraphraser(cfg: AttackConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -234,15 +288,16 @@ def paraphrase(
     )
     new_ids = generate_batched(para_model, para_tok, prompt_ids, gen, [])
     empty = 0
+    rewrites: list[dict[int, str]] = [{} for _ in texts]
     for (i, j), ids in zip(jobs, new_ids):
         text = para_tok.decode(ids, skip_special_tokens=True).split("\n\n")[0].strip()
         if text:
-            units[i][j] = text
+            rewrites[i][j] = text
         else:
             empty += 1
     if empty:
         log.warning("paraphrase: %d of %d rewrites came back empty; those sentences were kept as they were", empty, len(jobs))
-    return [" ".join(u) if u else t for u, t in zip(units, texts)]
+    return [_replace_units(t, r) if r else t for t, r in zip(texts, rewrites)]
 
 
 # -- entry points --------------------------------------------------------------------------------

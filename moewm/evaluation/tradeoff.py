@@ -14,8 +14,9 @@ had ``eval.oracle_model``, else the generator's; ``perplexity_judge`` says which
 the geometric means over texts when the job's samples.jsonl is in the sweep folder (robust to one
 text with a huge perplexity), else of the arithmetic means (``ppl_*_mean``); distinct-2 of
 watermarked and plain text; per attack of ``eval.attacks`` the detection rate (mean, key min / max) and
-the false-positive rate of the same attack on plain text; and the pooled false-positive rate over every
-null set of the jobs (``null_fp`` of ``null_n`` texts, ``null_fpr``).
+the false-positive rate of the same attack on plain text, and the attack's survival diagnostics
+(:mod:`moewm.evaluation.survival`: ``survival_signature_<attack>`` ..., mean over keys; also in ``tradeoff.md``);
+and the pooled false-positive rate over every null set of the jobs (``null_fp`` of ``null_n`` texts, ``null_fpr``).
 
 Pareto fronts (:func:`pareto_front`): lower cost and lower tokens to detect (no attack), or lower
 cost and higher detection rate (each attack); a point is on the front when no other point is at least
@@ -47,6 +48,10 @@ HEADLINE_ATTACK = "substitution_0p3"
 SCHEME_COLOURS = {"moe_lsh": "tab:blue", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
 NULL_SETS = ("plain", "greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative")
 OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
+DISTANCES = (("2", "2"), ("3to4", "3-4"), ("5to8", "5-8"), ("9to16", "9-16"), ("17up", "17+"), ("before", "before"))
+SURVIVAL_COLUMNS = ("survival_positions", "survival_signature", "survival_greenlist", "survival_bitflip", "survival_green",
+                    "evidence_per_token_attacked", "evidence_aligned_clean", "evidence_aligned_attacked",
+                    *[f"survival_signature_dist{d}" for d, _ in DISTANCES])
 
 
 def is_tradeoff_sweep(df: pd.DataFrame) -> bool:
@@ -162,10 +167,13 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
         "distinct_2_wm": ("distinct_2_wm", ["mean"]),
         "distinct_2_plain": ("distinct_2_unwm", ["mean"]),
     }
+    stats["evidence_per_token_clean"] = ("evidence_per_token_clean", ["mean"])
     for a in attack_suffixes(jobs):
         stats[f"attacked_{a}"] = (f"{ATTACK_PREFIX}{a}", ["mean", "min", "max"])
         if f"fpr_attacked_{a}" in jobs:
             stats[f"fpr_attacked_{a}"] = (f"fpr_attacked_{a}", ["max"])
+        for m in SURVIVAL_COLUMNS:  # the survival diagnostics (moewm.evaluation.survival), mean over keys
+            stats[f"{m}_{a}"] = (f"{m}_{a}", ["mean"])
     for name, (col, funcs) in stats.items():
         if col not in jobs:
             continue
@@ -344,6 +352,7 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
         cells += [f"{_fmt(x[a])} {_span(x[a + '_min'], x[a + '_max'])}" for a in atk]
         cells.append(f"{int(x['null_fp']) if np.isfinite(x['null_fp']) else 'n/a'}/{int(x['null_n']) if np.isfinite(x['null_n']) else 'n/a'}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += survival_markdown(table)
     fpr_cols = [c for c in table.columns if c.startswith("fpr_attacked_")]
     worst_null = float(np.nanmax(table["null_fpr"])) if len(table) and table["null_fpr"].notna().any() else float("nan")
     worst_att = float(np.nanmax(table[fpr_cols].to_numpy())) if fpr_cols and table[fpr_cols].notna().any().any() else float("nan")
@@ -352,6 +361,37 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
               "Tokens to detect: the median over texts of the scored tokens after which p stays <= alpha, a never-detected text counting "
               "as infinitely long (\"never\" when half of a key's texts never get there), then the median over keys."]
     return "\n".join(lines) + "\n"
+
+
+def survival_markdown(table: pd.DataFrame) -> list[str]:
+    """Per attack, a table of the survival diagnostics of every point (mean over keys): what of the
+    watermark's evidence survived the edit, and how far from the edit the signature comes back."""
+    attacks = [c[len("survival_signature_"):] for c in table.columns
+               if c.startswith("survival_signature_") and not c.startswith("survival_signature_dist")]
+    if not attacks:
+        return []
+    lines = ["", "## Survival diagnostics (mean over keys)", "",
+             "At positions whose token and previous token survived the edit (ids aligned by difflib.SequenceMatcher): "
+             "*positions* = share of the original's scored positions that survived; *context kept* = share whose "
+             "context is unchanged (MoE-LSH: the whole routing signature; KGW / SynthID: the n-gram context); *list kept* = "
+             "share whose green list is unchanged; *bit flips* = per-bit flip rate of the signature; *green kept* = share "
+             "of green draws still green; *evidence/token* = mean standardised green excess per scored token (z units), "
+             "before -> after (at survived positions in brackets); *context kept by distance* = context kept at d tokens "
+             "after the last edit (2 = the first survivor; before = no edit before it)."]
+    for a in attacks:
+        lines += ["", f"### {a.replace('_', ' ').replace('0p', '0.')}", "",
+                  "| point | detected | positions | context kept | list kept | bit flips | green kept | evidence/token | "
+                  + " | ".join(f"d {label}" for _, label in DISTANCES) + " |",
+                  "|" + "---|" * (8 + len(DISTANCES))]
+        for p, x in table.sort_values(["scheme", "ppl_cost"]).iterrows():
+            def v(name: str, digits: int = 2) -> str:
+                return _fmt(x.get(f"{name}_{a}"), digits)
+            evidence = (f"{_fmt(x.get('evidence_per_token_clean'))} -> {v('evidence_per_token_attacked')} "
+                        f"({v('evidence_aligned_clean')} -> {v('evidence_aligned_attacked')})")
+            cells = [f"`{p}`", _fmt(x.get(f"attacked_{a}")), v("survival_positions"), v("survival_signature"), v("survival_greenlist"),
+                     v("survival_bitflip", 3), v("survival_green"), evidence, *[v(f"survival_signature_dist{d}") for d, _ in DISTANCES]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_fronts(table: pd.DataFrame, out_dir: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 A scheme generates from prompt ids, captures texts (what detection needs of each text: for MoE-LSH one
 forward's routing and next-token distribution, for the n-gram baselines the ids themselves), scores
 captures under its key into a :class:`~moewm.engine.detection.DetectorOutput` (the one output type; the
-decision at alpha is :func:`moewm.engine.detection.decide`), and closes. The job and the evaluation talk
+decision at alpha is :func:`moewm.engine.detection.decide`), tells from a capture what keys each position's
+green draw (:meth:`Watermarker.position_contexts`, for the survival diagnostics), and closes. The job and the evaluation talk
 to this protocol only; a scheme's registry entry (:mod:`moewm.schemes.registry`) is all that names it.
 """
 
@@ -18,6 +19,7 @@ from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, Water
 from moewm.engine.detection import DetectorOutput
 from moewm.engine.generation import generate_batched
 from moewm.engine.keys import WatermarkKey
+from moewm.engine.positions import PositionContexts
 
 
 @runtime_checkable
@@ -43,6 +45,13 @@ class Watermarker(Protocol):
 
     def detect_ids(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
                    progress: bool = False, prefixes: bool = False, window: Optional[int] = None) -> DetectorOutput: ...
+
+    def position_contexts(self, captures: Sequence[Any]) -> list[PositionContexts]:
+        """Per capture, what keys each scored position's green draw under the key (its context: MoE-LSH the
+        routing signature, KGW / SynthID the n-gram context), its green list's key, its green draws, whether
+        detection counts it and its evidence: from the capture alone, never a forward. The survival diagnostics
+        (:mod:`moewm.evaluation.survival`) compare these between a text and its edited version."""
+        ...
 
     def null_description(self) -> dict[str, Any]:
         """What the p-values rest on: ``statistic``, ``reference_keys`` (0: an exact test) and ``p_value_null`` (a sentence)."""

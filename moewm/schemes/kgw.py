@@ -12,15 +12,16 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from transformers import WatermarkDetector, WatermarkingConfig
 
 from moewm.config import ConfigError, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.engine.positions import PositionScores
+from moewm.engine.positions import PositionContexts, PositionScores
 from moewm.engine.scoring import first_occurrences
 from moewm.engine.generation import check_text_ids
-from moewm.schemes.ngram_base import TransformersWatermark, key_int
+from moewm.schemes.ngram_base import IdsCapture, TransformersWatermark, key_int
 
 
 class KGWWatermark(TransformersWatermark):
@@ -86,7 +87,35 @@ class KGWWatermark(TransformersWatermark):
         self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None, distinct: Optional[bool] = None
     ) -> PositionScores:
         """Green flag of every scored continuation token, from the detector's own processor
-        (``distinct``: score each n-gram once; default ``watermark.ignore_repeated``).
+        (``distinct``: score each n-gram once; default ``watermark.ignore_repeated``)."""
+        green, scored, first, _ = self._positions(text_ids, prompt_ids)
+        if self.watermark_cfg.ignore_repeated if distinct is None else distinct:  # each distinct n-gram once per text
+            scored = first
+        gamma = torch.full(green.shape, self.gamma, dtype=torch.float64)
+        return PositionScores.from_positions(green & scored, gamma, scored)
+
+    def position_contexts(self, captures: Sequence[IdsCapture]) -> list[PositionContexts]:
+        """Per text: each scored token's context (the ids that seed its green list: the previous ``context_width``
+        tokens, the prompt's last ones at the start; with selfhash the token too), its green flag, whether
+        detection counts it (distinct n-grams) and its standardised green excess."""
+        if not captures:
+            return []
+        green, has, first, context = self._positions([list(c.text_ids) for c in captures], [list(c.prompt_ids) for c in captures])
+        gamma = torch.full(green.shape, self.gamma, dtype=torch.float64)
+        evidence = PositionContexts.standardised(green.unsqueeze(-1), gamma.unsqueeze(-1), first)
+        out = []
+        for i, c in enumerate(captures):
+            at = torch.nonzero(has[i], as_tuple=True)[0]
+            ctx = context[i, at].numpy()
+            out.append(PositionContexts(positions=at.numpy().astype(np.int64), tokens=np.asarray(c.text_ids, dtype=np.int64)[at.numpy()],
+                                        context=ctx, green_list=ctx, green=green[i, at, None].numpy(), scored=first[i, at].numpy(),
+                                        evidence=evidence[i, at].numpy()))
+        return out
+
+    def _positions(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) green flag, has-an-n-gram and first-occurrence-of-its-n-gram masks of every continuation token,
+        and (B, L, c) the ids that seed each one's green list.
 
         The green list is a seeded ``randperm`` of the vocabulary per context (not vectorisable), so it is
         drawn once per distinct context of the batch and membership is then looked up in bulk.
@@ -97,8 +126,11 @@ class KGWWatermark(TransformersWatermark):
         n = self.ngram
         rows = self._rows(text_ids, prompts)
         length = max(len(t) for t in text_ids)
+        width = n if self.selfhash else n - 1
         green = torch.zeros(len(rows), length, dtype=torch.bool)
         scored = torch.zeros(len(rows), length, dtype=torch.bool)
+        first = torch.zeros(len(rows), length, dtype=torch.bool)
+        context = torch.full((len(rows), length, width), -1, dtype=torch.long)
         windows, where = [], []
         for i, (row, lead) in enumerate(rows):
             r = torch.tensor(row, dtype=torch.long)
@@ -124,13 +156,9 @@ class KGWWatermark(TransformersWatermark):
                 hit[members] = torch.isin(targets[members], greenlist)
             green[at[:, 0], at[:, 1]] = hit
             scored[at[:, 0], at[:, 1]] = True
-            if self.watermark_cfg.ignore_repeated if distinct is None else distinct:  # each distinct n-gram once per text
-                _, gram_id = torch.unique(grams, dim=0, return_inverse=True)
-                keys = torch.full((len(rows), length), -1, dtype=torch.long)
-                keys[at[:, 0], at[:, 1]] = gram_id
-                scored = first_occurrences(keys, scored)
-                green &= scored
-        gamma = torch.full((len(rows), length), self.gamma, dtype=torch.float64)
-        return PositionScores.from_positions(green, gamma, scored)
-
-
+            context[at[:, 0], at[:, 1]] = seeds
+            _, gram_id = torch.unique(grams, dim=0, return_inverse=True)
+            keys = torch.full((len(rows), length), -1, dtype=torch.long)
+            keys[at[:, 0], at[:, 1]] = gram_id
+            first = first_occurrences(keys, scored)
+        return green, scored, first, context

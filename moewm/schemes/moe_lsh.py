@@ -7,6 +7,7 @@ for the token at position t comes from the features at position ``t + extractor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
@@ -26,6 +27,7 @@ from moewm.engine.keys import WatermarkKey
 from moewm.engine.lm_head import SplitLMHead
 from moewm.engine.lsh import CalibrationStats, LSHEncoder
 from moewm.engine.poisson_binomial import upper_tail
+from moewm.engine.positions import PositionContexts
 from moewm.engine.routing import FeatureCapture
 from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
 from moewm.schemes.base import TextGeneration
@@ -272,6 +274,36 @@ class MoELSHWatermark(TextGeneration):
             notes=[note or (f"scored in {c.windows} windows of the model's context" if c.windows > 1 else "") for note, c in zip(notes, captures)],
             prefix_p_value=prefix,
         )
+
+    def position_contexts(self, captures: Sequence[TextCapture]) -> list[PositionContexts]:
+        """Per captured text, under the deployed key: each scored token's routing signature (the context),
+        its green pools (the green list's key), whether it is green, whether detection counts it, and its
+        standardised green excess (with the statistic's gamma), from the capture alone (no forward)."""
+        if not captures:
+            return []
+        cfg = self.watermark_cfg
+        spec = self.statistic_spec
+        bank = self._true_tables.bank
+        out = []
+        for s in range(0, len(captures), max(1, cfg.detect_batch_size)):
+            chunk = list(captures[s : s + cfg.detect_batch_size])
+            batch = CaptureBatch.stack(chunk, self.device).with_top_k(cfg.statistic_top_k)
+            bits = scoring.signatures(batch.features, bank)[0]  # (B, n, nb)
+            pools = scoring.green_pools(batch.features, bank)[0]
+            every = scoring.key_draws(batch, self._true_tables, dataclasses.replace(spec, ignore_repeated=False))  # every green draw
+            counted = scoring.key_draws(batch, self._true_tables, spec).scored[0]  # what detection counts
+            green = every.green[0]
+            evidence = PositionContexts.standardised(green.unsqueeze(-1), every.gamma[0].unsqueeze(-1), counted)
+            for i, c in enumerate(chunk):
+                m = c.num_scored
+                if c.positions is None:
+                    raise ValueError("position_contexts: this capture predates text positions (capture cache version 1); capture the text again")
+                out.append(PositionContexts(
+                    positions=c.positions.numpy().astype(np.int64), tokens=c.tokens.numpy().astype(np.int64),
+                    context=bits[i, :m].cpu().numpy(), green_list=pools[i, :m].cpu().numpy(),
+                    green=green[i, :m, None].cpu().numpy(), scored=counted[i, :m].cpu().numpy(),
+                    evidence=evidence[i, :m].cpu().numpy(), bits=True))
+        return out
 
     def detect_ids(
         self,

@@ -9,6 +9,7 @@ import torch
 from moewm.config import WatermarkConfig
 from moewm.engine.detection import DetectorOutput
 from moewm.engine.keys import WatermarkKey
+from moewm.engine.positions import PositionContexts
 from moewm.schemes.base import TextGeneration
 from moewm.schemes.moe_lsh import MoELSHWatermark
 
@@ -65,6 +66,9 @@ class NoWatermark(TextGeneration):
     def detect_ids(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None,
                    progress: bool = False, prefixes: bool = False, window: Optional[int] = None) -> DetectorOutput:
         return self.inner.detect_ids(text_ids, prompt_ids, progress=progress, prefixes=prefixes, window=window)
+
+    def position_contexts(self, captures: Sequence[Any]) -> list[PositionContexts]:
+        return self.inner.position_contexts(captures)
 
     def null_description(self) -> dict[str, Any]:
         return self.inner.null_description()

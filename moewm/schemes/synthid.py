@@ -21,15 +21,16 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from transformers import SynthIDTextWatermarkingConfig
 
 from moewm.config import WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.padding import pad_id, pad_rows
-from moewm.engine.positions import PositionScores
+from moewm.engine.positions import PositionContexts, PositionScores
 from moewm.engine.generation import check_text_ids
-from moewm.schemes.ngram_base import TransformersWatermark, key_int
+from moewm.schemes.ngram_base import IdsCapture, TransformersWatermark, key_int
 
 
 class SynthIDWatermark(TransformersWatermark):
@@ -67,8 +68,10 @@ class SynthIDWatermark(TransformersWatermark):
         return int(self.processor.keys.numel())
 
     @torch.no_grad()
-    def position_scores(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PositionScores:
-        """g-values (token x layer draws) of the continuation with the processor's own masks."""
+    def _positions(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, depth) g-values of every continuation token, (B, L) real-token and scored masks (the processor's
+        own context-repetition mask, nothing from the first eos on), and (B, L, ngram_len - 1) each one's context."""
         check_text_ids(text_ids, self.vocab_size)
         self._prompts(text_ids, prompt_ids)  # checks the count; the prompt is not SynthID context (see module doc)
         proc = self.processor
@@ -82,12 +85,34 @@ class SynthIDWatermark(TransformersWatermark):
         mask = proc.compute_context_repetition_mask(ids).cpu().bool() & real
         if eos is not None:  # nothing from the text's first eos on (the all-zero start context may itself be eos = 0)
             mask &= torch.cumsum((text == eos).long(), dim=1) == 0
+        context = ids.cpu().unfold(1, ctx, 1)[:, : text.shape[1]] if ctx else torch.zeros(*text.shape, 0, dtype=torch.long)
+        return g, real, mask, context
+
+    def position_scores(self, text_ids: Sequence[Sequence[int]], prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PositionScores:
+        """g-values (token x layer draws) of the continuation with the processor's own masks."""
+        g, _, mask, _ = self._positions(text_ids, prompt_ids)
         m = g.shape[-1]
         scored = mask.unsqueeze(-1).expand(-1, -1, m)
         gamma = torch.full(g.shape, self.p0, dtype=torch.float64)
         return PositionScores.from_positions(
             (g & scored).reshape(len(text_ids), -1), gamma.reshape(len(text_ids), -1), scored.reshape(len(text_ids), -1), draws_per_token=m
         )
+
+    def position_contexts(self, captures: Sequence[IdsCapture]) -> list[PositionContexts]:
+        """Per text: each token's context (the ``ngram_len - 1`` ids before it, zeros before the text), its
+        g-values, whether detection counts it and its standardised excess of g-values over p0."""
+        if not captures:
+            return []
+        g, real, mask, context = self._positions([list(c.text_ids) for c in captures], [list(c.prompt_ids) for c in captures])
+        evidence = PositionContexts.standardised(g, torch.full(g.shape, self.p0, dtype=torch.float64), mask)
+        out = []
+        for i, c in enumerate(captures):
+            at = torch.nonzero(real[i], as_tuple=True)[0]
+            ctx = context[i, at].numpy()
+            out.append(PositionContexts(positions=at.numpy().astype(np.int64), tokens=np.asarray(c.text_ids, dtype=np.int64)[at.numpy()],
+                                        context=ctx, green_list=ctx, green=g[i, at].numpy(), scored=mask[i, at].numpy(),
+                                        evidence=evidence[i, at].numpy()))
+        return out
 
     def draws(self, text_ids: Sequence[Sequence[int]], prompt_ids: list[list[int]]) -> PositionScores:
         return self.position_scores(text_ids, prompt_ids)
