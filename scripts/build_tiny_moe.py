@@ -1,5 +1,10 @@
 #!/usr/bin/env python
-"""Build ``moewm/assets/tiny_moe``: a small *trained* qwen2_moe model, from nothing that needs the network.
+"""Build ``moewm/assets/tiny_moe`` (or ``tiny_olmoe``): a small *trained* MoE model, from nothing that needs the network.
+
+Two models, one recipe (``--model``): ``tiny_moe``, a ``Qwen2MoeForCausalLM`` (16 experts, top-2, a gated shared
+expert), and ``tiny_olmoe``, an ``OlmoeForCausalLM`` (the class of OLMoE-1B-7B: 64 small experts, top-8, no shared
+expert, ``norm_topk_prob`` false), trained on the same corpus with tiny_moe's tokenizer reused unchanged, so the two
+share a vocabulary and can judge each other's perplexity on the same token ids.
 
 Recipe (all on CPU, deterministic given ``--seed`` as long as the step budget, not the time box, ends training):
 
@@ -7,9 +12,11 @@ Recipe (all on CPU, deterministic given ``--seed`` as long as the step budget, n
    interpreter, found with ``ast`` (site-packages, dist-packages and test folders excluded), cleaned with
    ``inspect.cleandoc`` and de-duplicated; a fixed 5% of them (by a hash of their text) is held out;
 2. a byte-level BPE tokenizer (HF ``tokenizers``) trained on the training docstrings, wrapped as a
-   ``PreTrainedTokenizerFast`` (``<|endoftext|>`` is eos and pad);
+   ``PreTrainedTokenizerFast`` (``<|endoftext|>`` is eos and pad), or (``--tokenizer DIR``) the tokenizer files of
+   DIR copied unchanged;
 3. a ``transformers.Qwen2MoeForCausalLM`` (the class of Qwen1.5-MoE-A2.7B: softmax top-k routing plus a
-   gated shared expert) trained with its own load-balancing auxiliary loss plus a training-only Sinkhorn
+   gated shared expert) or ``OlmoeForCausalLM`` (``--arch olmoe``: softmax top-k routing, no shared expert)
+   trained with its own load-balancing auxiliary loss plus a training-only Sinkhorn
    balancing loss on the router logits (the aux loss alone starves experts at this scale), AdamW, warmup +
    cosine, on packed sequences of training docstrings separated by eos;
 4. a quality floor checked on the held-out docstrings *before* anything is written (held-out perplexity
@@ -17,7 +24,8 @@ Recipe (all on CPU, deterministic given ``--seed`` as long as the step budget, n
    their context), then config, float16 weights, tokenizer, generation config, ``build_log.json`` and a
    model card ``README.md`` are written to ``--out``.
 
-Run ``python scripts/build_tiny_moe.py`` for the shipped model, ``--quick`` for a seconds-long smoke run.
+Run ``python scripts/build_tiny_moe.py`` for the shipped tiny_moe, ``--model tiny_olmoe`` for the shipped
+tiny_olmoe, ``--quick`` for a seconds-long smoke run.
 """
 
 from __future__ import annotations
@@ -43,21 +51,45 @@ from typing import Any, Optional, Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "moewm" / "assets" / "tiny_moe"
+ASSETS = REPO / "moewm" / "assets"
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "tests", "idle_test", "test_support"}
 
-# Defaults of the full build and of --quick (an option given on the command line wins over both).
-FULL = dict(
-    steps=900, max_minutes=18.0, vocab_size=8192, hidden_size=128, layers=8, heads=4, kv_heads=4,
-    experts=16, top_k=2, moe_intermediate=96, shared_intermediate=256, seq_len=256, batch_size=16,
-    lr=3e-3, max_docs=0, eval_every=100,
-)
+# The architectures a build can train: the transformers class, and what the model card says about it.
+ARCHS = {
+    "qwen2_moe": dict(
+        cls="Qwen2MoeForCausalLM", kind="Qwen2-MoE", family="Qwen1.5-MoE-A2.7B", short="Qwen1.5-MoE", shared_expert=True,
+        routing="softmax top-k routing, a gated shared expert, all layers MoE",
+    ),
+    "olmoe": dict(
+        cls="OlmoeForCausalLM", kind="OLMoE", family="OLMoE-1B-7B", short="OLMoE", shared_expert=False,
+        routing="softmax top-k routing over many small experts, no shared expert, all layers MoE",
+    ),
+}
+
+# Defaults of each shipped model's full build (--model) and of --quick; an option given on the command line wins.
+MODELS = {
+    "tiny_moe": dict(
+        arch="qwen2_moe", tokenizer=None, steps=900, max_minutes=18.0, vocab_size=8192, hidden_size=128, layers=8,
+        heads=4, kv_heads=4, experts=16, top_k=2, moe_intermediate=96, shared_intermediate=256, seq_len=256,
+        batch_size=16, lr=3e-3, max_docs=0, eval_every=100, max_size_mb=20.0, min_expert_share=0.01,
+    ),
+    # OLMoE's routing style at tiny_moe's width and depth: 64 experts, top-8, experts of intermediate 32 (OLMoE-1B-7B:
+    # 64 x 1024 at hidden 2048), no shared expert; tiny_moe's tokenizer, so both models score the same token ids.
+    # 8 x 256-token batches: on a loaded 2-core VM this class trains at ~600 tok/s, so more, smaller steps.
+    # Utilisation floor: 0.004 of the top-8 slots, about a quarter of the uniform 1/64 (tiny_moe's 0.01 is 16 % of 1/16).
+    "tiny_olmoe": dict(
+        arch="olmoe", tokenizer=str(ASSETS / "tiny_moe"), steps=1200, max_minutes=24.0, vocab_size=8192, hidden_size=128,
+        layers=8, heads=4, kv_heads=4, experts=64, top_k=8, moe_intermediate=32, shared_intermediate=0, seq_len=256,
+        batch_size=8, lr=3e-3, max_docs=0, eval_every=100, max_size_mb=25.0, min_expert_share=0.004,
+    ),
+}
 QUICK = dict(
     steps=12, max_minutes=1.0, vocab_size=1024, hidden_size=32, layers=2, heads=2, kv_heads=2,
     experts=4, top_k=2, moe_intermediate=16, shared_intermediate=32, seq_len=64, batch_size=4,
-    lr=3e-3, max_docs=400, eval_every=0,
+    lr=3e-3, max_docs=400, eval_every=0, tokenizer=None,
 )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 SAMPLE_PROMPTS = ("Return the number of", "This module provides")
 
@@ -65,13 +97,19 @@ SAMPLE_PROMPTS = ("Return the number of", "This module provides")
 # --------------------------------------------------------------------------------------------- options
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (replaced atomically when the build passes)")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny_moe",
+                   help="which shipped model's recipe gives the defaults (and the default --out, moewm/assets/<model>)")
+    p.add_argument("--out", default=None, help="output folder (replaced atomically when the build passes)")
+    p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="transformers architecture (tiny_moe: qwen2_moe, tiny_olmoe: olmoe)")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder whose tokenizer files are reused unchanged instead of training one (tiny_olmoe: tiny_moe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budget smoke run: small corpus/model, no quality floor")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (full {FULL['steps']}, quick {QUICK['steps']})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (tiny_moe {MODELS['tiny_moe']['steps']}, quick {QUICK['steps']})")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help=f"time box of the training loop; the LR schedule follows max(step, time) progress (full {FULL['max_minutes']})")
-    p.add_argument("--vocab-size", type=int, default=None, help=f"BPE vocabulary size incl. specials (full {FULL['vocab_size']})")
+                   help=f"time box of the training loop; the LR schedule follows max(step, time) progress (tiny_moe {MODELS['tiny_moe']['max_minutes']})")
+    p.add_argument("--vocab-size", type=int, default=None, help=f"BPE vocabulary size incl. specials (tiny_moe {MODELS['tiny_moe']['vocab_size']}; "
+                   "ignored with --tokenizer)")
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (all MoE)")
     p.add_argument("--heads", type=int, default=None)
@@ -79,7 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=None, help="routed experts per layer")
     p.add_argument("--top-k", type=int, default=None, help="experts per token")
     p.add_argument("--moe-intermediate", type=int, default=None, help="intermediate size of each routed expert")
-    p.add_argument("--shared-intermediate", type=int, default=None, help="intermediate size of the shared expert")
+    p.add_argument("--shared-intermediate", type=int, default=None, help="intermediate size of the shared expert (qwen2_moe only)")
     p.add_argument("--seq-len", type=int, default=None, help="packed training sequence length")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -98,17 +136,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="print held-out loss every N steps (0: never)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--max-size-mb", type=float, default=20.0, help="largest allowed model.safetensors")
+    p.add_argument("--max-size-mb", type=float, default=None, help="largest allowed model.safetensors (tiny_moe 20, tiny_olmoe 25)")
     p.add_argument("--min-ppl-ratio", type=float, default=0.5, help="floor: held-out ppl < ratio * unigram ppl")
-    p.add_argument("--min-expert-share", type=float, default=0.01, help="floor: every expert's share of top-k slots")
+    p.add_argument("--min-expert-share", type=float, default=None,
+                   help="floor: every expert's share of top-k slots (tiny_moe 0.01 of 16 experts, tiny_olmoe 0.004 of 64)")
     p.add_argument("--min-context-tv", type=float, default=0.05, help="floor: mean routing TV distance across contexts")
     p.add_argument("--min-context-switch", type=float, default=0.05, help="floor: top-1 expert switch rate across contexts")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights of an earlier build of the same architecture (e.g. a time-boxed build that "
+                        "missed the floor: /tmp/<model>.failed_build); its build log is kept under init_from in this one")
+    p.add_argument("--rewrite-card", action="store_true",
+                   help="train nothing: rewrite README.md of --out from its build_log.json (after a change to the card's template)")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
+    base = {**MODELS[args.model], **QUICK} if args.quick else MODELS[args.model]
     for name, value in base.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.out is None:
+        args.out = str(ASSETS / args.model)
+    if ARCHS[args.arch]["shared_expert"] and args.shared_intermediate <= 0:
+        p.error(f"--shared-intermediate={args.shared_intermediate}: --arch {args.arch} has a shared expert, give a size >= 1")
+    if not ARCHS[args.arch]["shared_expert"]:
+        args.shared_intermediate = 0
+    if args.tokenizer is not None:
+        missing = [f for f in TOKENIZER_FILES if not (Path(args.tokenizer) / f).is_file()]
+        if missing:
+            p.error(f"--tokenizer={args.tokenizer}: no {', '.join(missing)} there")
+    if not 1 <= args.top_k <= args.experts:
+        p.error(f"--top-k={args.top_k}: must be in [1, --experts={args.experts}]")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
 
@@ -185,6 +241,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
+def load_tokenizer(folder: str):
+    """A shipped tokenizer, to be reused unchanged (its files are copied, not re-saved)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.eos_token != EOS or tok.pad_token_id != tok.eos_token_id:
+        raise SystemExit(f"--tokenizer={folder}: expected eos = pad = {EOS!r}, got eos {tok.eos_token!r}, pad {tok.pad_token!r}")
+    return tok
+
+
 def encode_stream(tok, texts: list[str]) -> list[int]:
     """Docstrings packed into one token stream, each followed by eos."""
     eos = tok.eos_token_id
@@ -197,6 +263,29 @@ def encode_stream(tok, texts: list[str]) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- model
 def make_config(args: argparse.Namespace, tok):
+    if args.arch == "olmoe":
+        from transformers import OlmoeConfig
+
+        return OlmoeConfig(
+            vocab_size=len(tok),
+            hidden_size=args.hidden_size,
+            intermediate_size=args.moe_intermediate,  # OLMoE: the size of each routed expert
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            norm_topk_prob=args.norm_topk_prob,
+            output_router_logits=False,
+            router_aux_loss_coef=args.aux_coef,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            initializer_range=0.02,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+        )
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
@@ -227,13 +316,36 @@ def make_config(args: argparse.Namespace, tok):
 
 
 def build_model(config):
-    from transformers import Qwen2MoeForCausalLM
+    import transformers
 
+    cls = getattr(transformers, ARCHS[config.model_type]["cls"])
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     try:
-        return Qwen2MoeForCausalLM._from_config(config, experts_implementation="grouped_mm", **kwargs)
+        return cls._from_config(config, experts_implementation="grouped_mm", **kwargs)
     except (ValueError, ImportError, TypeError):
-        return Qwen2MoeForCausalLM._from_config(config, **kwargs)
+        return cls._from_config(config, **kwargs)
+
+
+def warm_start(model, folder: Path):
+    """``model`` with the weights of an earlier build in ``folder`` (same architecture, checked), and that build's log."""
+    weights, log_path = folder / "model.safetensors", folder / "build_log.json"
+    if not weights.is_file() or not log_path.is_file():
+        raise SystemExit(f"--init-from={folder}: needs model.safetensors and build_log.json there")
+    earlier = json.loads((folder / "config.json").read_text())
+    mine = model.config.to_dict()
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "num_experts", "num_experts_per_tok", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+    differ = [f"{k} {earlier.get(k)} != {mine.get(k)}" for k in keys if earlier.get(k) != mine.get(k)]
+    if differ:
+        raise SystemExit(f"--init-from={folder}: not this architecture ({'; '.join(differ)})")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # through from_pretrained: the file holds the hub layout (one tensor per expert), not the fused module's
+    earlier_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.load_state_dict(earlier_model.state_dict(), strict=True)
+    model.tie_weights()
+    return model, json.loads(log_path.read_text())
 
 
 def count_params(model) -> dict[str, int]:
@@ -537,11 +649,22 @@ def model_card(log: dict[str, Any]) -> str:
     a, r, c, u = log["recipe"], log["results"], log["corpus"], log["results"]["expert_utilisation"]
     cd = r["context_dependence"]
     p = log["params"]
+    name, arch = a.get("model", "tiny_moe"), ARCHS[a.get("arch", "qwen2_moe")]  # logs before --model: tiny_moe
+    kind = arch["kind"]
+    tokenizer_from = log["tokenizer"].get("reused_from")
+    if tokenizer_from:
+        tokenizer_line = (f"- tokenizer: `{tokenizer_from}/tokenizer.json` reused unchanged (files copied byte for byte): "
+                          f"vocabulary {log['tokenizer']['vocab_size']}, `<|endoftext|>` is eos = pad (id "
+                          f"{log['tokenizer']['eos_token_id']}); the same token ids as that model, so each can score the other's text")
+    else:
+        tokenizer_line = (f"- tokenizer: byte-level BPE (HF `tokenizers`), vocabulary {a['vocab_size']} incl. `<|endoftext|>` (eos = pad, id "
+                          f"{log['tokenizer']['eos_token_id']}), trained on the training docstrings only")
+    shared = f", shared expert intermediate {a['shared_intermediate']}" if arch["shared_expert"] else ", no shared expert"
     lines = [
-        "# tiny_moe: a toy trained Qwen2-MoE model (shipped with moewm)",
+        f"# {name}: a toy trained {kind} model (shipped with moewm)",
         "",
-        "A small `transformers.Qwen2MoeForCausalLM` (the architecture class of Qwen1.5-MoE-A2.7B: softmax top-k "
-        "routing, a gated shared expert, all layers MoE) trained from scratch on CPU on the docstrings of the "
+        f"A small `transformers.{arch['cls']}` (the architecture class of {arch['family']}: {arch['routing']}) trained "
+        "from scratch on CPU on the docstrings of the "
         "Python standard library. It exists so that moewm's routing-keyed watermark can be run, tested and "
         "demonstrated offline against a model whose routing is *trained* (load-balanced and context dependent), "
         "not random.",
@@ -567,11 +690,10 @@ def model_card(log: dict[str, Any]) -> str:
         "",
         "## Recipe",
         "",
-        f"- tokenizer: byte-level BPE (HF `tokenizers`), vocabulary {a['vocab_size']} incl. `<|endoftext|>` (eos = pad, id "
-        f"{log['tokenizer']['eos_token_id']}), trained on the training docstrings only",
+        tokenizer_line,
         f"- model: hidden {a['hidden_size']}, {a['layers']} layers (all MoE), {a['heads']} heads ({a['kv_heads']} kv), "
         f"{a['experts']} routed experts per layer, top-{a['top_k']} (softmax, `norm_topk_prob={a['norm_topk_prob']}`), expert intermediate "
-        f"{a['moe_intermediate']}, shared expert intermediate {a['shared_intermediate']}, tied embeddings, RoPE, "
+        f"{a['moe_intermediate']}{shared}, tied embeddings, RoPE, "
         "max positions 512",
         f"- parameters: {p['total']:,} total, {p['active_per_token']:,} active per token ({p['routed_experts']:,} in routed experts)",
         f"- training: {log['train']['steps']} AdamW steps (betas 0.9/0.95, weight decay {a['weight_decay']}), peak LR {a['lr']}, "
@@ -582,6 +704,16 @@ def model_card(log: dict[str, Any]) -> str:
         f"logits, temperature {a['balance_eps']}; without it routing at this scale starves some experts); "
         f"{log['train']['tokens_seen']:,} tokens seen (~{log['train']['tokens_seen'] / max(c['train_tokens'], 1):.1f} epochs), "
         f"{log['train']['train_minutes']} min of training",
+    ]
+    if log.get("init_from"):
+        e = log["init_from"]["build_log"]
+        lines += [
+            f"- warm start: training began from the weights of an earlier build of this recipe (`{e['command']}`: "
+            f"{e['train']['steps']} steps, {e['train']['tokens_seen']:,} tokens, {e['train']['train_minutes']} min, "
+            f"held-out ppl {e['results']['heldout_ppl']:.2f}; quality floor passed: {e['quality_floor']['passed']}), "
+            "with fresh optimizer state and learning-rate schedule; its log is kept under `init_from` in build_log.json",
+        ]
+    lines += [
         f"- weights saved in {a['save_dtype']} (load with `dtype=torch.float32` for CPU use); all numbers below are measured "
         "on the saved (rounded) weights",
         "",
@@ -606,7 +738,7 @@ def model_card(log: dict[str, Any]) -> str:
         "## Quality floor (checked before anything is written)",
         "",
         f"- held-out ppl < {a['min_ppl_ratio']} x unigram ppl: {r['heldout_ppl']:.2f} vs {a['min_ppl_ratio'] * r['unigram_ppl']:.2f}",
-        f"- every expert of every layer gets >= {a['min_expert_share']:.0%} of the top-k slots on held-out data: min {u['min']:.4f}",
+        f"- every expert of every layer gets >= {a['min_expert_share'] * 100:g}% of the top-k slots on held-out data: min {u['min']:.4f}",
         f"- routing of frequent tokens depends on context: mean TV {cd['mean_tv_distance']:.3f} >= {a['min_context_tv']}, "
         f"top-1 switch rate {cd['top1_switch_rate']:.3f} >= {a['min_context_switch']}",
         f"- model.safetensors <= {a['max_size_mb']} MB: {r['checkpoint_mb']:.2f} MB",
@@ -634,10 +766,10 @@ def model_card(log: dict[str, Any]) -> str:
         "facts, and must not be used to judge text quality; its perplexity is only comparable on this held-out split.",
         f"- Routing statistics (utilisation, context dependence) are those of a {p['total'] / 1e6:.1f}M-parameter model "
         "trained for minutes on a CPU; "
-        "they are realistic in kind (learned, balanced, context dependent), not in scale, compared with Qwen1.5-MoE.",
-        "- Balanced routing at this scale needed a training-only Sinkhorn balancing loss that Qwen1.5-MoE was not "
+        f"they are realistic in kind (learned, balanced, context dependent), not in scale, compared with {arch['short']}.",
+        f"- Balanced routing at this scale needed a training-only Sinkhorn balancing loss that {arch['short']} was not "
         "trained with (its Switch-style aux loss alone left experts starved here); the saved model is an ordinary "
-        "Qwen2-MoE checkpoint, but its routing statistics reflect that extra loss.",
+        f"{kind} checkpoint, but its routing statistics reflect that extra loss.",
         "- The corpus depends on the Python version used to build it, so rebuilding under another Python gives a "
         "different (but comparable) model.",
         "- The generation config samples at temperature 1 with no top-k/top-p truncation.",
@@ -646,12 +778,23 @@ def model_card(log: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(dest: Path, model, tok, config_dtype: str, log: dict[str, Any]) -> None:
+def _repo_relative(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def write_outputs(dest: Path, model, tok, config_dtype: str, log: dict[str, Any], tokenizer_from: Optional[str] = None) -> None:
     from transformers import GenerationConfig
 
     model.config.output_router_logits = False
     model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
+    if tokenizer_from is None:
+        tok.save_pretrained(dest)
+    else:  # byte for byte: the models share token ids only if their tokenizers are the same files
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(Path(tokenizer_from) / name, dest / name)
     GenerationConfig(
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=128,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -663,9 +806,18 @@ def write_outputs(dest: Path, model, tok, config_dtype: str, log: dict[str, Any]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
+    args = parse_args(argv)
+    if args.rewrite_card:
+        log_path = Path(args.out) / "build_log.json"
+        if not log_path.is_file():
+            print(f"error: --rewrite-card: no {log_path}", file=sys.stderr)
+            return 2
+        (Path(args.out) / "README.md").write_text(model_card(json.loads(log_path.read_text())))
+        print(f"wrote {Path(args.out) / 'README.md'}")
+        return 0
     threads = torch.get_num_threads()
     try:
-        return build(parse_args(argv))
+        return build(args)
     finally:  # leave the process as found when called from Python (tests)
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
@@ -693,8 +845,12 @@ def build(args: argparse.Namespace) -> int:
         return 2
     print(f"      {len(docs)} docstrings from {meta['files']} files, {len(held_docs)} held out", flush=True)
 
-    print(f"[2/5] tokenizer: byte-level BPE, vocab {args.vocab_size}", flush=True)
-    tok = train_tokenizer(train_docs, args.vocab_size)
+    if args.tokenizer is not None:
+        print(f"[2/5] tokenizer: reused unchanged from {args.tokenizer}", flush=True)
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        print(f"[2/5] tokenizer: byte-level BPE, vocab {args.vocab_size}", flush=True)
+        tok = train_tokenizer(train_docs, args.vocab_size)
     train_stream = encode_stream(tok, train_docs)
     held_stream = encode_stream(tok, held_docs)
     eval_chunks = chunks(held_stream, args.seq_len)
@@ -704,6 +860,10 @@ def build(args: argparse.Namespace) -> int:
     config = make_config(args, tok)
     torch.manual_seed(args.seed)
     model = build_model(config)
+    init_log = None
+    if args.init_from is not None:
+        model, init_log = warm_start(model, Path(args.init_from))
+        print(f"      weights from {args.init_from} ({init_log['train']['steps']} steps, {init_log['train']['tokens_seen']:,} tokens)", flush=True)
     params = count_params(model)
     print(f"      {params['total']:,} parameters ({params['active_per_token']:,} active per token), "
           f"experts impl {model.config._experts_implementation}, attention {model.config._attn_implementation}", flush=True)
@@ -732,15 +892,18 @@ def build(args: argparse.Namespace) -> int:
         log = {
             "command": "python scripts/build_tiny_moe.py" + ("" if not args.argv else " " + shlex.join(args.argv)),
             "quick": args.quick,
-            "recipe": {k: v for k, v in vars(args).items() if k not in ("argv", "out", "no_progress")},
+            "recipe": {**{k: v for k, v in vars(args).items() if k not in ("argv", "out", "no_progress")},
+                       "tokenizer": _repo_relative(args.tokenizer)},
             "env": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
                     "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads()},
             "corpus": {"stdlib": meta["root"], "files": meta["files"], "docs": len(docs), "chars": sum(map(len, docs)),
                        "heldout_docs": len(held_docs), "dropped_unprintable": meta["dropped_unprintable"],
                        "train_tokens": len(train_stream), "heldout_tokens": len(held_stream)},
-            "tokenizer": {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+            "tokenizer": {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                          "reused_from": _repo_relative(args.tokenizer)},
             "params": params,
             "train": tr,
+            "init_from": None if init_log is None else {"path": str(Path(args.init_from).resolve()), "build_log": init_log},
             "results": res,
             "samples": smp,
             "wall_minutes": round(wall / 60, 2),
@@ -770,14 +933,14 @@ def build(args: argparse.Namespace) -> int:
             failed_log.write_text(json.dumps(log, indent=2) + "\n")
             failed_dir = Path(tempfile.gettempdir()) / f"{out.name}.failed_build"
             shutil.rmtree(failed_dir, ignore_errors=True)
-            write_outputs(failed_dir, model.to(save_dtype), tok, args.save_dtype, log)
+            write_outputs(failed_dir, model.to(save_dtype), tok, args.save_dtype, log, args.tokenizer)
             print("QUALITY FLOOR FAILED, nothing written to " + str(out) + ":", file=sys.stderr)
             for f in fails:
                 print("  - " + f, file=sys.stderr)
             print(f"  (log of the failed build: {failed_log}; its files, for inspection: {failed_dir})", file=sys.stderr)
             return 1
 
-        write_outputs(staging, model.to(save_dtype), tok, args.save_dtype, log)
+        write_outputs(staging, model.to(save_dtype), tok, args.save_dtype, log, args.tokenizer)
         os.chmod(staging, 0o755)
         for f in staging.iterdir():
             os.chmod(f, 0o644)

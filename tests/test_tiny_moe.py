@@ -22,8 +22,8 @@ def offline(monkeypatch):
 
 
 def _moe_layers(config) -> int:
-    step = config.decoder_sparse_step
-    skip = set(config.mlp_only_layers or [])
+    step = getattr(config, "decoder_sparse_step", 1)  # olmoe: every layer is MoE
+    skip = set(getattr(config, "mlp_only_layers", None) or [])
     return sum(1 for i in range(config.num_hidden_layers) if i not in skip and config.num_experts > 0 and (i + 1) % step == 0)
 
 

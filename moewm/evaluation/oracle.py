@@ -3,12 +3,15 @@
 A watermark's quality cost judged by the generator itself is biased toward the generator's own
 preferences; an independent oracle (a larger LM) is the usual judge. ``eval.oracle_model`` names a
 model config (``conf/model/<name>.yaml``, e.g. ``qwen_dense``); the name is checked when the config
-is validated, before any weights load. The oracle re-tokenizes the decoded prompt and text with its
-own tokenizer and scores the text given the prompt. Null (the default, and the only choice on an
-offline machine with just the shipped tiny_moe): no oracle; every job then says
-``perplexity_judge = generator:<model>`` and reports only the generator's perplexity.
+is validated, before any weights load. An oracle whose tokenizer is the generator's (the same backend:
+vocabulary, merges, normalisation, special tokens; the shipped tiny_moe and tiny_olmoe) scores the
+generator's token ids themselves; any other re-tokenizes the decoded prompt and text with its own
+tokenizer. Either way it scores the text given the prompt. Null (the default): no oracle; every job then
+says ``perplexity_judge = generator:<model>`` and reports only the generator's perplexity. Offline,
+the two shipped models judge each other (``model=tiny_moe eval.oracle_model=tiny_olmoe`` and back).
 
-Metrics: ``perplexity_judge``; with an oracle also ``ppl_oracle_wm_mean``, ``ppl_oracle_unwm_mean``.
+Metrics: ``perplexity_judge``; with an oracle also ``ppl_oracle_wm_mean``, ``ppl_oracle_unwm_mean`` and
+``perplexity_judge_input`` (``generator_ids`` or ``reencoded_text``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def load_oracle(name: str, memory: Any = None) -> tuple[Any, Any]:
     return _ORACLES[name]
 
 
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers give every text the same ids: the same class and the same serialized backend."""
+    if a is b:
+        return True
+    ba, bb = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if ba is None or bb is None or type(a) is not type(b):
+        return False
+    return ba.to_str() == bb.to_str()
+
+
 def oracle_perplexity(model: Any, tokenizer: Any, prompts: list[str], texts: list[str], batch_size: int) -> Any:
     """Per text, perplexity under ``model`` of ``texts[i]`` given ``prompts[i]`` (NaN for an empty text)."""
     from moewm.engine.padding import pad_id
@@ -76,10 +89,19 @@ def oracle_metrics(ctx: Any, ev: Any) -> dict[str, Any]:
     if name is None or name == generator:
         return {"perplexity_judge": f"generator:{generator}"}
     model, tok = load_oracle(name, ctx.cfg.memory)
-    decode = ctx.tokenizer.decode
-    prompts = [decode(p, skip_special_tokens=True) for p in ctx.prompt_ids]
     batch = ctx.cfg.generation.batch_size
-    wm = oracle_perplexity(model, tok, prompts, [decode(x, skip_special_tokens=True) for x in ctx.wm_ids], batch)
-    plain = oracle_perplexity(model, tok, prompts, [decode(x, skip_special_tokens=True) for x in ctx.plain_ids], batch)
-    return {"perplexity_judge": f"oracle:{name}", "ppl_oracle_wm_mean": stats.nan_safe_mean(wm),
-            "ppl_oracle_unwm_mean": stats.nan_safe_mean(plain)}
+    if same_tokenizer(ctx.tokenizer, tok):  # the very ids generated: no decode / encode round trip to change them
+        from moewm.engine.padding import pad_id
+        from moewm.evaluation.quality import perplexity
+
+        wm = perplexity(model, ctx.prompt_ids, ctx.wm_ids, batch, pad_id(tok))
+        plain = perplexity(model, ctx.prompt_ids, ctx.plain_ids, batch, pad_id(tok))
+        source = "generator_ids"
+    else:
+        decode = ctx.tokenizer.decode
+        prompts = [decode(p, skip_special_tokens=True) for p in ctx.prompt_ids]
+        wm = oracle_perplexity(model, tok, prompts, [decode(x, skip_special_tokens=True) for x in ctx.wm_ids], batch)
+        plain = oracle_perplexity(model, tok, prompts, [decode(x, skip_special_tokens=True) for x in ctx.plain_ids], batch)
+        source = "reencoded_text"
+    return {"perplexity_judge": f"oracle:{name}", "perplexity_judge_input": source,
+            "ppl_oracle_wm_mean": stats.nan_safe_mean(wm), "ppl_oracle_unwm_mean": stats.nan_safe_mean(plain)}

@@ -1,6 +1,6 @@
 """A model without its weights: where its config comes from, the model built on the meta device, and the checks against it.
 
-A config comes from the shipped tiny_moe (``builtin:``), a hub name / local checkpoint, or the
+A config comes from a shipped model (``builtin:``: tiny_moe, tiny_olmoe), a hub name / local checkpoint, or the
 architecture numbers recorded in ``conf/model/*.yaml`` (no download). From it we build the model on
 the meta device (shapes and dtypes, no memory), so :func:`check_model_extractor` checks a
 configuration against the real layer counts before anything is loaded, and :mod:`moewm.models.memory`
@@ -35,7 +35,8 @@ def resolve_path(path: str) -> str:
         folder = ASSETS / path[len(BUILTIN_PREFIX) :]
         if not (folder / "config.json").exists():
             raise WeightsUnavailableError(
-                f"model.path={path!r}: the shipped model is missing at {folder} (rebuild it with scripts/build_tiny_moe.py)"
+                f"model.path={path!r}: the shipped model is missing at {folder} "
+                f"(rebuild it with scripts/build_tiny_moe.py --model {folder.name})"
             )
         return str(folder)
     return path
