@@ -67,7 +67,11 @@ class RoutingWatermarkProcessor(LogitsProcessor):
             self._last_length = length
             features = self._history[:, max(-self.back, -self._history.shape[1])]
         bits = self.encoder.signature(features.to(self.encoder.device))
-        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta)
+        return self.apply(scores, bits.to(scores.device) if bits.device != scores.device else bits)
+
+    def apply(self, scores: torch.FloatTensor, bits: torch.Tensor) -> torch.FloatTensor:
+        """The watermark at one step, given the current signatures (B, nb): ``delta`` on the green list."""
+        return self.encoder.bias_logits(scores, bits, self.delta)
 
 
 class MoELSHWatermark(TextGeneration):
