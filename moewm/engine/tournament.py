@@ -38,6 +38,9 @@ from moewm.engine.scoring import BankTables, CaptureBatch, KeyDraws, StatisticSp
 
 # Domain separation of the tournament's salts from the hashed green lists' (public constant).
 _DOMAIN = 0x7F4A7C15
+_HALF = 0x7FFFFFFF
+# Public constant of the token hash.
+_TOKEN = 0x2545F491
 # Probability floor in the generation tournament (log of an exact zero stays -inf).
 _TINY = 1e-30
 
@@ -64,14 +67,25 @@ def layer_salts(salt: torch.Tensor, layers: int) -> torch.Tensor:
 
 
 def context_hash(salts: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(R, ..., m): the keyed context of each layer, from layer salts (R, m) and block codes (R, ..., m)."""
+    """(R, ..., m): each layer's keyed context, an odd 31-bit multiplier, from layer salts (R, m) and block codes (R, ..., m)."""
     shape = (salts.shape[0],) + (1,) * (codes.dim() - 2) + (salts.shape[1],)
-    return _mix32(salts.view(shape) ^ codes)
+    return (_mix32(salts.view(shape) ^ codes) & _HALF) | 1
 
 
-def g_values(context: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """0/1 long g-values of tokens under contexts (shapes broadcast): the low bit of a keyed hash."""
-    return _mix32(context ^ tokens.long()) & 1
+def token_hash(tokens: torch.Tensor) -> torch.Tensor:
+    """Public 32-bit hash of token ids (key-free: computed once per batch, not per key)."""
+    return _mix32((tokens.long() ^ _TOKEN) & _MASK32)
+
+
+def g_values(context: torch.Tensor, hashed_tokens: torch.Tensor) -> torch.Tensor:
+    """0/1 long g-values: bit 31 of context x token hash mod 2^32 (multiply-shift; shapes broadcast).
+
+    ``context`` from :func:`context_hash` (odd, < 2^31), ``hashed_tokens`` from :func:`token_hash`, so the
+    product stays below 2^63. For a fixed context the map is a bijection of the token hashes mod 2^32:
+    exactly half of all hash values get g = 1. Three integer operations per value, where a full mixer
+    takes ten: detection hashes every top token under every key and layer.
+    """
+    return ((context * hashed_tokens) >> 31) & 1
 
 
 class TournamentKey:
@@ -101,7 +115,7 @@ class TournamentKey:
         usable = self.usable[: probs.shape[-1]].to(probs.dtype)
         q = probs * usable
         mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
-        ids = torch.arange(probs.shape[-1], device=probs.device)
+        ids = token_hash(torch.arange(probs.shape[-1], device=probs.device))
         for layer in range(self.layers):  # the tournament: one closed-form step per layer, vectorised over (B, V)
             g = g_values(ctx[:, layer : layer + 1], ids).to(probs.dtype)
             played = (q * g).sum(-1, keepdim=True) / mass
@@ -163,38 +177,40 @@ class TournamentScorer:
     def units(self, batch: CaptureBatch, tables: BankTables) -> TournamentUnits:
         """Every unit's g-value and its null mean under the model (for diagnostics: one key at a time is cheap)."""
         codes, ctx = self.contexts(batch, tables)
-        g = g_values(ctx, batch.tokens.unsqueeze(0).unsqueeze(-1)).bool()
-        expected = torch.stack([self._expected(batch, ctx[..., l]) for l in range(self.layers)], -1)
+        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1)).bool()
+        top = token_hash(batch.top_ids).unsqueeze(0)
+        expected = torch.stack([self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1).double()
         return TournamentUnits(g, expected, self.scored_units(batch, codes))
 
     @staticmethod
-    def _expected(batch: CaptureBatch, ctx: torch.Tensor) -> torch.Tensor:
-        """(R, B, n) E_p[g] of one layer: the captured top-K exactly, the tail at 1/2."""
-        top = g_values(ctx.unsqueeze(-1), batch.top_ids.unsqueeze(0)).double()  # (R, B, n, K)
-        return (top * batch.top_probs.double()).sum(-1) + 0.5 * batch.tail.double()
+    def _expected(batch: CaptureBatch, ctx: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """(R, B, n) E_p[g] of one layer: the captured top-K exactly, the tail at 1/2 (``top``: hashed top ids)."""
+        g = g_values(ctx.unsqueeze(-1), top).float()  # (R, B, n, K)
+        return torch.einsum("rbnk,bnk->rbn", g, batch.top_probs.float()) + 0.5 * batch.tail.float()
 
     def draws(self, batch: CaptureBatch, tables: BankTables, spec: Optional[StatisticSpec] = None) -> KeyDraws:
         """Per-position evidence of every key in ``tables`` (see the class docstring); layers loop, nothing else."""
         codes, ctx = self.contexts(batch, tables)
         scored = self.scored_units(batch, codes)  # (R, B, n, m)
-        g = g_values(ctx, batch.tokens.unsqueeze(0).unsqueeze(-1)).double()  # (R, B, n, m)
+        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1)).float()  # (R, B, n, m)
         if self.statistic == "green":
             terms = g
-        elif self.statistic == "z":
-            terms = torch.stack([g[..., l] - self._expected(batch, ctx[..., l]) for l in range(self.layers)], -1)
-        else:  # llr: the tournament on the captured distribution, layer by layer
-            r = ctx.shape[0]
-            q = batch.top_probs.double().unsqueeze(0).expand(r, *batch.top_probs.shape)
-            tail = batch.tail.double().unsqueeze(0).expand(r, *batch.tail.shape)
-            parts = []
-            for l in range(self.layers):
-                top = g_values(ctx[..., l].unsqueeze(-1), batch.top_ids.unsqueeze(0)).double()  # (R, B, n, K)
-                played = (q * top).sum(-1) + 0.5 * tail
-                parts.append(torch.log1p((g[..., l] - played).clamp(min=-1 + 1e-9)))
-                q = q * (1 + top - played.unsqueeze(-1))
-                tail = tail * (1.5 - played)
-            terms = torch.stack(parts, -1)
+        else:
+            top = token_hash(batch.top_ids).unsqueeze(0)  # (1, B, n, K)
+            if self.statistic == "z":
+                terms = torch.stack([g[..., l] - self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1)
+            else:  # llr: the tournament on the captured distribution, layer by layer
+                r = ctx.shape[0]
+                q = batch.top_probs.float().unsqueeze(0).expand(r, *batch.top_probs.shape)
+                tail = batch.tail.float().unsqueeze(0).expand(r, *batch.tail.shape)
+                parts = []
+                for l in range(self.layers):
+                    hit = g_values(ctx[..., l].unsqueeze(-1), top).float()  # (R, B, n, K)
+                    played = (q * hit).sum(-1) + 0.5 * tail
+                    parts.append(torch.log1p((g[..., l] - played).clamp(min=-1 + 1e-6)))
+                    q = q * (1 + hit - played.unsqueeze(-1))
+                    tail = tail * (1.5 - played)
+                terms = torch.stack(parts, -1)
         zero = torch.zeros((), dtype=torch.float64, device=terms.device)
-        evidence = torch.where(scored, terms, zero).sum(-1)  # (R, B, n)
-        any_scored = scored.any(-1)
-        return KeyDraws(evidence, torch.zeros_like(evidence), any_scored)
+        evidence = torch.where(scored, terms.double(), zero).sum(-1)  # (R, B, n)
+        return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-1))
