@@ -164,6 +164,9 @@ class TournamentConfig:
 
     layers: int = 20
     block_bits: int = 4
+    # SynthID's repeated-context rule: a layer is played only at its context's first occurrence in the text
+    # (generation), and detection scores only those (a context repeats every 2^block_bits codes at most).
+    skip_repeated: bool = False
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")

@@ -41,6 +41,8 @@ _DOMAIN = 0x7F4A7C15
 _HALF = 0x7FFFFFFF
 # Public constant of the token hash.
 _TOKEN = 0x2545F491
+# Contexts remembered per text and layer for ``skip_repeated``: 2^16 slots at most.
+REPEAT_TABLE_BITS = 16
 # Probability floor in the generation tournament (log of an exact zero stays -inf).
 _TINY = 1e-30
 
@@ -77,6 +79,12 @@ def token_hash(tokens: torch.Tensor) -> torch.Tensor:
     return _mix32((tokens.long() ^ _TOKEN) & _MASK32)
 
 
+def repeat_slot(codes: torch.Tensor, block_bits: int) -> torch.Tensor:
+    """Which slot of a per-text table of 2^min(b, 16) contexts a block code occupies (``skip_repeated``):
+    the code itself up to 16 bits, a public 16-bit hash of it beyond (a collision only skips a layer more)."""
+    return codes if block_bits <= REPEAT_TABLE_BITS else _mix32(codes) & ((1 << REPEAT_TABLE_BITS) - 1)
+
+
 def g_values(context: torch.Tensor, hashed_tokens: torch.Tensor) -> torch.Tensor:
     """0/1 long g-values: bit 31 of context x token hash mod 2^32 (multiply-shift; shapes broadcast).
 
@@ -93,6 +101,7 @@ class TournamentKey:
 
     def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.block_bits = block_bits
         self.salts = layer_salts(salt.view(1), layers)  # (1, m)
         self.usable = usable.bool()
         self.layers = layers
@@ -101,17 +110,22 @@ class TournamentKey:
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
         return self
 
+    def codes(self, bits: torch.Tensor) -> torch.Tensor:
+        """(B, m) block codes of signatures (B, nb)."""
+        return block_codes(bits.to(self.salts.device), self.blocks)
+
     def contexts(self, bits: torch.Tensor) -> torch.Tensor:
         """(B, m) keyed layer contexts for signatures (B, nb)."""
-        return context_hash(self.salts, block_codes(bits, self.blocks).unsqueeze(0))[0]
+        return context_hash(self.salts, self.codes(bits).unsqueeze(0))[0]
 
-    def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, V): the tournament's output distribution for the model's (B, V) and signatures (B, nb).
 
         The tournament runs on the usable tokens' renormalised mass (what a capture records); special and
-        unusable tokens keep their probability exactly, so they never gain (or lose) mass.
+        unusable tokens keep their probability exactly, so they never gain (or lose) mass. ``active`` (B, m)
+        bool: the layers played at each row (a layer not played leaves the distribution as it is).
         """
-        ctx = self.contexts(bits.to(self.salts.device))
+        ctx = self.contexts(bits)
         usable = self.usable[: probs.shape[-1]].to(probs.dtype)
         q = probs * usable
         mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
@@ -119,17 +133,19 @@ class TournamentKey:
         for layer in range(self.layers):  # the tournament: one closed-form step per layer, vectorised over (B, V)
             g = g_values(ctx[:, layer : layer + 1], ids).to(probs.dtype)
             played = (q * g).sum(-1, keepdim=True) / mass
-            q = q * (1 + g - played)
+            step = 1 + g - played
+            q = q * (step if active is None else torch.where(active[:, layer : layer + 1], step, torch.ones_like(step)))
         return q + probs * (1 - usable)
 
-    def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0,
+                       active: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits whose softmax at ``temperature`` is the tournament of softmax(scores / temperature).
 
         transformers applies its temperature warper after custom processors, so the output is
         ``temperature * log p_m``: the warper divides it back to exactly the tournament's distribution.
         """
         probs = torch.softmax(scores.double() / temperature, dim=-1)
-        out = self.sample_distribution(probs, bits)
+        out = self.sample_distribution(probs, bits, active)
         return (torch.log(out) * temperature).to(scores.dtype)
 
 
@@ -150,8 +166,11 @@ class TournamentScorer:
     per-position sum over layers, float64) and ``scored`` the positions with at least one scored unit.
     """
 
-    def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int) -> None:
+    def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int,
+                 skip_repeated: bool = False) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.block_bits = block_bits
+        self.skip_repeated = skip_repeated
         self.layers = layers
         self.statistic = statistic
         self.ignore_repeated = ignore_repeated
@@ -165,12 +184,16 @@ class TournamentScorer:
         return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:
-        """(R, B, n, m) bool: valid positions, each (layer, block code, token) unit once when ``ignore_repeated``."""
+        """(R, B, n, m) bool: valid positions, each (layer, block code, token) unit once when ``ignore_repeated``;
+        with ``skip_repeated`` only a layer context's first occurrence in the text (generation played no other)."""
         r, b, n, m = codes.shape
         scored = batch.valid.view(1, b, n, 1).expand(r, b, n, m)
-        if not self.ignore_repeated:
+        if self.skip_repeated:
+            unit = repeat_slot(codes, self.block_bits)
+        elif self.ignore_repeated:
+            unit = codes * self.vocab_size + batch.tokens.view(1, b, n, 1)
+        else:
             return scored
-        unit = codes * self.vocab_size + batch.tokens.view(1, b, n, 1)
         rows = first_occurrences(unit.permute(0, 1, 3, 2).reshape(-1, n), scored.permute(0, 1, 3, 2).reshape(-1, n))
         return rows.view(r, b, m, n).permute(0, 1, 3, 2)
 

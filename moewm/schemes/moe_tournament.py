@@ -24,7 +24,7 @@ from moewm.engine.poisson_binomial import upper_tail
 from moewm.engine.routing import FeatureCapture
 from moewm.engine.lsh import LSHEncoder
 from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
-from moewm.engine.tournament import TournamentKey, TournamentScorer
+from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot
 from moewm.schemes.moe_lsh import MoELSHWatermark, RoutingWatermarkProcessor
 
 
@@ -32,13 +32,38 @@ class TournamentProcessor(RoutingWatermarkProcessor):
     """Samples through the routing-keyed tournament: the returned scores' softmax (at the generation's
     temperature) is the tournament of the model's distribution."""
 
-    def __init__(self, capture: FeatureCapture, encoder: LSHEncoder, tournament: TournamentKey, token_idx: int = -1) -> None:
+    def __init__(self, capture: FeatureCapture, encoder: LSHEncoder, tournament: TournamentKey, token_idx: int = -1,
+                 skip_repeated: bool = False) -> None:
         super().__init__(capture, encoder, 0.0, token_idx)
         self.tournament = tournament
         self.temperature = 1.0
+        self.skip_repeated = skip_repeated
+        self._seen: Optional[torch.Tensor] = None  # (B, m, slots): layer contexts played so far in each row
+        self._step_length = -1
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = None
+        self._step_length = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        if self._seen is not None and (length != self._step_length + 1 or self._seen.shape[0] != batch):
+            self._seen = None  # a new generate call
+        self._step_length = length
+        return super().__call__(input_ids, scores)
 
     def apply(self, scores: torch.FloatTensor, bits: torch.Tensor) -> torch.FloatTensor:
-        return self.tournament.process_scores(scores, bits, self.temperature)
+        active = None
+        if self.skip_repeated:
+            key = self.tournament
+            slot = repeat_slot(key.codes(bits), key.block_bits).unsqueeze(-1)  # (B, m, 1)
+            if self._seen is None:
+                slots = 1 << min(key.block_bits, REPEAT_TABLE_BITS)
+                self._seen = torch.zeros(bits.shape[0], key.layers, slots, dtype=torch.bool, device=slot.device)
+            active = ~self._seen.gather(2, slot).squeeze(-1)
+            self._seen.scatter_(2, slot, True)
+        return self.tournament.process_scores(scores, bits, self.temperature, active)
 
 
 class MoETournamentWatermark(MoELSHWatermark):
@@ -57,12 +82,13 @@ class MoETournamentWatermark(MoELSHWatermark):
         t = cfg.tournament
         bank = self._true_tables.bank
         key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable).to(self.device)
-        self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx)
-        self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size)
+        self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
+        self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
+                                       t.skip_repeated)
 
     def settings_metrics(self) -> dict[str, Any]:
         t = self.watermark_cfg.tournament
-        return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits)}
+        return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated)}
 
     def null_description(self) -> dict[str, Any]:
         out = super().null_description()
