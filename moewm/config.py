@@ -165,8 +165,9 @@ class TournamentConfig:
     layers: int = 20
     block_bits: int = 4
     # SynthID's repeated-context rule: a layer is played only at its context's first occurrence in the text
-    # (generation), and detection scores only those (a context repeats every 2^block_bits codes at most).
-    skip_repeated: bool = False
+    # (generation), and detection scores only those. Without it a few block codes recur all through a text,
+    # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
+    skip_repeated: bool = True
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")

@@ -76,6 +76,30 @@ def test_the_tournament_is_synthids_closed_form_and_special_tokens_keep_their_ma
     assert ((mine * first).sum(-1) > (torch.exp(logits) * first).sum(-1)).all()
 
 
+def test_a_layer_whose_context_repeats_is_not_played_nor_scored():
+    """SynthID's repeated-context rule, per layer: generation leaves the distribution alone for layers not
+    played, and detection scores a (layer, context) only at its first occurrence in the text."""
+    from moewm.engine.scoring import CaptureBatch
+    from moewm.engine.tournament import TournamentScorer
+
+    key = _key()
+    probs = torch.softmax(torch.randn(2, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64), -1)
+    bits = torch.rand(2, 32, generator=torch.Generator().manual_seed(7)) > 0.5
+    idle = torch.zeros(2, 20, dtype=torch.bool)
+    assert torch.allclose(key.sample_distribution(probs, bits, idle), probs, atol=1e-15)
+    some = idle.clone()
+    some[:, 3] = True
+    assert not torch.allclose(key.sample_distribution(probs, bits, some), probs)
+    codes = torch.tensor([[3, 3, 5, 3, 5, 7]]).view(1, 1, 6, 1)  # (R, B, n, m): one key, text and layer
+    batch = CaptureBatch(torch.zeros(1, 6, 1), torch.tensor([[9, 10, 9, 9, 11, 12]]), torch.zeros(1, 6, 1, dtype=torch.long),
+                         torch.zeros(1, 6, 1), torch.ones(1, 6), torch.ones(1, 6, dtype=torch.bool))
+    skip = TournamentScorer(32, 1, 4, "green", True, 300, skip_repeated=True).scored_units(batch, codes)
+    assert skip.view(-1).tolist() == [True, False, True, False, False, True]
+    units = TournamentScorer(32, 1, 4, "green", True, 300, skip_repeated=False).scored_units(batch, codes)
+    assert units.view(-1).tolist() == [True, True, True, False, True, True]  # (layer code, token) (3, 9) again
+    assert TournamentScorer(32, 1, 4, "green", False, 300).scored_units(batch, codes).all()
+
+
 def test_process_scores_samples_the_tournament_of_the_tempered_distribution():
     key = _key()
     scores = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
