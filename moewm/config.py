@@ -163,6 +163,32 @@ class SynthIDConfig:
         _require(self.num_keys >= 1, f"watermark.synthid.num_keys={self.num_keys}: must be >= 1")
 
 
+TOURNAMENT_MAX_BLOCK_BITS = 32  # a layer's block of signature bits is hashed as one 32-bit word
+
+
+@dataclass
+class TournamentConfig:
+    """The routing-keyed tournament's own settings (``watermark.kind=moe_tournament``, moewm.engine.tournament).
+
+    ``layers`` tournament layers (its strength: g-values per token); layer l's g-values are keyed by its own
+    block of ``block_bits`` routing-signature bits (bits l*b .. l*b+b-1, cyclically), so one flipped bit
+    changes only the layers whose block holds it.
+    """
+
+    layers: int = 20
+    block_bits: int = 4
+    # SynthID's repeated-context rule: a layer is played only at its context's first occurrence in the text
+    # (generation), and detection scores only those. Without it a few block codes recur all through a text,
+    # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
+    skip_repeated: bool = True
+
+    def validate(self, num_bits: Optional[int] = None) -> None:
+        _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")
+        top = TOURNAMENT_MAX_BLOCK_BITS if num_bits is None else min(TOURNAMENT_MAX_BLOCK_BITS, num_bits)
+        where = "" if num_bits is None else f" (at most encoder.num_bits={num_bits}, and {TOURNAMENT_MAX_BLOCK_BITS})"
+        _require(1 <= self.block_bits <= top, f"watermark.tournament.block_bits={self.block_bits}: allowed range is [1, {top}]{where}")
+
+
 # Flat baseline fields of earlier releases and where they went.
 RENAMED_WATERMARK_FIELDS = {
     "kgw_gamma": "kgw.gamma", "kgw_seeding_scheme": "kgw.seeding_scheme", "kgw_context_width": "kgw.context_width",
@@ -218,6 +244,8 @@ class WatermarkConfig:
     # Baseline watermarks (kind=kgw / synthid) through transformers' own implementations.
     kgw: KGWConfig = field(default_factory=KGWConfig)
     synthid: SynthIDConfig = field(default_factory=SynthIDConfig)
+    # The routing-keyed tournament (kind=moe_tournament): depth and signature bits per layer.
+    tournament: TournamentConfig = field(default_factory=TournamentConfig)
     # Renamed: set only to get an error that names the new key (RENAMED_WATERMARK_FIELDS).
     kgw_gamma: Optional[float] = None
     kgw_seeding_scheme: Optional[str] = None
@@ -257,6 +285,7 @@ class WatermarkConfig:
             )
         self.kgw.validate()
         self.synthid.validate()
+        self.tournament.validate()
 
     def check_calibrated_alpha(self) -> None:
         """A p-value ranked among R reference keys is at least 1 / (R + 1): alpha below that cannot be reached."""

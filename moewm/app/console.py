@@ -118,6 +118,8 @@ def _describe_scheme(m: Mapping[str, Any]) -> str:
         shape = f"{m.get('num_bits', '?')} {pools} pools" if pools in ("partition", "random_partition") else f"{m.get('num_bits', '?')} {pools} pools of {m.get('pool_size', '?')}"
         rule = m.get("green_lists", "bits") + (f", {m['green_bits']} bits per pool" if m.get("green_bits", 1) != 1 else "")
         return f"moe_lsh {shape} ({rule} green lists), delta {_g(m.get('delta'))}"
+    if "tournament_layers" in m:  # a tournament has no delta: its depth and the signature bits per layer
+        return f"{kind}, {m['tournament_layers']} layers x {m.get('tournament_block_bits', '?')} signature bits"
     return kind if kind == "none" else f"{kind}, delta {_g(m.get('delta'))}"
 
 

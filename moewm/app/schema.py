@@ -103,7 +103,7 @@ def validate_app(app: AppConfig) -> None:
 
     for name in GROUPS:
         getattr(app, name).validate()
-    check_watermark_config(app.watermark)
+    check_watermark_config(app.watermark, app.encoder)
     from moewm.evaluation.oracle import check_oracle
 
     check_oracle(app.eval.oracle_model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class StatisticSpec:
 class KeyDraws:
     """Per key, text and position: is the token green, its null chance of being green, is it scored."""
 
-    green: torch.Tensor  # (R, B, n) bool
+    green: torch.Tensor  # (R, B, n) bool (another scheme's per-position evidence, float64, summed by the ``green`` statistic)
     gamma: torch.Tensor  # (R, B, n) float64
     scored: torch.Tensor  # (R, B, n) bool
     # Margin-aware scoring: green flag and gamma averaged over a position's likely signatures (float64).
@@ -479,17 +479,20 @@ def calibrated(
     window: Optional[int] = None,
     prefixes: bool = False,
     top_k: Optional[int] = None,
+    draws: Optional[Callable[[CaptureBatch, BankTables, StatisticSpec], KeyDraws]] = None,
 ) -> CalibratedScores:
     """Rank the deployed key's statistic (and window maximum) among the reference keys'.
 
     ``stop_after`` = h of Besag-Clifford (None: score every text under all R keys); ``prefixes`` also
     gives every prefix's p-value, which needs all R keys for every text; ``top_k`` limits the top
-    tokens the statistic reads (the rest joins the tail).
+    tokens the statistic reads (the rest joins the tail). ``draws`` replaces :func:`key_draws` for another
+    scheme on the same captures and banks (the routing-keyed tournament, :mod:`moewm.engine.tournament`).
     """
+    key_draws_of = draws or key_draws
     lengths = batch.valid.sum(-1)
     if top_k is not None:
         batch = batch.with_top_k(top_k)
-    true = key_draws(batch, true_tables, spec)
+    true = key_draws_of(batch, true_tables, spec)
     s0 = statistic(true, spec)[0]  # (B,)
     w0 = window_statistic(true, spec, window, lengths)[0] if window is not None else None
     p0 = prefix_statistic(true, spec)[0] if prefixes else None
@@ -507,10 +510,10 @@ def calibrated(
     while start < total and active.numel() > 0:
         stop = min(total, start + block)
         sub = batch.select(active)
-        draws = key_draws(sub, ref_tables.select(start, stop), spec)
-        stats_now = [statistic(draws, spec)]
+        block_draws = key_draws_of(sub, ref_tables.select(start, stop), spec)
+        stats_now = [statistic(block_draws, spec)]
         if w0 is not None:
-            stats_now.append(window_statistic(draws, spec, window, lengths[active]))
+            stats_now.append(window_statistic(block_draws, spec, window, lengths[active]))
         for j, (ref, obs) in enumerate(zip(stats_now, observed)):
             hit = _exceed(ref, obs[active].unsqueeze(0))  # (keys, active)
             running = counts[j][active].unsqueeze(0) + hit.long().cumsum(0)
@@ -520,7 +523,7 @@ def calibrated(
                 stop_at[j][active] = torch.where(stop_at[j][active] == 0, first, stop_at[j][active])
             counts[j][active] = running[-1]
         if prefix_counts is not None:
-            ref_prefix = prefix_statistic(draws, spec)
+            ref_prefix = prefix_statistic(block_draws, spec)
             prefix_counts[active] += _exceed(ref_prefix, p0[active].unsqueeze(0)).sum(0)
         scored_keys[active] += stop - start
         if h is not None:

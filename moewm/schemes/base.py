@@ -85,6 +85,10 @@ class TextGeneration:
     def check_config(cls, watermark: WatermarkConfig) -> None:
         """Checks of ``watermark.*`` that only this scheme needs, run before any weights load."""
 
+    @classmethod
+    def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
+        """Checks of ``watermark.*`` against ``encoder.*`` that only this scheme needs, run before any weights load."""
+
     def settings_metrics(self) -> dict[str, Any]:
         """The scheme's own settings beyond the job's shared metrics (none by default)."""
         return {}

@@ -69,8 +69,13 @@ class RoutingWatermarkProcessor(LogitsProcessor):
             self._last_length = length
             features = self._history[:, max(-self.back, -self._history.shape[1])]
         bits = self.encoder.signature(features.to(self.encoder.device))
-        context = input_ids[:, -1].to(self.encoder.device) if self.encoder.context_tokens else None
-        return self.encoder.bias_logits(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.delta, context)
+        context = input_ids[:, -1] if self.encoder.context_tokens else None
+        return self.apply(scores, bits.to(scores.device) if bits.device != scores.device else bits, context)
+
+    def apply(self, scores: torch.FloatTensor, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.FloatTensor:
+        """The watermark at one step, given the current signatures (B, nb) and, for a routing + token
+        context, the previous tokens (B,): ``delta`` on the green list."""
+        return self.encoder.bias_logits(scores, bits, self.delta, None if context is None else context.to(self.encoder.device))
 
 
 class MoELSHWatermark(TextGeneration):

@@ -21,6 +21,7 @@ SCHEMES: dict[str, str] = {
     "moe_lsh": "moewm.schemes.moe_lsh:MoELSHWatermark",  # the routing-keyed watermark
     "kgw": "moewm.schemes.kgw:KGWWatermark",  # Kirchenbauer et al., transformers' WatermarkingConfig
     "synthid": "moewm.schemes.synthid:SynthIDWatermark",  # SynthID-Text, transformers' SynthIDTextWatermarkingConfig
+    "moe_tournament": "moewm.schemes.moe_tournament:MoETournamentWatermark",  # SynthID's tournament keyed by routing
     "none": "moewm.schemes.none:NoWatermark",  # plain generation scored by MoE-LSH (a null control)
 }
 
@@ -37,9 +38,13 @@ def scheme_class(kind: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def check_watermark_config(watermark: WatermarkConfig) -> None:
-    """What the chosen scheme needs of ``watermark.*`` beyond its own ``validate()`` (before weights load)."""
-    scheme_class(watermark.kind).check_config(watermark)
+def check_watermark_config(watermark: WatermarkConfig, encoder: Optional[EncoderConfig] = None) -> None:
+    """What the chosen scheme needs of ``watermark.*`` beyond its own ``validate()`` (and, given ``encoder``, of the
+    two together), before weights load."""
+    scheme = scheme_class(watermark.kind)
+    scheme.check_config(watermark)
+    if encoder is not None:
+        scheme.check_encoder(watermark, encoder)
 
 
 def build_watermarker(

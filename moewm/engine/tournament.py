@@ -1,0 +1,239 @@
+"""Routing-keyed tournament sampling: SynthID's tournament with g-values keyed by routing sub-signatures.
+
+SynthID-Text (Dathathri et al., 2024) samples through a tournament of ``m`` layers; layer l scores every
+token v with a pseudo-random bit g_l(v) keyed by the n-gram before it, and the 2-candidate tournament has
+the closed form ``p_l(v) = p_{l-1}(v) (1 + g_l(v) - sum_u p_{l-1}(u) g_l(u))``. Here the context is the
+routing instead of the n-gram: layer l's g-values are a keyed hash of (key salt, l, the layer's block of
+``b`` routing-signature bits, token), the block being bits ``l*b .. l*b+b-1`` taken cyclically over the
+signature. One flipped signature bit therefore changes only the layers whose block holds it (with 32
+bits, 20 layers and b = 4 about 2.5 of 20), where a hash of the whole signature changes every green list.
+
+The signature bits are MoE-LSH's (:func:`moewm.engine.scoring.signatures` of a :class:`~moewm.engine.keybank.KeyBank`),
+so the deployed key and the reference keys come from the same bank code and the detector ranks the
+deployed key's statistic among the reference keys' (:func:`moewm.engine.scoring.calibrated` with
+:meth:`TournamentScorer.draws`): exact p-values whatever wrote the text. The g-value salt of each key is a
+public function of the bank's keyed salt (domain-separated from the hashed green lists), so nothing new
+is drawn per key.
+
+Statistics (``watermark.statistic``), each summed over scored (position, layer) units:
+
+* ``green``: g_l(x_t), SynthID's mean-score numerator;
+* ``z``: g_l(x_t) - E_p[g_l], centred on the model's own next-token distribution p (captured top-K tokens
+  exactly, the tail at 1/2): positions where the model was sure add nothing but noise otherwise;
+* ``llr``: log(1 + g_l(x_t) - G_l), the exact log-likelihood ratio of the tournament against the model,
+  G_l computed on the intermediate distributions p_{l-1} of the captured top-K (tail at g = 1/2).
+
+Hashing is integer arithmetic (:func:`moewm.engine.lsh._mix32`), exact on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moewm.engine.lsh import _MASK32, _ROUND, _mix32
+from moewm.engine.scoring import BankTables, CaptureBatch, KeyDraws, StatisticSpec, first_occurrences, signatures
+
+# Domain separation of the tournament's salts from the hashed green lists' (public constant).
+_DOMAIN = 0x7F4A7C15
+_HALF = 0x7FFFFFFF
+# Public constant of the token hash.
+_TOKEN = 0x2545F491
+# Contexts remembered per text and layer for ``skip_repeated``: 2^16 slots at most.
+REPEAT_TABLE_BITS = 16
+# Probability floor in the generation tournament (log of an exact zero stays -inf).
+_TINY = 1e-30
+
+
+def layer_blocks(num_bits: int, layers: int, block_bits: int) -> torch.Tensor:
+    """(layers, block_bits) long: the signature bits keying each layer, l*b + j mod num_bits."""
+    l = torch.arange(layers).view(-1, 1)
+    j = torch.arange(block_bits).view(1, -1)
+    return (l * block_bits + j) % num_bits
+
+
+def block_codes(bits: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(..., m) long in [0, 2^b): each layer's block of signature bits (..., nb) read as an integer."""
+    picked = bits[..., blocks.to(bits.device)].long()  # (..., m, b)
+    shifts = torch.arange(blocks.shape[1], device=bits.device, dtype=torch.long)
+    return (picked << shifts).sum(-1)
+
+
+def layer_salts(salt: torch.Tensor, layers: int) -> torch.Tensor:
+    """(R, m) long 32-bit salts of every key's layers, a public function of the keys' salts (R,)."""
+    base = _mix32((salt.long() & _MASK32) ^ _DOMAIN)
+    rounds = (_ROUND * torch.arange(1, layers + 1, device=salt.device, dtype=torch.long)) & _MASK32
+    return _mix32(base.view(-1, 1) ^ rounds.view(1, -1))
+
+
+def context_hash(salts: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(R, ..., m): each layer's keyed context, an odd 31-bit multiplier, from layer salts (R, m) and block codes (R, ..., m)."""
+    shape = (salts.shape[0],) + (1,) * (codes.dim() - 2) + (salts.shape[1],)
+    return (_mix32(salts.view(shape) ^ codes) & _HALF) | 1
+
+
+def token_hash(tokens: torch.Tensor) -> torch.Tensor:
+    """Public 32-bit hash of token ids (key-free: computed once per batch, not per key)."""
+    return _mix32((tokens.long() ^ _TOKEN) & _MASK32)
+
+
+def repeat_slot(codes: torch.Tensor, block_bits: int) -> torch.Tensor:
+    """Which slot of a per-text table of 2^min(b, 16) contexts a block code occupies (``skip_repeated``):
+    the code itself up to 16 bits, a public 16-bit hash of it beyond (a collision only skips a layer more)."""
+    return codes if block_bits <= REPEAT_TABLE_BITS else _mix32(codes) & ((1 << REPEAT_TABLE_BITS) - 1)
+
+
+def g_values(context: torch.Tensor, hashed_tokens: torch.Tensor) -> torch.Tensor:
+    """0/1 long g-values: bit 31 of context x token hash mod 2^32 (multiply-shift; shapes broadcast).
+
+    ``context`` from :func:`context_hash` (odd, < 2^31), ``hashed_tokens`` from :func:`token_hash`, so the
+    product stays below 2^63. For a fixed context the map is a bijection of the token hashes mod 2^32:
+    exactly half of all hash values get g = 1. Three integer operations per value, where a full mixer
+    takes ten: detection hashes every top token under every key and layer.
+    """
+    return ((context * hashed_tokens) >> 31) & 1
+
+
+class TournamentKey:
+    """One key's tournament at generation time: g-values of the whole vocabulary and the tournament itself."""
+
+    def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor) -> None:
+        self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.block_bits = block_bits
+        self.salts = layer_salts(salt.view(1), layers)  # (1, m)
+        self.usable = usable.bool()
+        self.layers = layers
+
+    def to(self, device: torch.device | str) -> "TournamentKey":
+        self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
+        return self
+
+    def codes(self, bits: torch.Tensor) -> torch.Tensor:
+        """(B, m) block codes of signatures (B, nb)."""
+        return block_codes(bits.to(self.salts.device), self.blocks)
+
+    def contexts(self, bits: torch.Tensor) -> torch.Tensor:
+        """(B, m) keyed layer contexts for signatures (B, nb)."""
+        return context_hash(self.salts, self.codes(bits).unsqueeze(0))[0]
+
+    def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, V): the tournament's output distribution for the model's (B, V) and signatures (B, nb).
+
+        The tournament runs on the usable tokens' renormalised mass (what a capture records); special and
+        unusable tokens keep their probability exactly, so they never gain (or lose) mass. ``active`` (B, m)
+        bool: the layers played at each row (a layer not played leaves the distribution as it is).
+        """
+        ctx = self.contexts(bits)
+        usable = self.usable[: probs.shape[-1]].to(probs.dtype)
+        q = probs * usable
+        mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
+        ids = token_hash(torch.arange(probs.shape[-1], device=probs.device))
+        for layer in range(self.layers):  # the tournament: one closed-form step per layer, vectorised over (B, V)
+            g = g_values(ctx[:, layer : layer + 1], ids).to(probs.dtype)
+            played = (q * g).sum(-1, keepdim=True) / mass
+            step = 1 + g - played
+            q = q * (step if active is None else torch.where(active[:, layer : layer + 1], step, torch.ones_like(step)))
+        return q + probs * (1 - usable)
+
+    def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0,
+                       active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits whose softmax at ``temperature`` is the tournament of softmax(scores / temperature).
+
+        transformers applies its temperature warper after custom processors, so the output is
+        ``temperature * log p_m``: the warper divides it back to exactly the tournament's distribution.
+        """
+        probs = torch.softmax(scores.double() / temperature, dim=-1)
+        out = self.sample_distribution(probs, bits, active)
+        return (torch.log(out) * temperature).to(scores.dtype)
+
+
+@dataclass
+class TournamentUnits:
+    """Per key, text, position and layer: the observed token's g-value, its null mean, whether it is scored."""
+
+    g: torch.Tensor  # (R, B, n, m) bool
+    expected: torch.Tensor  # (R, B, n, m) float64: E_p[g_l] under the captured model distribution
+    scored: torch.Tensor  # (R, B, n, m) bool
+
+
+class TournamentScorer:
+    """Scores captures under a bank of keys: g-values of the observed tokens and the chosen statistic.
+
+    ``draws`` plugs into :func:`moewm.engine.scoring.calibrated` (with a ``green`` spec): it returns
+    :class:`~moewm.engine.scoring.KeyDraws` whose ``green`` holds each position's evidence (the statistic's
+    per-position sum over layers, float64) and ``scored`` the positions with at least one scored unit.
+    """
+
+    def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int,
+                 skip_repeated: bool = False) -> None:
+        self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.block_bits = block_bits
+        self.skip_repeated = skip_repeated
+        self.layers = layers
+        self.statistic = statistic
+        self.ignore_repeated = ignore_repeated
+        self.vocab_size = int(vocab_size)
+
+    def contexts(self, batch: CaptureBatch, tables: BankTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, B, n, m) block codes and keyed layer contexts of every key at every position."""
+        bank = tables.bank
+        bits = signatures(batch.features, bank)  # (R, B, n, nb)
+        codes = block_codes(bits, self.blocks)
+        return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
+
+    def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:
+        """(R, B, n, m) bool: valid positions, each (layer, block code, token) unit once when ``ignore_repeated``;
+        with ``skip_repeated`` only a layer context's first occurrence in the text (generation played no other)."""
+        r, b, n, m = codes.shape
+        scored = batch.valid.view(1, b, n, 1).expand(r, b, n, m)
+        if self.skip_repeated:
+            unit = repeat_slot(codes, self.block_bits)
+        elif self.ignore_repeated:
+            unit = codes * self.vocab_size + batch.tokens.view(1, b, n, 1)
+        else:
+            return scored
+        rows = first_occurrences(unit.permute(0, 1, 3, 2).reshape(-1, n), scored.permute(0, 1, 3, 2).reshape(-1, n))
+        return rows.view(r, b, m, n).permute(0, 1, 3, 2)
+
+    def units(self, batch: CaptureBatch, tables: BankTables) -> TournamentUnits:
+        """Every unit's g-value and its null mean under the model (for diagnostics: one key at a time is cheap)."""
+        codes, ctx = self.contexts(batch, tables)
+        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1)).bool()
+        top = token_hash(batch.top_ids).unsqueeze(0)
+        expected = torch.stack([self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1).double()
+        return TournamentUnits(g, expected, self.scored_units(batch, codes))
+
+    @staticmethod
+    def _expected(batch: CaptureBatch, ctx: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """(R, B, n) E_p[g] of one layer: the captured top-K exactly, the tail at 1/2 (``top``: hashed top ids)."""
+        g = g_values(ctx.unsqueeze(-1), top).float()  # (R, B, n, K)
+        return torch.einsum("rbnk,bnk->rbn", g, batch.top_probs.float()) + 0.5 * batch.tail.float()
+
+    def draws(self, batch: CaptureBatch, tables: BankTables, spec: Optional[StatisticSpec] = None) -> KeyDraws:
+        """Per-position evidence of every key in ``tables`` (see the class docstring); layers loop, nothing else."""
+        codes, ctx = self.contexts(batch, tables)
+        scored = self.scored_units(batch, codes)  # (R, B, n, m)
+        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1)).float()  # (R, B, n, m)
+        if self.statistic == "green":
+            terms = g
+        else:
+            top = token_hash(batch.top_ids).unsqueeze(0)  # (1, B, n, K)
+            if self.statistic == "z":
+                terms = torch.stack([g[..., l] - self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1)
+            else:  # llr: the tournament on the captured distribution, layer by layer
+                r = ctx.shape[0]
+                q = batch.top_probs.float().unsqueeze(0).expand(r, *batch.top_probs.shape)
+                tail = batch.tail.float().unsqueeze(0).expand(r, *batch.tail.shape)
+                parts = []
+                for l in range(self.layers):
+                    hit = g_values(ctx[..., l].unsqueeze(-1), top).float()  # (R, B, n, K)
+                    played = (q * hit).sum(-1) + 0.5 * tail
+                    parts.append(torch.log1p((g[..., l] - played).clamp(min=-1 + 1e-6)))
+                    q = q * (1 + hit - played.unsqueeze(-1))
+                    tail = tail * (1.5 - played)
+                terms = torch.stack(parts, -1)
+        zero = torch.zeros((), dtype=torch.float64, device=terms.device)
+        evidence = torch.where(scored, terms.double(), zero).sum(-1)  # (R, B, n)
+        return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-1))

@@ -1,0 +1,147 @@
+"""The routing-keyed tournament (``watermark.kind=moe_tournament``): SynthID's sampling tournament keyed by routing.
+
+Generation: at each step the routing signature of the current position (MoE-LSH's hooks and hyperplanes)
+keys ``watermark.tournament.layers`` layers of g-values over the whole vocabulary, each layer by its own
+block of ``watermark.tournament.block_bits`` signature bits, and the token is sampled from the tournament's
+output distribution (:class:`moewm.engine.tournament.TournamentKey`). Detection: MoE-LSH's capture (one
+forward per text, key-free), the g-values of the observed tokens under every key
+(:class:`moewm.engine.tournament.TournamentScorer`), and the same rank calibration among the public
+reference keys (:func:`moewm.engine.scoring.calibrated`), so p-values are exact for text of any origin.
+``watermark.delta`` is unused; ``watermark.statistic`` picks green / z / llr (see the engine module).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from moewm.config import EncoderConfig, GenerationConfig, WatermarkConfig
+from moewm.engine.capture import TextCapture
+from moewm.engine.detection import DetectorOutput, decide
+from moewm.engine.poisson_binomial import upper_tail
+from moewm.engine.routing import FeatureCapture
+from moewm.engine.lsh import LSHEncoder
+from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
+from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot
+from moewm.schemes.moe_lsh import MoELSHWatermark, RoutingWatermarkProcessor
+
+
+class TournamentProcessor(RoutingWatermarkProcessor):
+    """Samples through the routing-keyed tournament: the returned scores' softmax (at the generation's
+    temperature) is the tournament of the model's distribution."""
+
+    def __init__(self, capture: FeatureCapture, encoder: LSHEncoder, tournament: TournamentKey, token_idx: int = -1,
+                 skip_repeated: bool = False) -> None:
+        super().__init__(capture, encoder, 0.0, token_idx)
+        self.tournament = tournament
+        self.temperature = 1.0
+        self.skip_repeated = skip_repeated
+        self._seen: Optional[torch.Tensor] = None  # (B, m, slots): layer contexts played so far in each row
+        self._step_length = -1
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = None
+        self._step_length = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        if self._seen is not None and (length != self._step_length + 1 or self._seen.shape[0] != batch):
+            self._seen = None  # a new generate call
+        self._step_length = length
+        return super().__call__(input_ids, scores)
+
+    def apply(self, scores: torch.FloatTensor, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.FloatTensor:
+        active = None
+        if self.skip_repeated:
+            key = self.tournament
+            slot = repeat_slot(key.codes(bits), key.block_bits).unsqueeze(-1)  # (B, m, 1)
+            if self._seen is None:
+                slots = 1 << min(key.block_bits, REPEAT_TABLE_BITS)
+                self._seen = torch.zeros(bits.shape[0], key.layers, slots, dtype=torch.bool, device=slot.device)
+            active = ~self._seen.gather(2, slot).squeeze(-1)
+            self._seen.scatter_(2, slot, True)
+        return self.tournament.process_scores(scores, bits, self.temperature, active)
+
+
+class MoETournamentWatermark(MoELSHWatermark):
+    """Routing-keyed tournament sampling for one model and key; capture, bank and calibration are MoE-LSH's."""
+
+    name = "moe_tournament"
+
+    @classmethod
+    def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
+        watermark.tournament.validate(num_bits=encoder.num_bits)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.watermark_cfg
+        self.check_encoder(cfg, self.encoder_cfg)
+        t = cfg.tournament
+        bank = self._true_tables.bank
+        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable).to(self.device)
+        self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
+        self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
+                                       t.skip_repeated)
+
+    def settings_metrics(self) -> dict[str, Any]:
+        t = self.watermark_cfg.tournament
+        return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated)}
+
+    def null_description(self) -> dict[str, Any]:
+        out = super().null_description()
+        out["statistic"] = f"tournament {self.watermark_cfg.statistic}"
+        return out
+
+    def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation: Optional[GenerationConfig] = None,
+                          watermark: bool = True, progress: bool = False) -> list[list[int]]:
+        generation = generation or GenerationConfig()
+        self.logits_processor.temperature = float(generation.temperature) if generation.do_sample else 1.0
+        return super().generate_from_ids(prompt_ids, generation, watermark, progress)
+
+    @property
+    def statistic_spec(self) -> StatisticSpec:
+        # The scorer's evidence is per position already: ``green`` sums it.
+        return StatisticSpec(kind="green", ignore_repeated=self.watermark_cfg.ignore_repeated)
+
+    def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
+        cfg = self.watermark_cfg
+        batch = CaptureBatch.stack(captures, self.device)
+        result = calibrated(batch, self._true_tables, ref, self.statistic_spec, stop_after=cfg.stop_after, window=window,
+                            prefixes=prefixes, top_k=cfg.statistic_top_k, draws=self.scorer.draws)
+        # Diagnostics of the deployed key: g-values against their means under the model (all captured top tokens).
+        units = self.scorer.units(batch, self._true_tables)
+        g, expected, scored = units.g[0], units.expected[0], units.scored[0]  # (B, n, m)
+        b = g.shape[0]
+        count = scored.sum((-2, -1)).double()
+        num_green = (g & scored).sum((-2, -1))
+        mean = (expected * scored).sum((-2, -1))
+        var = (expected * (1 - expected) * scored).sum((-2, -1))
+        z = ((num_green.double() - mean) / var.clamp(min=1e-300).sqrt()).where(var > 0, torch.full_like(var, float("nan")))
+        model_null_p = upper_tail(expected.reshape(b, -1), scored.reshape(b, -1), num_green)
+        n_np = scored.any(-1).sum(-1).cpu().numpy()
+        p, prediction, notes = decide(result.p_value, n_np, cfg.min_tokens, cfg.alpha)
+        short = n_np < cfg.min_tokens
+        window_p = None if result.window_p_value is None else np.where(short, np.nan, result.window_p_value)
+        prefix = None
+        if result.prefix_p_value is not None:
+            prefix = [row[: int(c.num_scored)] for row, c in zip(result.prefix_p_value, captures)]
+        return DetectorOutput(
+            num_tokens_scored=n_np.astype(np.int64),
+            num_green_tokens=num_green.cpu().numpy().astype(np.int64),
+            green_fraction=(num_green.double() / count.clamp(min=1)).cpu().numpy(),
+            gamma_mean=(mean / count.clamp(min=1)).cpu().numpy(),
+            statistic=result.statistic,
+            z_score=np.where(short, np.nan, z.cpu().numpy()),
+            p_value=p,
+            p_value_floor=np.full(len(captures), 1.0 / (ref.num_keys + 1)),
+            num_reference_keys=result.keys_scored.astype(np.int64),
+            p_value_model_null=np.where(short, np.nan, model_null_p.cpu().numpy()),
+            prediction=prediction,
+            window_statistic=result.window_statistic,
+            window_p_value=window_p,
+            notes=[note or (f"scored in {c.windows} windows of the model's context" if c.windows > 1 else "") for note, c in zip(notes, captures)],
+            prefix_p_value=prefix,
+        )

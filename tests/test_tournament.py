@@ -1,0 +1,221 @@
+"""The routing-keyed tournament (watermark.kind=moe_tournament): locality of its keys, the tournament itself,
+its config errors, detection of its text on tiny_moe, and valid p-values on text written without the key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom, kstest
+from transformers.generation.logits_process import SynthIDTextWatermarkLogitsProcessor
+
+from composing import app_config
+from moewm.app.schema import validate_app
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, TournamentConfig, WatermarkConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.engine.tournament import TournamentKey, g_values, layer_blocks, token_hash
+
+SECRET = "tournament-test-secret"
+
+
+def _key(num_bits: int = 32, layers: int = 20, block_bits: int = 4, vocab: int = 300, special: tuple[int, ...] = ()) -> TournamentKey:
+    usable = torch.ones(vocab, dtype=torch.bool)
+    usable[list(special)] = False
+    return TournamentKey(torch.tensor(0x1234567), num_bits, layers, block_bits, usable)
+
+
+def test_a_flipped_signature_bit_changes_only_the_layers_whose_block_holds_it():
+    key = _key(block_bits=4)
+    blocks = layer_blocks(32, 20, 4)
+    bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) > 0.5
+    base = key.contexts(bits)
+    for i in (0, 5, 31):
+        flipped = bits.clone()
+        flipped[:, i] = ~flipped[:, i]
+        changed = (key.contexts(flipped) != base).all(0)  # (m,): the layer's context changed for every row
+        holds = (blocks == i).any(1)
+        assert torch.equal(changed, holds), (i, changed, holds)
+        assert (key.contexts(flipped) == base)[:, ~holds].all()
+        assert 2 <= int(holds.sum()) <= 3  # 80 bit slots over 32 bits
+    whole = _key(block_bits=32)  # one block = the whole signature: any flip changes every layer
+    flipped = bits.clone()
+    flipped[:, 7] = ~flipped[:, 7]
+    assert (whole.contexts(flipped) != whole.contexts(bits)).all()
+
+
+def test_the_g_values_of_one_context_split_the_vocabulary_in_half():
+    ctx = _key().contexts(torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) > 0.5)
+    g = g_values(ctx[:, :, None], token_hash(torch.arange(50_000)).view(1, 1, -1)).double()
+    share = g.mean(-1)
+    assert ((share - 0.5).abs() < 0.02).all(), share
+    assert ctx.shape == (8, 20)
+    # layers of one position are not copies of each other
+    agree = (g[:, :-1] == g[:, 1:]).double().mean()
+    assert abs(float(agree) - 0.5) < 0.02
+
+
+def test_the_tournament_is_synthids_closed_form_and_special_tokens_keep_their_mass():
+    vocab, special = 300, (0, 7, 299)
+    key = _key(vocab=vocab, special=special)
+    scores = torch.randn(4, vocab, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    bits = torch.rand(4, 32, generator=torch.Generator().manual_seed(3)) > 0.5
+    probs = torch.softmax(scores, -1)
+    out = key.sample_distribution(probs, bits)
+    assert torch.allclose(out.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert torch.equal(out[:, list(special)], probs[:, list(special)])  # neither gained nor lost
+    # the usable part is transformers' SynthID update on the renormalised usable distribution, with our g-values
+    usable = key.usable
+    ctx = key.contexts(bits)
+    g = g_values(ctx[:, None, :], token_hash(torch.arange(vocab)).view(1, -1, 1)).double()  # (B, V, m)
+    logits = torch.log(probs[:, usable] / probs[:, usable].sum(-1, keepdim=True))
+    reference = torch.exp(SynthIDTextWatermarkLogitsProcessor.update_scores(None, logits, g[:, usable]))
+    mine = out[:, usable] / out[:, usable].sum(-1, keepdim=True)
+    assert torch.allclose(mine, reference, atol=1e-12)
+    # the watermark moves mass to g = 1 tokens at every layer
+    first = g[:, :, 0][:, usable]
+    assert ((mine * first).sum(-1) > (torch.exp(logits) * first).sum(-1)).all()
+
+
+def test_a_layer_whose_context_repeats_is_not_played_nor_scored():
+    """SynthID's repeated-context rule, per layer: generation leaves the distribution alone for layers not
+    played, and detection scores a (layer, context) only at its first occurrence in the text."""
+    from moewm.engine.scoring import CaptureBatch
+    from moewm.engine.tournament import TournamentScorer
+
+    key = _key()
+    probs = torch.softmax(torch.randn(2, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64), -1)
+    bits = torch.rand(2, 32, generator=torch.Generator().manual_seed(7)) > 0.5
+    idle = torch.zeros(2, 20, dtype=torch.bool)
+    assert torch.allclose(key.sample_distribution(probs, bits, idle), probs, atol=1e-15)
+    some = idle.clone()
+    some[:, 3] = True
+    assert not torch.allclose(key.sample_distribution(probs, bits, some), probs)
+    codes = torch.tensor([[3, 3, 5, 3, 5, 7]]).view(1, 1, 6, 1)  # (R, B, n, m): one key, text and layer
+    batch = CaptureBatch(torch.zeros(1, 6, 1), torch.tensor([[9, 10, 9, 9, 11, 12]]), torch.zeros(1, 6, 1, dtype=torch.long),
+                         torch.zeros(1, 6, 1), torch.ones(1, 6), torch.ones(1, 6, dtype=torch.bool))
+    skip = TournamentScorer(32, 1, 4, "green", True, 300, skip_repeated=True).scored_units(batch, codes)
+    assert skip.view(-1).tolist() == [True, False, True, False, False, True]
+    units = TournamentScorer(32, 1, 4, "green", True, 300, skip_repeated=False).scored_units(batch, codes)
+    assert units.view(-1).tolist() == [True, True, True, False, True, True]  # (layer code, token) (3, 9) again
+    assert TournamentScorer(32, 1, 4, "green", False, 300).scored_units(batch, codes).all()
+
+
+def test_process_scores_samples_the_tournament_of_the_tempered_distribution():
+    key = _key()
+    scores = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
+    scores[0, 5] = float("-inf")  # a token an earlier processor forbade stays forbidden
+    bits = torch.rand(3, 32, generator=torch.Generator().manual_seed(5)) > 0.5
+    t = 0.7
+    processed = key.process_scores(scores, bits, temperature=t)
+    sampled = torch.softmax(processed.double() / t, -1)  # what transformers' temperature warper then does
+    expected = key.sample_distribution(torch.softmax(scores.double() / t, -1), bits)
+    assert torch.allclose(sampled, expected, atol=1e-6)
+    assert sampled[0, 5] == 0
+
+
+def test_tournament_settings_out_of_range_are_refused_naming_key_and_range():
+    with pytest.raises(ConfigError, match=r"watermark.tournament.layers=0: allowed range is \[1, 64\]"):
+        WatermarkConfig(tournament=TournamentConfig(layers=0)).validate()
+    with pytest.raises(ConfigError, match=r"watermark.tournament.layers=65: allowed range is \[1, 64\]"):
+        WatermarkConfig(tournament=TournamentConfig(layers=65)).validate()
+    with pytest.raises(ConfigError, match=r"watermark.tournament.block_bits=33: allowed range is \[1, 32\]"):
+        WatermarkConfig(tournament=TournamentConfig(block_bits=33)).validate()
+    # against the encoder, before any weights load
+    with pytest.raises(ConfigError, match=r"watermark.tournament.block_bits=16: allowed range is \[1, 8\] \(at most encoder.num_bits=8"):
+        validate_app(app_config(["watermark=moe_tournament", "encoder.num_bits=8", "watermark.tournament.block_bits=16"]))
+    validate_app(app_config(["watermark=moe_tournament", "encoder.num_bits=8", "watermark.tournament.block_bits=8"]))
+    # another scheme ignores the tournament's settings
+    validate_app(app_config(["watermark=moe_lsh", "encoder.num_bits=8", "watermark.tournament.block_bits=16"]))
+
+
+# -- tiny_moe ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from moewm.models.loading import load_model
+
+    return load_model(ModelConfig())
+
+
+def _wm(tiny, seed: int, **watermark):
+    from moewm.schemes.moe_tournament import MoETournamentWatermark
+
+    model, tok = tiny
+    cfg = WatermarkConfig(kind="moe_tournament", statistic=watermark.pop("statistic", "green"), **watermark)
+    return MoETournamentWatermark(model, tok, ExtractorConfig(), EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
+
+
+def test_generation_and_detection_read_the_same_g_values(tiny):
+    """The detector's contexts (bank signatures of the captured features) are the processor's (the encoder's
+    signature of the same features): a drift between the two would silently halve the evidence."""
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
+    with _wm(tiny, 1) as wm:
+        prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=12, min_new_tokens=12))
+        caps = wm.capture(ids, prompt_ids)
+        from moewm.engine.scoring import CaptureBatch
+
+        batch = CaptureBatch.stack(caps)
+        _, detect_ctx = wm.scorer.contexts(batch, wm._true_tables)
+        gen_ctx = wm.logits_processor.tournament.contexts(wm.encoder.signature(batch.features).reshape(-1, 32))
+        assert torch.equal(detect_ctx[0].reshape(-1, 20)[batch.valid.reshape(-1)], gen_ctx[batch.valid.reshape(-1)])
+
+
+@pytest.mark.parametrize("statistic", ["green", "llr"])
+def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic):
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:4]
+    gen = GenerationConfig(max_new_tokens=32, min_new_tokens=32, batch_size=4)
+    with _wm(tiny, 2, statistic=statistic, statistic_top_k=16) as wm:
+        prompt_ids, ids = wm.generate_ids(prompts, gen)
+        _, plain = wm.generate_ids(prompts, gen, watermark=False)
+        out = wm.detect_ids(ids + plain, prompt_ids + prompt_ids)
+    p = out.p_value
+    assert (p[:4] <= 1e-3).all(), p
+    assert (p[4:] > 1e-2).sum() >= 3, p
+    assert (out.num_reference_keys[:4] == 999).all()
+    assert (out.green_fraction[:4] > 0.6).all() and (np.abs(out.green_fraction[4:] - 0.5) < 0.1).all(), out.green_fraction
+
+
+@pytest.fixture(scope="module")
+def null_captures(tiny):
+    """Unwatermarked text of three origins (temperature-1 samples, two human corpora), captured once."""
+    from moewm.engine.generation import encode_prompt, generate_batched
+    from moewm.null_corpora import human_texts
+
+    model, tok = tiny
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:32]
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    plain = generate_batched(model, tok, prompt_ids, GenerationConfig(max_new_tokens=40, min_new_tokens=32, batch_size=16, sampling_seed=9), [])
+    texts, contexts, origin = list(plain), list(prompt_ids), ["plain"] * len(plain)
+    for corpus, count in (("human_docstrings", 84), ("kjv_narrative", 84)):
+        ids = [list(tok(t, add_special_tokens=False)["input_ids"])[:48] for t in human_texts(corpus, count)]
+        texts += ids
+        contexts += [[] for _ in ids]
+        origin += [corpus] * len(ids)
+    keep = [i for i, t in enumerate(texts) if len(t) > 0]
+    with _wm(tiny, 0) as wm:
+        return wm.capture([texts[i] for i in keep], [contexts[i] for i in keep]), np.array(origin)[keep]
+
+
+def test_tournament_p_values_are_uniform_over_keys_on_text_written_without_the_key(tiny, null_captures):
+    """Each text under its own deployed key, ranked among the same 199 reference keys: exactly uniform on
+    {1/200, ..., 1} whatever wrote the text. Salts or hyperplanes of the reference keys drawn unlike the
+    deployed key's, or a statistic read differently for the two, make it fail."""
+    from moewm.engine.keybank import build_bank
+    from moewm.engine.scoring import BankTables, CaptureBatch, calibrated
+
+    captures, origin = null_captures
+    model, _ = tiny
+    with _wm(tiny, 0, reference_keys=199, alpha=0.01) as wm:
+        ref = wm.reference_tables()
+        keys = [WatermarkKey(SECRET, 100 + i) for i in range(len(captures))]
+        bank = build_bank(wm.encoder_cfg, keys, wm.capture_hooks.dim, model.get_input_embeddings().weight, wm.encoder.usable, wm.vocab_size)
+        tables = BankTables.of(bank)
+        p = np.array([calibrated(CaptureBatch.stack([c]), tables.select(i, i + 1), ref, wm.statistic_spec, stop_after=None,
+                                 draws=wm.scorer.draws).p_value[0] for i, c in enumerate(captures)])
+    assert len(p) >= 180
+    for q in (0.01, 0.05, 0.2, 0.5):
+        k, n = int((p <= q + 1e-12).sum()), len(p)
+        assert binom.ppf(0.0005, n, q) <= k <= binom.ppf(0.9995, n, q), (q, k, n)
+    assert kstest(p, "uniform").pvalue > 1e-3
+    for name in np.unique(origin):
+        n = int((origin == name).sum())
+        assert int((p[origin == name] <= 0.05).sum()) <= binom.ppf(0.9995, n, 0.05), name
