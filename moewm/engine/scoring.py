@@ -51,7 +51,7 @@ class CaptureBatch:
     top_probs: torch.Tensor
     tail: torch.Tensor
     valid: torch.Tensor
-    previous: torch.Tensor
+    previous: Optional[torch.Tensor] = None
 
     @staticmethod
     def stack(captures: Sequence[TextCapture], device: torch.device | str = "cpu") -> "CaptureBatch":
@@ -90,7 +90,7 @@ class CaptureBatch:
 
     def select(self, rows: torch.Tensor) -> "CaptureBatch":
         return CaptureBatch(self.features[rows], self.tokens[rows], self.top_ids[rows], self.top_probs[rows], self.tail[rows], self.valid[rows],
-                            self.previous[rows])
+                            None if self.previous is None else self.previous[rows])
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -45,7 +45,8 @@ ATTACK_PREFIX = "detection_rate_attacked_"
 OK = "ok"
 REFERENCE = {"watermark_kind": "kgw", "kgw_gamma": 0.25, "delta": 2.0}
 HEADLINE_ATTACK = "substitution_0p3"
-SCHEME_COLOURS = {"moe_lsh": "tab:blue", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
+ROUTING_SCHEMES = ("moe_lsh", "moe_tournament")  # the routing-keyed family the headline asks about
+SCHEME_COLOURS = {"moe_lsh": "tab:blue", "moe_tournament": "tab:purple", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
 NULL_SETS = ("plain", "greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative")
 OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
 DISTANCES = (("2", "2"), ("3to4", "3-4"), ("5to8", "5-8"), ("9to16", "9-16"), ("17up", "17+"), ("before", "before"))
@@ -248,7 +249,7 @@ def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK, slack: float = 
     if col not in table:
         return Headline(None, f"the jobs did not score the attack {attack} (eval.attacks)", ref)
     r = table.loc[ref]
-    lsh = table[table["scheme"] == "moe_lsh"]
+    lsh = table[table["scheme"].isin(ROUTING_SCHEMES)]
     if not len(lsh):
         return Headline(None, "the sweep has no MoE-LSH point", ref)
     cheap = lsh[lsh["ppl_cost"] <= r["ppl_cost"] + slack]
@@ -329,7 +330,7 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
                      f"detection after {attack} {_fmt(r[col])} (keys {_span(r[col + '_min'], r[col + '_max'])}).")
         shown = head.winners or head.candidates
         if not shown:  # the cheapest MoE-LSH points, to show how far they are
-            shown = list(table[table["scheme"] == "moe_lsh"].sort_values("ppl_cost").index[:3])
+            shown = list(table[table["scheme"].isin(ROUTING_SCHEMES)].sort_values("ppl_cost").index[:3])
             lines.append("- Cheapest MoE-LSH points (none is as cheap as the reference):")
         else:
             lines.append("- MoE-LSH points that win:" if head.winners else "- MoE-LSH points at or below the reference's cost:")
