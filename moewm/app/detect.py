@@ -13,7 +13,7 @@ from moewm.engine.detection import DetectorOutput
 from moewm.io import write_json, write_jsonl
 from moewm.engine.keys import WatermarkKey
 from moewm.app.schema import AppConfig, validate_app
-from moewm.app.services import build_watermarker, format_prompt, get_model
+from moewm.app.services import build_watermarker, check_weights, format_prompt, get_model
 from moewm.engine.generation import encode_prompt
 
 log = logging.getLogger("moewm")
@@ -24,6 +24,7 @@ def detect_file(app: AppConfig, out_dir: Path) -> dict[str, Any]:
     (alpha, the reference keys and the null the p-values rest on) and print one line per text."""
     validate_app(app)
     records = read_records(app.input, app.data.text_field)  # type: ignore[arg-type]
+    check_weights(app)
     model, tokenizer = get_model(app)
     key = WatermarkKey.from_env(app.seed, app.secret_key)
     watermarker = build_watermarker(app, model, tokenizer, key, None)

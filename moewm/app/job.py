@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from moewm.app.schema import AppConfig, validate_app
-from moewm.app.services import (PLAIN_GENERATIONS, LOAD_COUNT, cache_key, build_watermarker, cache_root, format_prompt, get_model,
-                                needs_calibration)
+from moewm.app.services import (PLAIN_GENERATIONS, LOAD_COUNT, cache_key, build_watermarker, cache_root, check_weights, format_prompt,
+                                get_model, needs_calibration)
 from moewm.app.tracking import Tracker
 from moewm.data import load_prompts
 from moewm.engine import stats
@@ -50,8 +50,13 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def run_job(app: AppConfig, out_dir: Path, *, run_name: str, group: Optional[str]) -> dict[str, Any]:
-    """Run one job and write metrics.json (+ samples.jsonl); a failure is recorded, then re-raised."""
+    """Run one job and write metrics.json (+ samples.jsonl); a failure is recorded, then re-raised.
+
+    A configuration error or weights that cannot be had raise before anything starts (no W&B run, no files).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    validate_app(app)
+    check_weights(app)
     key = WatermarkKey.from_env(app.seed, app.secret_key)
     base: dict[str, Any] = {
         "status": "running",

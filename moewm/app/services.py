@@ -15,6 +15,7 @@ from moewm.schemes.base import Watermarker
 
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
+_UNAVAILABLE: dict[str, str] = {}  # model -> why its weights cannot be had (checked once per process)
 PLAIN_GENERATIONS: dict[str, tuple[list[list[int]], list[list[int]], float]] = {}
 LOAD_COUNT = {"loads": 0}
 
@@ -35,6 +36,25 @@ def get_model(app: AppConfig) -> tuple[Any, Any]:
     if app.reuse_model:
         _MODELS[key] = (model, tokenizer)
     return model, tokenizer
+
+
+def check_weights(app: AppConfig) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when the model's weights can be had neither locally nor from the hub.
+
+    Checked once per process and model: the jobs of a sweep after the first fail without asking the hub again.
+    """
+    from moewm.models.architecture import WeightsUnavailableError, check_weights_reachable
+
+    key = cache_key(app.model)
+    if key in _UNAVAILABLE:
+        raise WeightsUnavailableError(_UNAVAILABLE[key])
+    if app.reuse_model and cache_key(app.model, app.memory) in _MODELS:
+        return
+    try:
+        check_weights_reachable(app.model)
+    except WeightsUnavailableError as err:
+        _UNAVAILABLE[key] = str(err)
+        raise
 
 
 def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
