@@ -57,6 +57,31 @@ def check_weights(app: AppConfig) -> None:
         raise
 
 
+def run_settings(app: AppConfig, key: WatermarkKey) -> dict[str, Any]:
+    """What a job's verdicts depend on besides the text (key, model, scheme and its design), as metrics.json records it:
+    ``mode=detect`` on a run's samples compares them with the run's."""
+    return {
+        "key_fingerprint": key.fingerprint,
+        "model": app.model.name,
+        "watermark_kind": app.watermark.kind,
+        "extractor_kind": app.extractor.kind,
+        "encoder_kind": app.encoder.kind,
+        "start_layer_idx": app.extractor.start_layer_idx,
+        "end_layer_idx": app.extractor.end_layer_idx,
+        "use_top_k": app.extractor.use_top_k,
+        "k": app.extractor.k,
+        "num_bits": app.encoder.num_bits,
+        "pool_size": app.encoder.pool_size,
+        "pools": app.encoder.pool_design,
+        "green_lists": app.encoder.green_lists,
+        "green_bits": app.encoder.green_bits,
+        "delta": app.watermark.delta,
+        "alpha": app.watermark.alpha,
+        "statistic": app.watermark.statistic,
+        "memory_profile": app.memory.name,
+    }
+
+
 def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
     """Chat checkpoints get their chat template around the prompt; base models the prompt itself."""
     if chat and getattr(tokenizer, "chat_template", None):
