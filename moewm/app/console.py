@@ -27,7 +27,7 @@ class OncePerProcess(logging.Filter):
     """Lets each distinct message through once per process: a sweep's ten jobs warn about a demo secret once.
 
     Hydra builds new handlers (and filters) for every job, so what was seen is kept on the class. The
-    job's app.log has no such filter and keeps every line.
+    job's main.log has no such filter and keeps every line.
     """
 
     seen: set[tuple[str, int, str]] = set()

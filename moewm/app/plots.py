@@ -370,13 +370,14 @@ def plot_null_calibration(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Option
     alpha = float(ok["alpha"].dropna().iloc[0]) if "alpha" in ok and ok["alpha"].notna().any() else 0.01
     fig, (share_ax, hist) = plt.subplots(1, 2, figsize=(11.5, 4.8))
     levels = NULL_LEVELS
+    # a share of 0 cannot sit on a log axis: it is drawn on the bottom edge, below every possible nonzero share and alpha
+    floor = 0.5 * min(float(levels[0]), 1.0 / max(p.size for p in data.values()))
     for idx, (name, p) in enumerate(data.items()):
         color = f"C{idx % 10}"
         share = np.array([np.mean(p <= a) for a in levels])
         upper = np.array([null_share_check(p, a)[1] / p.size for a in levels])
         k, bound, inside = null_share_check(p, alpha)
         text = f"{name} (n={p.size}; p <= {alpha:g}: {k}, bound {bound}: {'ok' if inside else 'ABOVE'})"
-        floor = 0.5 / p.size  # a share of 0 drawn at half a text, on the log axis
         share_ax.step(levels, np.maximum(share, floor), where="post", color=color, lw=1.6, label=text)
         share_ax.plot(levels, np.maximum(upper, floor), color=color, lw=0.8, ls="--")
         hist.hist(p, bins=np.linspace(0, 1, 21), density=True, histtype="step", lw=1.5, color=color, label=name)
@@ -384,8 +385,9 @@ def plot_null_calibration(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Option
     share_ax.axvline(alpha, color="red", lw=1, ls="--")
     share_ax.set_xscale("log")
     share_ax.set_yscale("log")
+    share_ax.set_ylim(floor * 0.9, 1.5)
     share_ax.set_xlabel("alpha")
-    share_ax.set_ylabel("share of null texts with p <= alpha")
+    share_ax.set_ylabel("share of null texts with p <= alpha (bottom edge: none)")
     share_ax.set_title("valid: solid line under its dashed binomial 99 % bound\n(dotted: share = alpha; below it is conservative, allowed)",
                        fontsize=9)
     share_ax.legend(fontsize=6.5, loc="upper left")
