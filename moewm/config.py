@@ -454,7 +454,7 @@ class LoggerConfig:
         )
 
 
-ATTACK_KINDS = ("none", "deletion", "substitution", "insertion", "swap", "truncation", "copy_paste", "paraphrase")
+ATTACK_KINDS = ("none", "deletion", "substitution", "insertion", "swap", "truncation", "copy_paste", "paraphrase", "retokenisation")
 
 
 @dataclass
@@ -479,6 +479,9 @@ class AttackConfig:
 
 
 ATTACK_DEFAULT_STRENGTH = 0.2  # a spec without ":strength" (the conf/attack files' default)
+# Attacks without degrees: any strength > 0 is the whole edit (retokenisation: decode, encode again), so a spec
+# without ":strength" means all of it.
+ATTACK_DEFAULT_STRENGTHS = {"retokenisation": 1.0}
 
 
 @dataclass(frozen=True)
@@ -504,7 +507,7 @@ def parse_attack_spec(spec: str, where: str = "eval.attacks") -> AttackSpec:
         raise ConfigError(f"{where}={text!r}: unknown attack {name!r}; allowed values are {allowed}, written name:strength "
                           f"with strength in [0, 1] (e.g. substitution:0.3)")
     if not sep:
-        return AttackSpec(name, ATTACK_DEFAULT_STRENGTH)
+        return AttackSpec(name, ATTACK_DEFAULT_STRENGTHS.get(name, ATTACK_DEFAULT_STRENGTH))
     try:
         strength = float(value)
     except ValueError:

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -46,3 +47,34 @@ PROMPTS = [
     "def main():",
     "It was a dark and stormy",
 ]
+
+
+# -- progress per file: the terminal names each test file as it starts (default verbosity) and, when it ends, how
+# long it took, so a long file (test_validity.py) is visibly alive and the slow ones are easy to find. The closing
+# "N passed" line is pytest's own.
+_PROGRESS: dict = {"config": None, "left": {}, "started": {}}
+
+
+def pytest_configure(config):
+    _PROGRESS["config"] = config
+
+
+def pytest_collection_finish(session):
+    left = _PROGRESS["left"] = {}
+    for item in session.items:
+        path = item.nodeid.split("::", 1)[0]
+        left[path] = left.get(path, 0) + 1
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _PROGRESS["started"].setdefault(nodeid.split("::", 1)[0], time.perf_counter())
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    path = nodeid.split("::", 1)[0]
+    left = _PROGRESS["left"]
+    left[path] = left.get(path, 1) - 1
+    config = _PROGRESS["config"]
+    reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
+    if left[path] == 0 and path in _PROGRESS["started"] and reporter is not None and reporter.verbosity >= 0:
+        reporter.write(f" {time.perf_counter() - _PROGRESS['started'][path]:.0f} s")

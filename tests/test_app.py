@@ -154,7 +154,9 @@ def test_a_run_prints_one_short_block_ending_with_its_files(tmp_path):
     assert len(lines) <= 30, proc.stdout
     assert lines[-1].split()[:2] == ["files", "run/"]  # relative to the working directory
     assert any(line.strip().startswith("detected") for line in lines)
-    assert "INFO" not in proc.stdout + proc.stderr  # INFO lines go to the job's app.log
+    assert "INFO" not in proc.stdout + proc.stderr  # INFO lines go to the job's main.log
+    assert "INFO" in (out_dir / "main.log").read_text()  # the file the README names
+    assert "`main.log`" in (ROOT / "README.md").read_text()
 
 
 def test_help_lists_groups_modes_and_examples(tmp_path):

@@ -77,3 +77,39 @@ def test_swept_keys_and_group_name_come_from_presets_and_the_command_line():
     group = group_name("seed_sensitivity", ["seed", "encoder"], Path("outputs/sweeps/2026-11-28/08-22-03"))
     assert group == "seed_sensitivity: seed x encoder (2026-11-28/08-22-03)"
     assert len(group_name(None, [f"key{i}" for i in range(60)], Path("a/b"))) <= 128
+
+
+def _rewrite_nulls(sweep_dir, draw):
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for nulls in sweep_dir.glob("*/nulls.jsonl"):
+        rows = [json.loads(line) for line in nulls.read_text().splitlines()]
+        for r in rows:
+            r["p_value"] = float(draw(rng))
+        nulls.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_null_plot_is_one_sided_conservative_nulls_pass_and_anti_conservative_ones_do_not(tmp_path):
+    """Rank p-values put their mass near 1 (conservative): valid, which a two-sided uniformity test would call a failure."""
+    write_sweep(tmp_path / "conservative", [{"seed": s} for s in range(4)], n=64)
+    _rewrite_nulls(tmp_path / "conservative", lambda rng: min(1.0, 0.3 + rng.uniform()))  # no p below 0.3
+    _, plots = _plots(tmp_path / "conservative")
+    labels = plots["null_calibration.png"].labels
+    assert labels and all(label.endswith(": ok)") for label in labels), labels
+    write_sweep(tmp_path / "liberal", [{"seed": s} for s in range(4)], n=64)
+    _rewrite_nulls(tmp_path / "liberal", lambda rng: rng.uniform(0, 0.01))  # every null text at p <= 0.01
+    _, plots = _plots(tmp_path / "liberal")
+    assert all("ABOVE" in label for label in plots["null_calibration.png"].labels)
+
+
+def test_a_roc_of_ten_jobs_gives_each_its_own_panel(tmp_path):
+    write_sweep(tmp_path, [{"seed": s} for s in range(10)])
+    _, plots = _plots(tmp_path)
+    roc = plots["roc.png"]
+    assert roc.labels == [f"seed={s}" for s in range(10)] and "one panel per job" in roc.caption
+    write_sweep(tmp_path / "few", [{"seed": s} for s in range(2)])
+    _, plots = _plots(tmp_path / "few")
+    assert "panel" not in plots["roc.png"].caption  # a few curves share one axis

@@ -82,3 +82,22 @@ def test_without_geometry_or_seeds(tmp_path):
     assert table.loc["simhash", "n_seeds"] == 1
     with pytest.raises(ValueError, match="encoder_kind"):
         seed_sensitivity_report(pd.DataFrame({"seed": [0], "detection_rate": [1.0]}), tmp_path)
+
+
+def test_holm_adjusts_for_every_metric_looked_at():
+    from moewm.evaluation.seed_report import holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    assert adjusted["a"] == pytest.approx(0.03) and adjusted["c"] == pytest.approx(0.06) and adjusted["b"] == pytest.approx(0.06)
+    assert np.isnan(adjusted["d"])
+
+
+def test_a_best_predictor_found_among_noise_is_reported_with_n_and_its_corrected_p(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [{"seed": s, "encoder_kind": "simhash", "status": "ok", "detection_rate": rng.uniform(),
+             **{f"geo_noise_{i}": rng.normal() for i in range(20)}} for s in range(10)]
+    seed_sensitivity_report(pd.DataFrame(rows), tmp_path)
+    md = (tmp_path / "seed_sensitivity.md").read_text()
+    assert "20 metrics looked at" in md and "n = 10 seeds" in md and "Holm-adjusted over 20 metrics" in md
+    assert "not significant" in md
+    assert (tmp_path / "best_predictor.png").stat().st_size > 1000

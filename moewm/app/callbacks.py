@@ -44,19 +44,49 @@ class SecretScrubCallback(Callback):
         scrub_secret(Path(config.hydra.sweep.dir), secret, fingerprint)
 
 
+class WeightsCheckCallback(Callback):
+    """A sweep of one model whose weights cannot be had stops before its first job, with one message and no traceback.
+
+    A sweep over models checks each job instead: the jobs of a model without weights are skipped (status
+    ``skipped`` in the table), once per process and without asking the hub again (moewm.app.services.check_weights).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from moewm.app.sweep import swept_keys
+        from moewm.config import ModelConfig
+        from moewm.models.architecture import WeightsUnavailableError, check_weights_reachable
+
+        if config.get("mode", "run") == "estimate":
+            return
+        params = config.hydra.sweeper.get("params")
+        keys = swept_keys(list(config.hydra.overrides.task), OmegaConf.to_container(params) if params is not None else None)
+        if any(k == "model" or k.startswith("model.") for k in keys):
+            return
+        try:
+            model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.to_container(config.model, resolve=True)))
+            check_weights_reachable(model)  # type: ignore[arg-type]
+        except WeightsUnavailableError as err:
+            print(f"[ERROR] moewm: {err}\nThe sweep stops before its first job: every job needs these weights (nothing was run or written).",
+                  flush=True)
+            raise SystemExit(2) from None
+        except Exception:  # noqa: BLE001 - a config this check cannot read: each job checks and reports it itself
+            return
+
+
 class SweepSummaryCallback(Callback):
     """When a multirun ends (any launcher): summary.csv, plots, the sweep table, a sweep-level W&B run; exit 1 if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from moewm.app.console import sweep_report
+        from moewm.app.console import SKIPPED, sweep_report
         from moewm.app.report import summarize
         from moewm.app.tracking import sync_command
 
         sweep_dir = Path(config.hydra.sweep.dir)
         df, plots = summarize(sweep_dir)
         failed = int((df.get("status") != "ok").sum()) if len(df) else 0
-        url = self._log_to_wandb(config, sweep_dir, df, plots)
-        print(sweep_report(df, sweep_dir, [p.path for p in plots], sync=None if url else sync_command(sweep_dir), url=url))
+        ran = bool(len(df)) and bool((df.get("status") != SKIPPED).any())
+        url = self._log_to_wandb(config, sweep_dir, df, plots) if ran else None  # no job ran: nothing to log
+        print(sweep_report(df, sweep_dir, [p.path for p in plots], sync=None if url or not ran else sync_command(sweep_dir), url=url))
         if failed:
             raise SystemExit(1)
 

@@ -27,7 +27,7 @@ class OncePerProcess(logging.Filter):
     """Lets each distinct message through once per process: a sweep's ten jobs warn about a demo secret once.
 
     Hydra builds new handlers (and filters) for every job, so what was seen is kept on the class. The
-    job's app.log has no such filter and keeps every line.
+    job's main.log has no such filter and keeps every line.
     """
 
     seen: set[tuple[str, int, str]] = set()
@@ -231,6 +231,9 @@ def job_line(metrics: Mapping[str, Any], out_dir: Path, name: str) -> str:
     return parts[0] + " " + " | ".join(parts[1:]) + f" -> {shown_path(out_dir)}"
 
 
+SKIPPED = "skipped"  # metrics.json status of a job that did not start (moewm.app.main: weights unavailable)
+
+
 # -- the sweep table ------------------------------------------------------------------------------
 
 def _fpr_max(row: Mapping[str, Any]) -> Optional[float]:
@@ -372,7 +375,12 @@ def sweep_report(df: pd.DataFrame, sweep_dir: Path, plots: Sequence[Path], sync:
     ok = int((df.get("status") == "ok").sum()) if len(df) else 0
     keys = varying_keys(df) if len(df) else []
     first = next((r for r in df.to_dict("records") if r.get("status") == "ok"), {}) if len(df) else {}
-    lines = ["", f"sweep: {len(df)} jobs, {ok} ok, {len(df) - ok} failed" + (f"; swept {', '.join(keys)}" if keys else "")]
+    skipped = int((df.get("status") == SKIPPED).sum()) if len(df) else 0
+    counts = f"{ok} ok, {len(df) - ok - skipped} failed" + (f", {skipped} skipped" if skipped else "")
+    lines = ["", f"sweep: {len(df)} jobs, {counts}" + (f"; swept {', '.join(keys)}" if keys else "")]
+    if skipped:
+        lines.append(f"  {skipped} job(s) skipped without running: their model's weights cannot be had (the message above says "
+                     "why and how to get them; each job's error is in summary.csv)")
     lines.append(sweep_table(df, threshold_text(first) if first else ""))
     lines.append(f"files: {shown_path(sweep_dir)}/  summary.csv" + (f", {', '.join(Path(p).name for p in plots)}" if plots else ""))
     if url:

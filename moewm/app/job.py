@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from moewm.app.schema import AppConfig, validate_app
-from moewm.app.services import (PLAIN_GENERATIONS, LOAD_COUNT, cache_key, build_watermarker, cache_root, format_prompt, get_model,
-                                needs_calibration)
+from moewm.app.services import (PLAIN_GENERATIONS, LOAD_COUNT, cache_key, build_watermarker, cache_root, check_weights, format_prompt,
+                                get_model, needs_calibration, run_settings)
 from moewm.app.tracking import Tracker
 from moewm.data import load_prompts
 from moewm.engine import stats
@@ -50,34 +50,15 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def run_job(app: AppConfig, out_dir: Path, *, run_name: str, group: Optional[str]) -> dict[str, Any]:
-    """Run one job and write metrics.json (+ samples.jsonl); a failure is recorded, then re-raised."""
+    """Run one job and write metrics.json (+ samples.jsonl); a failure is recorded, then re-raised.
+
+    Weights that cannot be had raise before anything starts (no W&B run, no files): moewm.app.main skips the job.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_weights(app)
     key = WatermarkKey.from_env(app.seed, app.secret_key)
-    base: dict[str, Any] = {
-        "status": "running",
-        "seed": app.seed,
-        "key_fingerprint": key.fingerprint,
-        "model": app.model.name,
-        "watermark_kind": app.watermark.kind,
-        "extractor_kind": app.extractor.kind,
-        "encoder_kind": app.encoder.kind,
-        "start_layer_idx": app.extractor.start_layer_idx,
-        "end_layer_idx": app.extractor.end_layer_idx,
-        "use_top_k": app.extractor.use_top_k,
-        "k": app.extractor.k,
-        "num_bits": app.encoder.num_bits,
-        "pool_size": app.encoder.pool_size,
-        "pools": app.encoder.pool_design,
-        "green_lists": app.encoder.green_lists,
-        "green_bits": app.encoder.green_bits,
-        "vote_lists": app.encoder.vote_lists if app.encoder.green_lists == "vote" else 1,
-        "context_tokens": app.encoder.context_tokens,
-        "margin_bits": app.watermark.margin_bits,
-        "delta": app.watermark.delta,
-        "alpha": app.watermark.alpha,
-        "statistic": app.watermark.statistic,
-        "memory_profile": app.memory.name,
-    }
+    settings = run_settings(app, key)
+    base: dict[str, Any] = {"status": "running", "seed": app.seed, "key_fingerprint": settings.pop("key_fingerprint"), **settings}
     tracker = Tracker.start(app.logger, run_dir=out_dir, name=run_name, group=group, config=public_config(app, key))
     try:
         metrics = _run(app, key, out_dir, base, tracker)
@@ -177,7 +158,7 @@ def _run(app: AppConfig, key: WatermarkKey, out_dir: Path, base: dict[str, Any],
     finally:
         watermarker.close()
 
-    samples = _samples(tokenizer, prompts, wm_ids, plain_ids, wm_det, plain_det, ppl_wm, ppl_plain)
+    samples = _samples(tokenizer, prompts, prompt_ids, wm_ids, plain_ids, wm_det, plain_det, ppl_wm, ppl_plain)
     write_jsonl(out_dir / "samples.jsonl", samples)
     write_jsonl(out_dir / "nulls.jsonl", null_rows(detected.nulls, plain_det))
     write_json(out_dir / "length_curve.json", length_curve_table(wm_det, plain_det, app.eval.lengths, app.watermark.alpha))
@@ -280,14 +261,19 @@ def _evaluate(ctx: JobContext) -> dict[str, Any]:
     return evaluate_job(ctx)
 
 
-def _samples(tokenizer: Any, prompts: list[str], wm_ids: list[list[int]], plain_ids: list[list[int]],
+def _samples(tokenizer: Any, prompts: list[str], prompt_ids: list[list[int]], wm_ids: list[list[int]], plain_ids: list[list[int]],
              wm_det: DetectorOutput, plain_det: DetectorOutput, ppl_wm: np.ndarray, ppl_plain: np.ndarray) -> list[dict[str, Any]]:
+    """One row per prompt: the texts and their token ids exactly as generated (``mode=detect input=<this file>`` scores
+    the ids and reproduces the verdicts; the text, encoded again, need not give back the same ids), p-values, verdicts."""
     rows = []
     for i, prompt in enumerate(prompts):
         rows.append({
             "prompt": prompt,
             "text_wm": tokenizer.decode(wm_ids[i], skip_special_tokens=True),
             "text_unwm": tokenizer.decode(plain_ids[i], skip_special_tokens=True),
+            "prompt_ids": [int(t) for t in prompt_ids[i]],
+            "ids_wm": [int(t) for t in wm_ids[i]],
+            "ids_unwm": [int(t) for t in plain_ids[i]],
             "p_wm": float(wm_det.p_value[i]),
             "p_unwm": float(plain_det.p_value[i]),
             "detected_wm": bool(wm_det.prediction[i]),

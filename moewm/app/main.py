@@ -99,26 +99,52 @@ def hydra_main(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(2)
     except Exception as err:  # noqa: BLE001 - recorded in metrics.json; the sweep goes on
+        from moewm.models.architecture import WeightsUnavailableError
+
+        if isinstance(err, WeightsUnavailableError):  # expected without weights: one message, no traceback
+            log.error("%s", err)
+            from moewm.app.console import SKIPPED
+
+            _record_failure(cfg, err, status=SKIPPED)
+            if not multirun:
+                sys.exit(2)
+            return
         _record_failure(cfg, err)
         if not multirun:
             raise
         log.error("job failed: %s: %s (recorded in metrics.json; the sweep goes on)", type(err).__name__, err)
 
 
-def _record_failure(cfg: DictConfig, err: BaseException) -> None:
+def _record_failure(cfg: DictConfig, err: BaseException, status: str = "failed") -> None:
     """Make sure a failed job leaves a metrics.json row even if it failed before run_job wrote one."""
     from moewm.io import write_json
 
     path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
     if path.exists() or cfg.get("mode", "run") != "run":
         return
-    write_json(path, {"status": "failed", "error": f"{type(err).__name__}: {err}", "seed": cfg.get("seed")})
+    write_json(path, {"status": status, "error": f"{type(err).__name__}: {err}", "seed": cfg.get("seed")})
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """``-m`` / ``--multirun`` wherever the user wrote it, moved before the overrides where Hydra's parser wants it.
+
+    ``python -m moewm model=qwen_moe memory=ultra_low -m seed='range(10)'`` (flag after the groups) and Hydra's
+    own ``python -m moewm -m model=... seed=...`` are the same command. Hydra's other flags keep their places
+    (some take a value); only ``--`` ends the search.
+    """
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    if not any(a in MULTIRUN_FLAGS for a in head):
+        return list(argv)
+    rest = [a for a in head if a not in MULTIRUN_FLAGS] + list(argv[len(head):])
+    return ["--multirun", *rest]
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Console entry point (``moewm``) and ``python -m moewm``."""
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *hydra_argv(list(sys.argv[1:] if argv is None else argv))]
     return hydra_main()
 
 

@@ -1,8 +1,8 @@
 """Sweep plots, each naming its points by what varied between the jobs (``seed=3 encoder=pca``).
 
-The plots people open first: ROC per job on a log false-positive axis, detection vs text length,
-and the null p-values (histogram and QQ plot: a calibrated detector's nulls are uniform and follow
-the diagonal). Each reads the job's files and uses the best evidence present: calibrated p-values
+The plots people open first: ROC per job on a log false-positive axis (a panel per job when there are
+many), detection vs text length, and the null p-values (the share of null texts at or below each alpha
+against its one-sided binomial bound: a valid detector's share stays under it; conservative is allowed). Each reads the job's files and uses the best evidence present: calibrated p-values
 (``samples.jsonl`` p_wm / p_unwm, ``nulls.jsonl``, ``length_curve.json``) when the job wrote them,
 the z-scores and ``*_at_T`` metrics otherwise, and says which in its title.
 """
@@ -225,8 +225,19 @@ def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
+ROC_SINGLE_AXIS = 3  # more curves than this: one small panel per curve (curves that reach TPR 1 at once hide each other)
+
+
+def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    return float(np.sum(np.diff(fpr) * tpr[1:]))
+
+
 def plot_roc(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Optional[Plot]:
-    """ROC per job (pooled per group in large sweeps) with a log-scale false-positive axis."""
+    """ROC per job (pooled per group in large sweeps) with a log-scale false-positive axis.
+
+    Up to ``ROC_SINGLE_AXIS`` curves share one axis; more get one small panel each, with every other curve in light
+    grey behind it, so ten curves that all reach TPR 1 at the lowest FPR stay ten legible curves.
+    """
     ok = _ok(df)
     scores = [job_scores(sweep_dir / str(j)) for j in ok["job"]]
     kinds = {s.kind for s in scores if s is not None}
@@ -235,29 +246,63 @@ def plot_roc(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Optional[Plot]:
     kind = "p" if kinds == {"p"} else "z"
     if kind == "z":  # some jobs without p-values: compare like with like
         scores = [job_scores_z(sweep_dir / str(j)) for j in ok["job"]]
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    floor = 1.0
+    curves: list[tuple[str, np.ndarray, np.ndarray, int]] = []
     for name, rows in curve_groups(ok):
         got = [scores[i] for i in rows if scores[i] is not None]
         if not got:
             continue
-        pos = np.concatenate([s.positives for s in got])
         neg = np.concatenate([s.negatives for s in got])
-        fpr, tpr = _roc(pos, neg)
-        low = 0.5 / max(1, neg.size)
-        floor = min(floor, low)
-        ax.step(np.maximum(fpr, low), tpr, where="post", label=name, lw=1.5)
-    ax.plot([floor, 1], [floor, 1], color="grey", ls=":", lw=1)
+        fpr, tpr = _roc(np.concatenate([s.positives for s in got]), neg)
+        curves.append((name, fpr, tpr, int(neg.size)))
+    if not curves:
+        return None
+    floor = min(0.5 / max(1, n) for *_, n in curves)
     alpha = ok["alpha"].dropna().iloc[0] if "alpha" in ok and ok["alpha"].notna().any() else None
+    facets = len(curves) > ROC_SINGLE_AXIS
+    cols = min(5, len(curves)) if facets else 1
+    rows_n = -(-len(curves) // cols) if facets else 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.0 * cols + 0.5, 2.7 * rows_n + 0.8) if facets else (6.5, 5),
+                             squeeze=False, sharex=True, sharey=True)
+    flat = list(axes.ravel())
+    for k, (name, fpr, tpr, n_neg) in enumerate(curves):
+        ax = flat[k] if facets else flat[0]
+        if facets:
+            for other, (_, f2, t2, n2) in enumerate(curves):
+                if other != k:
+                    ax.step(np.maximum(f2, 0.5 / max(1, n2)), t2, where="post", color="#d0d0d0", lw=0.8)
+        low = 0.5 / max(1, n_neg)
+        text = f"{name}" if not facets else name
+        ax.step(np.maximum(fpr, low), tpr, where="post", lw=1.8, label=text, color=None if not facets else "C0")
+        if facets:
+            at = float(tpr[fpr <= float(alpha)].max()) if alpha is not None and (fpr <= float(alpha)).any() else float("nan")
+            ax.set_title(name, fontsize=8)
+            ax.text(0.97, 0.05, f"AUC {_auc(fpr, tpr):.3f}" + (f"\nTPR {at:.2f} at FPR <= {float(alpha):g}" if np.isfinite(at) else "")
+                    + f"\n{n_neg} null texts", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
+    for ax in flat[: len(curves) if facets else 1]:
+        ax.plot([floor, 1], [floor, 1], color="grey", ls=":", lw=1)
+        if alpha is not None and float(alpha) > floor:
+            ax.axvline(float(alpha), color="red", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlim(floor, 1)
+        ax.set_ylim(-0.02, 1.02)
+    for ax in flat[len(curves):] if facets else []:
+        ax.axis("off")
+    title = "ROC: watermarked texts vs nulls" + ("" if kind == "p" else " (from z: no p-values in these jobs)")
+    xlabel = "false-positive rate (log; left edge: no null text above the threshold)"
+    if facets:
+        fig.suptitle(f"{title}; one panel per curve, the others in grey; red: alpha {float(alpha):g}" if alpha is not None else title, fontsize=10)
+        fig.supxlabel(xlabel, fontsize=9)
+        fig.supylabel("true-positive rate", fontsize=9)
+        labels = [c[0] for c in curves]
+        out = sweep_dir / "roc.png"
+        _save(fig, out, plt)
+        return Plot(out, labels, "ROC per job, log false-positive axis, one panel per job")
+    ax = flat[0]
     if alpha is not None and float(alpha) > floor:
-        ax.axvline(float(alpha), color="red", ls="--", lw=1)
         ax.text(float(alpha), 0.02, f" alpha {float(alpha):g}", color="red", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("false-positive rate (log; left edge: no null text above the threshold)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("true-positive rate")
-    ax.set_title("ROC: watermarked texts vs nulls" + ("" if kind == "p" else " (from z: no p-values in these jobs)"), fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     return _saved_with_legend(fig, ax, plt, sweep_dir / "roc.png", "ROC per job, log false-positive axis")
 
@@ -288,10 +333,28 @@ def plot_detection_vs_length(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Opt
     return _saved_with_legend(fig, ax, plt, sweep_dir / "detection_vs_length.png", "detection rate and false-positive rate against text length")
 
 
-def plot_null_calibration(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Optional[Plot]:
-    """Null p-values pooled over jobs per null set: histogram (flat if calibrated) and QQ plot (on the diagonal)."""
-    from scipy.stats import beta, kstest
+NULL_LEVELS = np.logspace(-3, 0, 31)  # the levels at which the null plot compares the share at or below alpha with alpha
 
+
+def null_share_check(p: np.ndarray, alpha: float) -> tuple[int, int, bool]:
+    """(count at or below ``alpha``, its largest allowed count, within it): the same binomial 99 % bound as a job's
+    ``null_ok``. One-sided: a valid p-value may be conservative (fewer texts than alpha), never more."""
+    from moewm.evaluation.nulls import binomial_bound
+
+    k = int(np.sum(p <= alpha))
+    bound = binomial_bound(int(p.size), float(alpha))
+    return k, bound, k <= bound
+
+
+def plot_null_calibration(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Optional[Plot]:
+    """What validity means, per null set pooled over jobs: the share of null texts with p <= alpha against alpha
+    (log-log), under the binomial 99 % upper bound of its count; and the histogram of the p-values.
+
+    A valid p-value puts at most alpha of unwatermarked text at or below alpha; rank p-values against reference
+    keys (``(1 + #) / (R + 1)``, Besag-Clifford stops) are conservative, with mass near 1, which a two-sided
+    uniformity test would call a failure. The verdict in the legend is the one-sided check at the sweep's alpha,
+    the same rule as the console's ``null calibrated``.
+    """
     ok = _ok(df)
     pooled: dict[str, list[np.ndarray]] = {}
     sources = set()
@@ -304,35 +367,40 @@ def plot_null_calibration(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Option
     data = {k: np.clip(np.concatenate(v), 0, 1) for k, v in pooled.items() if sum(x.size for x in v)}
     if not data:
         return None
-    fig, (hist, qq) = plt.subplots(1, 2, figsize=(11, 4.5))
-    bins = np.linspace(0, 1, 21)
-    largest = max(x.size for x in data.values())
-    for name, p in data.items():
-        ks = kstest(p, "uniform").pvalue if p.size > 1 else float("nan")
-        text = f"{name} (n={p.size}, KS p={ks:.2g})"
-        hist.hist(p, bins=bins, density=True, histtype="step", lw=1.5, label=text)
-        ordered = np.sort(p)
-        expected = np.arange(1, p.size + 1) / (p.size + 1)
-        qq.plot(_neglog(expected), _neglog(ordered), marker=".", ms=3, lw=1, label=text)
-    i = np.arange(1, largest + 1)
-    qq.fill_between(_neglog(i / (largest + 1)), _neglog(beta.ppf(0.975, i, largest + 1 - i)),
-                    _neglog(beta.ppf(0.025, i, largest + 1 - i)), color="grey", alpha=0.2, label=f"95 % band, n={largest}")
-    top = float(_neglog(np.array([1 / (largest + 1)]))[0])
-    qq.plot([0, top], [0, top], color="black", lw=1, ls=":")
+    alpha = float(ok["alpha"].dropna().iloc[0]) if "alpha" in ok and ok["alpha"].notna().any() else 0.01
+    fig, (share_ax, hist) = plt.subplots(1, 2, figsize=(11.5, 4.8))
+    levels = NULL_LEVELS
+    # a share of 0 cannot sit on a log axis: it is drawn on the bottom edge, below every possible nonzero share and alpha
+    floor = 0.5 * min(float(levels[0]), 1.0 / max(p.size for p in data.values()))
+    for idx, (name, p) in enumerate(data.items()):
+        color = f"C{idx % 10}"
+        share = np.array([np.mean(p <= a) for a in levels])
+        upper = np.array([null_share_check(p, a)[1] / p.size for a in levels])
+        k, bound, inside = null_share_check(p, alpha)
+        text = f"{name} (n={p.size}; p <= {alpha:g}: {k}, bound {bound}: {'ok' if inside else 'ABOVE'})"
+        share_ax.step(levels, np.maximum(share, floor), where="post", color=color, lw=1.6, label=text)
+        share_ax.plot(levels, np.maximum(upper, floor), color=color, lw=0.8, ls="--")
+        hist.hist(p, bins=np.linspace(0, 1, 21), density=True, histtype="step", lw=1.5, color=color, label=name)
+    share_ax.plot(levels, levels, color="black", lw=1, ls=":")
+    share_ax.axvline(alpha, color="red", lw=1, ls="--")
+    share_ax.set_xscale("log")
+    share_ax.set_yscale("log")
+    share_ax.set_ylim(floor * 0.9, 1.5)
+    share_ax.set_xlabel("alpha")
+    share_ax.set_ylabel("share of null texts with p <= alpha (bottom edge: none)")
+    share_ax.set_title("valid: solid line under its dashed binomial 99 % bound\n(dotted: share = alpha; below it is conservative, allowed)",
+                       fontsize=9)
+    share_ax.legend(fontsize=6.5, loc="upper left")
     hist.axhline(1.0, color="black", lw=1, ls=":")
     hist.set_xlabel("p-value")
     hist.set_ylabel("density (uniform = 1)")
-    hist.set_title("null p-values", fontsize=10)
+    hist.set_title("null p-values (mass near 1: conservative rank p-values)", fontsize=9)
     hist.legend(fontsize=7)
-    qq.set_xlabel("expected -log10 p (uniform)")
-    qq.set_ylabel("observed -log10 p")
-    qq.set_title("QQ: calibrated nulls follow the diagonal", fontsize=10)
-    qq.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{len(ok)} jobs; p-values from {', '.join(sorted(sources))}", fontsize=9)
-    labels = _legend_labels(hist)
+    fig.suptitle(f"{len(ok)} jobs, null sets pooled over jobs; p-values from {', '.join(sorted(sources))}; red: alpha {alpha:g}", fontsize=9)
+    labels = _legend_labels(share_ax)
     out = sweep_dir / "null_calibration.png"
     _save(fig, out, plt)
-    return Plot(out, labels, "null p-values per null set: uniform histogram and diagonal QQ mean calibrated")
+    return Plot(out, labels, "null p-values per null set: share at or below alpha against its one-sided binomial bound")
 
 
 def _sortable(values: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from moewm.schemes.base import Watermarker
 
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
+_UNAVAILABLE: dict[str, str] = {}  # model -> why its weights cannot be had (checked once per process)
 PLAIN_GENERATIONS: dict[str, tuple[list[list[int]], list[list[int]], float]] = {}
 LOAD_COUNT = {"loads": 0}
 
@@ -35,6 +36,54 @@ def get_model(app: AppConfig) -> tuple[Any, Any]:
     if app.reuse_model:
         _MODELS[key] = (model, tokenizer)
     return model, tokenizer
+
+
+def check_weights(app: AppConfig) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when the model's weights can be had neither locally nor from the hub.
+
+    Checked once per process and model: the jobs of a sweep after the first fail without asking the hub again.
+    """
+    from moewm.models.architecture import WeightsUnavailableError, check_weights_reachable
+
+    key = cache_key(app.model)
+    if key in _UNAVAILABLE:
+        raise WeightsUnavailableError(_UNAVAILABLE[key])
+    if app.reuse_model and cache_key(app.model, app.memory) in _MODELS:
+        return
+    try:
+        check_weights_reachable(app.model)
+    except WeightsUnavailableError as err:
+        _UNAVAILABLE[key] = str(err)
+        raise
+
+
+def run_settings(app: AppConfig, key: WatermarkKey) -> dict[str, Any]:
+    """What a job's verdicts depend on besides the text (key, model, scheme and its design), as metrics.json records it:
+    ``mode=detect`` on a run's samples compares them with the run's."""
+    return {
+        "key_fingerprint": key.fingerprint,
+        "model": app.model.name,
+        "watermark_kind": app.watermark.kind,
+        "extractor_kind": app.extractor.kind,
+        "encoder_kind": app.encoder.kind,
+        "start_layer_idx": app.extractor.start_layer_idx,
+        "end_layer_idx": app.extractor.end_layer_idx,
+        "use_top_k": app.extractor.use_top_k,
+        "k": app.extractor.k,
+        "num_bits": app.encoder.num_bits,
+        "pool_size": app.encoder.pool_size,
+        "pools": app.encoder.pool_design,
+        "green_lists": app.encoder.green_lists,
+        "green_bits": app.encoder.green_bits,
+        "vote_lists": app.encoder.vote_lists if app.encoder.green_lists == "vote" else 1,
+        "context_tokens": app.encoder.context_tokens,
+        "margin_bits": app.watermark.margin_bits,
+        "margin_scale": app.watermark.margin_scale,
+        "delta": app.watermark.delta,
+        "alpha": app.watermark.alpha,
+        "statistic": app.watermark.statistic,
+        "memory_profile": app.memory.name,
+    }
 
 
 def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:

@@ -38,7 +38,7 @@ def edited_ids(ctx: Any, attack: AttackConfig, ids: Sequence[Sequence[int]],
     """The attacked token ids of ``ids`` and which texts changed (token attacks edit ids, the others text)."""
     tok = ctx.tokenizer
     ids = [list(x) for x in ids]
-    if attack.name in TOKEN_ATTACKS:  # on the ids themselves: no decode / encode round trip
+    if attack.name in TOKEN_ATTACKS:  # on the ids themselves (retokenisation is the decode / encode round trip)
         att = attack_token_ids(ids, attack, tokenizer=tok, model=ctx.model, seed=attack.seed)
         return att, [list(a) != t for a, t in zip(att, ids)]
     texts = [tok.decode(x, skip_special_tokens=True) for x in ids]

@@ -5,9 +5,9 @@ sets how much is changed, and strength 0 returns the input strings unchanged for
 text gets its own generator seeded by (``seed``, attack, text index), so results do not depend on batch
 composition and repeat exactly for a seed.
 
-=============  ===============================================================================================
+============== ==============================================================================================
 attack         what ``strength`` = s means
-=============  ===============================================================================================
+============== ==============================================================================================
 deletion       delete round(s * words) randomly chosen words (with one adjacent whitespace run each)
 substitution   replace round(s * tokens) randomly chosen tokens by one of their ``SUBSTITUTION_NEIGHBOURS``
                nearest tokens in the model's input-embedding space (cosine; never the token itself or a
@@ -21,14 +21,17 @@ copy_paste     CP-k (Kirchenbauer et al., "On the Reliability of Watermarks for 
                the watermarked text's word count; s is the unwatermarked fraction (1: none watermarked)
 paraphrase     an LLM rewrites round(s * units) of the text's sentences (at least one when s > 0; sentences
                over ``PARAPHRASE_UNIT_WORDS`` words are split), prompted with ``PARAPHRASE_PROMPT``, sampling
-=============  ===============================================================================================
+retokenisation the generated token ids decoded to text (as every output shows it) and that text encoded again:
+               what a detector that sees only the published text scores. No degrees: any s > 0 is the round
+               trip; the text itself is unchanged, its token ids need not be (``retokenise``)
+============== ===============================================================================================
 
 Word-level attacks keep the text's own whitespace: its leading and trailing runs, and between two kept words
 the run that followed the left one (copy_paste: every copied span and run verbatim, with the run before it;
 paraphrase: every sentence it does not rewrite verbatim). So an edit changes no token before it, and a
 continuation keeps its first token (``Ġline`` stays ``Ġline``; until issue 19 deletion stripped the text, and
 copy_paste and paraphrase joined words with single spaces). Substitution and insertion work on token ids and
-decode the result.
+decode the result; retokenisation works on token ids (text in, the same text out).
 """
 
 from __future__ import annotations
@@ -222,6 +225,16 @@ def insert_tokens(ids_list: list[list[int]], strength: float, valid: torch.Tenso
     return out
 
 
+def retokenise(ids_list: Sequence[Sequence[int]], tokenizer: Any) -> list[list[int]]:
+    """The ids a detector gets from the published text: decode each id list as the outputs show it, encode it again.
+
+    A tokenizer need not give back the generated ids (a word the model spelled in two tokens is one token when
+    encoded; special tokens are dropped), so the routing contexts and the scored units change.
+    """
+    return [list(tokenizer(tokenizer.decode(list(ids), skip_special_tokens=True), add_special_tokens=False)["input_ids"])
+            for ids in ids_list]
+
+
 # -- paraphrase ----------------------------------------------------------------------------------
 def _unit_spans(pieces: list[str], words: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) word ranges of a text's paraphrase units: its sentences (ending at a word that ends with
@@ -301,7 +314,7 @@ def paraphrase(
 
 
 # -- entry points --------------------------------------------------------------------------------
-TOKEN_ATTACKS = ("substitution", "insertion")
+TOKEN_ATTACKS = ("substitution", "insertion", "retokenisation")
 
 
 def attack_token_ids(
@@ -313,8 +326,9 @@ def attack_token_ids(
     model: Any = None,
     seed: Optional[int] = None,
 ) -> list[list[int]]:
-    """The token-level attacks (substitution, insertion) on token ids, without a decode / encode round trip.
+    """The token-level attacks (substitution, insertion, retokenisation) on token ids.
 
+    Substitution and insertion make no decode / encode round trip of their own; retokenisation is that round trip.
     Same generators as :func:`apply_attack`, so ``apply_attack`` = decode(attack_token_ids(encode(texts))).
     """
     cfg.validate()
@@ -324,6 +338,8 @@ def attack_token_ids(
     ids_list = [list(ids) for ids in ids_list]
     if cfg.strength == 0:
         return ids_list
+    if cfg.name == "retokenisation":
+        return retokenise(ids_list, tokenizer)
     rngs = [_rng(seed, cfg.name, i) for i in range(len(ids_list))]
     if embeddings is None and model is not None:
         embeddings = model.get_input_embeddings().weight
@@ -372,6 +388,8 @@ def apply_attack(
         return [copy_paste(t, u, s, cfg.copy_paste_spans, r) for t, u, r in zip(texts, unwatermarked, rngs)]
     if name == "paraphrase":
         return paraphrase(texts, cfg, model, tokenizer, seed)
+    if name == "retokenisation":  # the published text is the text: only its token ids change (attack_token_ids)
+        return texts
     if name in TOKEN_ATTACKS:
         ids_list = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         new = attack_token_ids(ids_list, cfg, tokenizer=tokenizer, embeddings=embeddings, model=model, seed=seed)

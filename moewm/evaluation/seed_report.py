@@ -8,7 +8,9 @@ Per encoder variant: mean, std and worst decile across seeds (10th percentile of
 AUC, 90th percentile of perplexity), and the Spearman rank correlation of every geometric metric with
 detection rate across seeds, within the encoder and pooled over all encoders. The best predictor of a
 bad seed is the metric with the largest mean absolute within-encoder correlation (weighted by the
-number of seeds): within-encoder, because a pooled correlation can merely tell encoders apart.
+number of seeds): within-encoder, because a pooled correlation can merely tell encoders apart. Being the
+best of many metrics, its pooled p-value is also reported Holm-adjusted over all of them (table, verdict
+and figure), with the number of jobs it rests on.
 
 When the sweep varied ``pools`` too, a design is ``encoder_kind/pools``. With tokens-to-detect columns
 the report adds the key spread per design and whether the pool design fixes bad keys
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 OK_STATUSES = {"ok", "success", "succeeded", "completed", "complete", "done", "finished"}
 WEAK_RHO = 0.3
+SIGNIFICANT = 0.05  # family-wise level of the best-predictor verdict (Holm over every geo_* metric)
 
 
 def _spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
@@ -45,6 +48,18 @@ def _spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
         warnings.simplefilter("ignore")
         res = spearmanr(x, y)
     return float(res.statistic), float(res.pvalue)
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values (family-wise error over every metric looked at; NaN stays NaN and is not counted)."""
+    finite = sorted((p, k) for k, p in pvalues.items() if np.isfinite(p))
+    m = len(finite)
+    out = {k: float("nan") for k in pvalues}
+    running = 0.0
+    for i, (p, k) in enumerate(finite):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
 
 
 def _q(x: pd.Series, q: float) -> float:
@@ -66,6 +81,10 @@ def _spread(sub: pd.DataFrame) -> dict[str, float]:
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if p is None or not np.isfinite(p) else f"{p:.2g}"
 
 
 def _smallest(table: pd.DataFrame, std_col: str, tie_col: str, tie_ascending: bool) -> Optional[tuple[str, pd.DataFrame]]:
@@ -124,6 +143,8 @@ def seed_sensitivity_report(df: pd.DataFrame, out_dir: str | Path) -> pd.DataFra
         else:
             mean_abs = mean_signed = float("nan")
         ranking.append((g, mean_abs, mean_signed, float(table.loc["pooled", f"spearman_{g}"]), pvalues.get(g, float("nan"))))
+    adjusted = holm(pvalues)  # the best of m metrics: its p-value is corrected for having looked at all m
+    ranking = [(*r, adjusted.get(r[0], float("nan"))) for r in ranking]
     ranking.sort(key=lambda r: (-(r[1] if np.isfinite(r[1]) else -1), -(abs(r[3]) if np.isfinite(r[3]) else -1)))
     best = ranking[0] if ranking and (np.isfinite(ranking[0][1]) or np.isfinite(ranking[0][3])) else None
 
@@ -135,7 +156,7 @@ def seed_sensitivity_report(df: pd.DataFrame, out_dir: str | Path) -> pd.DataFra
         spread.to_csv(out_dir / "key_spread.csv", index=False)
         md += "\n" + key_spread.markdown(spread, follow)
     (out_dir / "seed_sensitivity.md").write_text(md)
-    _plots(data, encoders, best[0] if best else None, out_dir)
+    _plots(data, encoders, best, len(ranking), out_dir)
     return table
 
 
@@ -180,29 +201,36 @@ def _markdown(table: pd.DataFrame, per_enc: pd.DataFrame, ranking: list, best: A
     if not ranking:
         lines.append("No `geo_*` metrics in the summary (run with eval.geometry=true and an MoE-LSH watermark).")
         return "\n".join(lines) + "\n"
-    lines.append("Spearman rank correlation with detection rate across seeds; within-encoder mean weighted by seeds.")
+    lines.append(f"Spearman rank correlation with detection rate across seeds; within-encoder mean weighted by seeds. "
+                 f"n = {int(table.loc['pooled', 'n_seeds']) if 'pooled' in table.index else 0} seeds, {total - excluded} jobs; "
+                 f"{len(ranking)} metrics looked at, so each pooled p is also given Holm-adjusted over all {len(ranking)}.")
     lines.append("")
-    lines.append("| metric | within-encoder mean \\|rho\\| | within-encoder mean rho | " + " | ".join(f"rho `{e}`" for e in per_enc.index) + " | pooled rho | pooled p |")
-    lines.append("|---|---|---|" + "---|" * len(per_enc.index) + "---|---|")
-    for g, mabs, msgn, prho, pp in ranking:
+    lines.append("| metric | within-encoder mean \\|rho\\| | within-encoder mean rho | " + " | ".join(f"rho `{e}`" for e in per_enc.index)
+                 + " | pooled rho | pooled p | pooled p, Holm |")
+    lines.append("|---|---|---|" + "---|" * len(per_enc.index) + "---|---|---|")
+    for g, mabs, msgn, prho, pp, padj in ranking:
         per = " | ".join(_fmt(per_enc.loc[e, f"spearman_{g}"], 2) for e in per_enc.index)
-        lines.append(f"| {g} | {_fmt(mabs, 2)} | {_fmt(msgn, 2)} | {per} | {_fmt(prho, 2)} | {_fmt(pp, 3)} |")
+        lines.append(f"| {g} | {_fmt(mabs, 2)} | {_fmt(msgn, 2)} | {per} | {_fmt(prho, 2)} | {_fmt_p(pp)} | {_fmt_p(padj)} |")
     lines.append("")
     if best is None:
         lines.append("**Best predictor of a bad seed:** none can be computed (constant metrics or fewer than three seeds).")
     else:
-        g, mabs, msgn, prho, pp = best
+        g, mabs, msgn, prho, pp, padj = best
         strength = mabs if np.isfinite(mabs) else abs(prho)
         direction = "higher values go with better detection, so a low value flags a bad seed" if (msgn if np.isfinite(msgn) else prho) > 0 else \
             "lower values go with better detection, so a high value flags a bad seed"
-        verdict = f"**Best predictor of a bad seed:** `{g}` (within-encoder mean |rho| = {_fmt(mabs, 2)}, pooled rho = {_fmt(prho, 2)}, p = {_fmt(pp, 3)}); {direction}."
+        verdict = (f"**Best predictor of a bad seed:** `{g}` (within-encoder mean |rho| = {_fmt(mabs, 2)}, pooled rho = {_fmt(prho, 2)}, "
+                   f"p = {_fmt_p(pp)}, Holm-adjusted over {len(ranking)} metrics p = {_fmt_p(padj)}); {direction}.")
         if strength < WEAK_RHO:
             verdict += f" It is weak (|rho| < {WEAK_RHO}): no geometric metric predicts a bad seed reliably here."
+        if not (np.isfinite(padj) and padj <= SIGNIFICANT):
+            verdict += (f" After correcting for the {len(ranking)} metrics looked at it is not significant (adjusted p > {SIGNIFICANT:g}): "
+                        "the best of many can correlate by chance.")
         lines.append(verdict)
     return "\n".join(lines) + "\n"
 
 
-def _plots(data: pd.DataFrame, encoders: list[str], best: Optional[str], out_dir: Path) -> None:
+def _plots(data: pd.DataFrame, encoders: list[str], best_row: Optional[tuple], metrics: int, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,14 +251,20 @@ def _plots(data: pd.DataFrame, encoders: list[str], best: Optional[str], out_dir
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
-    if best is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.8))
+    if best_row is not None:
+        best, mabs, _, prho, pp, padj = best_row
+        fig, ax = plt.subplots(figsize=(5.6, 4.4))
+        n = int((data[best].notna() & data["detection_rate"].notna()).sum())
         for e in encoders:
             sub = data[data["encoder_kind"] == e]
             ax.scatter(sub[best].astype(float), sub["detection_rate"].astype(float), s=16, label=e, alpha=0.8)
         ax.set_xlabel(best)
         ax.set_ylabel("detection rate")
-        ax.set_title(f"best predictor: {best}")
+        significant = np.isfinite(padj) and padj <= SIGNIFICANT
+        ax.set_title(f"best of {metrics} metrics: {best}\n"
+                     f"n = {n} jobs; within-encoder mean |rho| {_fmt(mabs, 2)}, pooled rho {_fmt(prho, 2)}\n"
+                     f"p {_fmt_p(pp)}; Holm-adjusted over {metrics}: {_fmt_p(padj)}"
+                     + ("" if significant else f" (not significant at {SIGNIFICANT:g})"), fontsize=8)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "best_predictor.png", dpi=120)

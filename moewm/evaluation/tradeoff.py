@@ -47,6 +47,7 @@ REFERENCE = {"watermark_kind": "kgw", "kgw_gamma": 0.25, "delta": 2.0}
 HEADLINE_ATTACK = "substitution_0p3"
 ROUTING_SCHEMES = ("moe_lsh", "moe_tournament")  # the routing-keyed family the headline asks about
 SCHEME_COLOURS = {"moe_lsh": "tab:blue", "moe_tournament": "tab:purple", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
+RETOKENISATION = "retokenisation_1"  # the suite's text-level detection: the generated ids decoded and encoded again
 NULL_SETS = ("plain", "greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative")
 OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
 DISTANCES = (("2", "2"), ("3to4", "3-4"), ("5to8", "5-8"), ("9to16", "9-16"), ("17up", "17+"), ("before", "before"))
@@ -181,6 +182,8 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
         agg = pd.to_numeric(jobs[col], errors="coerce").groupby(jobs["point"]).agg(funcs)
         for fn in funcs:
             out[name if fn in ("median", "mean") else f"{name}_{fn}"] = agg[fn]
+    if f"attacked_{RETOKENISATION}" in out and "detection_rate" in out:  # detection from the published text, per id-level detection
+        out["text_over_ids"] = out[f"attacked_{RETOKENISATION}"] / out["detection_rate"].replace(0, np.nan)
     out["null_fp"] = g["null_fp"].sum()
     out["null_n"] = g["null_n"].sum()
     out["null_fpr"] = out["null_fp"] / out["null_n"].replace(0, np.nan)
@@ -359,6 +362,10 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
     worst_att = float(np.nanmax(table[fpr_cols].to_numpy())) if fpr_cols and table[fpr_cols].notna().any().any() else float("nan")
     lines += ["", f"Nulls: pooled false-positive rate over every null set (plain, greedy, top-p, human corpora) at most {_fmt(worst_null, 4)} "
               f"per configuration; attacked plain text (same attacks, no key) at most {_fmt(worst_att, 4)}.",
+              *([f"Text-level detection (`{RETOKENISATION[:-2]}`: the watermarked ids decoded to the published text and encoded again, "
+                 "as a user who keeps only the text detects it): share of the id-level detection rate kept, per point: "
+                 + ", ".join(f"`{p}` {_fmt(v)}" for p, v in table["text_over_ids"].items()) + "."]
+                if "text_over_ids" in table else []),
               "Tokens to detect: the median over texts of the scored tokens after which p stays <= alpha, a never-detected text counting "
               "as infinitely long (\"never\" when half of a key's texts never get there), then the median over keys."]
     return "\n".join(lines) + "\n"

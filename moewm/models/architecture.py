@@ -23,6 +23,7 @@ from moewm.engine.routing import FeatureLayout, NotAnMoEModelError, check_extrac
 
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+HUB_PROBE_SECONDS = 5.0  # one request to the hub before loading: an unreachable hub fails in seconds, not after retries
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -68,16 +69,74 @@ def _is_local(path: str) -> bool:
     return path.startswith(BUILTIN_PREFIX) or os.path.isdir(path)
 
 
+def download_command(path: str) -> str:
+    """The command of the installed huggingface_hub that downloads ``path`` into the hub cache.
+
+    huggingface_hub 0.34 added the ``hf`` CLI and 1.0 removed ``huggingface-cli``.
+    """
+    try:
+        from huggingface_hub import __version__ as version
+
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except Exception:  # noqa: BLE001 - no hub library, or a version string we cannot read: the current CLI
+        major, minor = 1, 0
+    return f"hf download {path}" if (major, minor) >= (0, 34) else f"huggingface-cli download {path}"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+def hub_cached(path: str) -> bool:
+    """Is ``path``'s config.json in the local hub cache (a checkpoint fetched before)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a hub name (e.g. a missing local folder): not cached
+        return False
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_SECONDS) -> Optional[str]:
+    """Why the hub cannot be reached (one request, no retries, ``timeout_s``), or None when it answers."""
+    if hub_offline():
+        return "the hub is offline (HF_HUB_OFFLINE=1)"
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        get_session().head(f"{constants.ENDPOINT}/api/models", timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - any failure to get an answer is "unreachable"
+        first = (str(err).splitlines() or [""])[0][:160]
+        return f"it is not in the local hub cache and the hub could not be reached ({type(err).__name__}: {first})"
+    return None
+
+
+def check_weights_reachable(cfg: ModelConfig) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when ``cfg``'s checkpoint is neither local, nor cached, nor
+    downloadable now: one probe of the hub with a short timeout instead of the hub client's retries on every file."""
+    if cfg.random_init or _is_local(cfg.path):
+        return
+    if hub_cached(cfg.path):
+        return
+    reason = hub_unreachable()
+    if reason is not None:
+        raise WeightsUnavailableError(_unavailable_text(cfg, reason))
+
+
+def _unavailable_text(cfg: ModelConfig, reason: str) -> str:
+    return (
+        f"model {cfg.name!r}: weights for {cfg.path!r} are not available: {reason}. Download the checkpoint on a machine "
+        f"with network access ({download_command(cfg.path)}; it lands in the hub cache, so the same command line then runs), "
+        f"or point model.path at a local copy, or use model.random_init=true for a random-weight model of the same architecture."
+    )
+
+
 def weights_unavailable(cfg: ModelConfig, err: Exception) -> WeightsUnavailableError:
     """The error for a checkpoint (or tokenizer) that is neither local nor reachable, with what to do about it."""
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    hint = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "it is not in the local cache and the hub could not be reached"
+    hint = "the hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "it is not in the local cache and the hub could not be reached"
     first = (str(err).splitlines() or [""])[0][:200]
-    return WeightsUnavailableError(
-        f"model {cfg.name!r}: weights for {cfg.path!r} are not available: {hint}. Download the checkpoint "
-        f"(huggingface-cli download {cfg.path}) and point model.path at it, or use model.random_init=true "
-        f"for a random-weight model of the same architecture. ({type(err).__name__}: {first})"
-    )
+    return WeightsUnavailableError(f"{_unavailable_text(cfg, hint)} ({type(err).__name__}: {first})")
 
 
 def meta_from_config(cfg: ModelConfig, config: PretrainedConfig) -> nn.Module:

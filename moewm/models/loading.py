@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from moewm.models.architecture import (  # noqa: F401  (WeightsUnavailableError: what load_model raises)
     WeightsUnavailableError,
     architecture_config,
+    check_weights_reachable,
     meta_from_config,
     resolve_path,
     weights_unavailable,
@@ -131,6 +132,7 @@ def load_model(cfg: ModelConfig, memory: Optional[MemoryConfig] = None) -> tuple
     dtype = torch_dtype(cfg.dtype)
     quantize = memory.quantization != "none"
     device_map = _effective_device_map(memory)
+    check_weights_reachable(cfg)  # not cached and no hub: fail in seconds, before the hub client's retries
     tokenizer = load_tokenizer(cfg)  # first: a missing checkpoint fails before any weights are read
     if cfg.random_init:
         config = architecture_config(cfg)
