@@ -262,7 +262,7 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 16
     sampling_seed: int = 1234
 
     def validate(self) -> None:
@@ -376,7 +376,7 @@ class DataConfig:
     hf_config: Optional[str] = None
     hf_split: str = "train"
     text_field: str = "text"
-    num_prompts: int = 16
+    num_prompts: int = 32
     max_prompt_tokens: int = 48
     # Texts longer than this are cut to their first words to make a prompt.
     prompt_words: int = 24
