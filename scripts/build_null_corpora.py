@@ -2,7 +2,7 @@
 """Build ``moewm/assets/corpora``: human-written English text for measuring a detector's null distribution.
 
 A watermark detector's p-value is a promise about text that was *not* watermarked, above all text written by
-people. These corpora are such text, written by nobody on this project, in three genres, each from a package
+people. These corpora are such text, written by nobody on this project, in five genres (three for the jobs and the design studies, two held out for the per-key validity study), each from a package
 that can be installed here:
 
 - ``human_docstrings``: docstrings of the Python standard library that tiny_moe was *not* trained on: first the
