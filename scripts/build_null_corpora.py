@@ -2,8 +2,9 @@
 """Build ``moewm/assets/corpora``: human-written English text for measuring a detector's null distribution.
 
 A watermark detector's p-value is a promise about text that was *not* watermarked, above all text written by
-people. These corpora are such text, written by nobody on this project, in five genres (three for the jobs and the design studies, two held out for the per-key validity study), each from a package
-that can be installed here:
+people. These corpora are such text, written by nobody on this project, in five genres (three for the jobs and
+the design studies, two held out for the per-key validity study), each from a package that can be installed
+here:
 
 - ``human_docstrings``: docstrings of the Python standard library that tiny_moe was *not* trained on: first the
   5% held out by ``scripts/build_tiny_moe.py`` (the same ``extract_docstrings`` and ``is_heldout`` functions,
