@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from moewm.null_corpora import HUMAN_CORPORA
+from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA
 
 EXTRACTOR_KINDS = ("router", "hidden")
 ENCODER_KINDS = ("simhash", "centered", "whitened", "pca")
@@ -28,6 +28,11 @@ class ConfigError(ValueError):
 
 
 def check_null_sets(names: Sequence[str]) -> None:
+    held_out = [n for n in names if n in HELD_OUT_CORPORA]
+    if held_out:
+        raise ConfigError(f"eval.null_sets={list(names)}: {held_out} held out for the per-key validity study "
+                          f"(python -m moewm.evaluation.validity) and never a job's null set; allowed values are "
+                          f"{list(NULL_SET_NAMES[1:])}")
     unknown = [n for n in names if n not in NULL_SET_NAMES or n == "plain"]
     if unknown:
         raise ConfigError(f"eval.null_sets={list(names)}: unknown {unknown}; allowed values are {list(NULL_SET_NAMES[1:])} "
@@ -306,7 +311,7 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 16
     sampling_seed: int = 1234
 
     def validate(self) -> None:
@@ -420,7 +425,7 @@ class DataConfig:
     hf_config: Optional[str] = None
     hf_split: str = "train"
     text_field: str = "text"
-    num_prompts: int = 16
+    num_prompts: int = 32
     max_prompt_tokens: int = 48
     # Texts longer than this are cut to their first words to make a prompt.
     prompt_words: int = 24

@@ -13,6 +13,14 @@ per genre:
 - ``kjv_narrative``: the narrative books of the King James Bible (1611), Early Modern English narrative; public
   domain.
 
+Two more genres are **held out**: shipped, but read only by the per-key validity study
+(``moewm.evaluation.validity``) as its final gate, never by a job's null sets (``eval.null_sets`` refuses
+them) nor by any design study, so that no design choice was tuned on them:
+
+- ``jargon_file``: the Jargon File 4.4.7 (2003), the hackers' lexicon of slang and folklore; public domain.
+- ``crawl_lore``: descriptions of monsters, gods, places and artefacts of the game Dungeon Crawl Stone Soup,
+  fantasy fiction; GPL-2.0-or-later (the licence ships beside the chunks).
+
 Each is a list of chunks of 60-100 words (whitespace normalised), in a fixed order; ``assets/corpora/<name>/``
 holds ``chunks.jsonl``, ``info.json`` and ``PROVENANCE.md`` (source package and version, licence, how the
 chunks were made). ``scripts/build_null_corpora.py`` rebuilds them.
@@ -27,12 +35,23 @@ from typing import Any, Optional
 
 CORPORA_DIR = Path(__file__).resolve().parent / "assets" / "corpora"
 HUMAN_CORPORA: tuple[str, ...] = ("human_docstrings", "devils_dictionary", "kjv_narrative")
+"""The corpora a job and the design studies may use (``eval.null_sets``)."""
+HELD_OUT_CORPORA: tuple[str, ...] = ("jargon_file", "crawl_lore")
+"""Used by the per-key validity study only: never a job's null set, never read by a design study."""
+ALL_CORPORA: tuple[str, ...] = HUMAN_CORPORA + HELD_OUT_CORPORA
 
 
 def _folder(name: str) -> Path:
-    if name not in HUMAN_CORPORA:
-        raise ValueError(f"unknown human corpus {name!r}; the shipped corpora are: {', '.join(HUMAN_CORPORA)}")
+    if name not in ALL_CORPORA:
+        raise ValueError(f"unknown human corpus {name!r}; the shipped corpora are: {', '.join(HUMAN_CORPORA)} "
+                         f"and, held out for the validity study, {', '.join(HELD_OUT_CORPORA)}")
     return CORPORA_DIR / name
+
+
+def is_held_out(name: str) -> bool:
+    """Whether corpus ``name`` is held out (read by the per-key validity study only)."""
+    _folder(name)
+    return name in HELD_OUT_CORPORA
 
 
 @lru_cache(maxsize=None)
@@ -56,8 +75,10 @@ def human_texts(name: str, limit: Optional[int] = None) -> list[str]:
 
 def corpus_info(name: str) -> dict[str, Any]:
     """Provenance of corpus ``name``: ``licence``, ``source``, ``package``, ``attribution``, ``genre``, ``count``,
-    ``words`` (per-chunk min / mean / max / total), ``provenance`` (path of its PROVENANCE.md) and more."""
+    ``words`` (per-chunk min / mean / max / total), ``held_out``, ``provenance`` (path of its PROVENANCE.md)
+    and more."""
     folder = _folder(name)
     info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+    info["held_out"] = bool(info.get("held_out", False))
     info["provenance"] = str(folder / "PROVENANCE.md")
     return info

@@ -2,8 +2,9 @@
 """Build ``moewm/assets/corpora``: human-written English text for measuring a detector's null distribution.
 
 A watermark detector's p-value is a promise about text that was *not* watermarked, above all text written by
-people. These corpora are such text, written by nobody on this project, in three genres, each from a package
-that can be installed here:
+people. These corpora are such text, written by nobody on this project, in five genres (three for the jobs and
+the design studies, two held out for the per-key validity study), each from a package that can be installed
+here:
 
 - ``human_docstrings``: docstrings of the Python standard library that tiny_moe was *not* trained on: first the
   5% held out by ``scripts/build_tiny_moe.py`` (the same ``extract_docstrings`` and ``is_heldout`` functions,
@@ -13,6 +14,14 @@ that can be installed here:
   Debian's ``dict-devil`` (``apt-get install dict-devil``).
 - ``kjv_narrative``: the narrative books of the King James Bible (1611, public domain), from Debian's
   ``bible-kjv`` and ``bible-kjv-text`` (``apt-get install bible-kjv``), read through its ``bible`` program.
+
+Two more genres are held out: shipped, but read only by the per-key validity study, never by a job's null
+sets or a design study (``info.json`` says ``"held_out": true``):
+
+- ``jargon_file``: the prose of the Jargon File 4.4.7 (2003, public domain), the hackers' lexicon, from
+  Debian's ``dict-jargon`` (``apt-get install dict-jargon``); every 5th chunk.
+- ``crawl_lore``: the descriptions of monsters, gods, places and artefacts of the game Dungeon Crawl Stone
+  Soup 0.28 (GPL-2.0-or-later), from Debian's ``crawl-common`` (``apt-get install crawl-common``).
 
 Each corpus is cut into chunks of 60-100 words (whitespace normalised, at a sentence end where possible, else
 at a word boundary), de-duplicated, in source order, and written as ``chunks.jsonl`` (``{"text", "source"}``
@@ -56,6 +65,14 @@ KJV_NARRATIVE_BOOKS = (
     "Jonah", "Matthew", "Mark", "Luke", "John", "Acts",
 )
 KJV_KEEP_EVERY = 4  # every 4th chunk of those books: spread over all of them, under the size cap
+
+# Held-out genres: shipped, but used only by the per-key validity study (moewm.null_corpora.HELD_OUT_CORPORA).
+JARGON_DICT = Path("/usr/share/dictd/jargon.dict.dz")
+JARGON_KEEP_EVERY = 5  # every 5th chunk of the lexicon: A to Z, a few hundred chunks
+CRAWL_DESCRIPT = Path("/usr/share/crawl/dat/descript")
+GPL2 = Path("/usr/share/common-licenses/GPL-2")
+CRAWL_FILES = ("branches", "gods", "monsters", "unrand", "features", "items", "species", "backgrounds", "cards",
+               "clouds", "spells")  # the lore; left out: quotes.txt (other authors), UI help and game-mechanics lists
 
 
 # ------------------------------------------------------------------------------------------------ chunks
@@ -422,6 +439,120 @@ def build_kjv_narrative() -> tuple[list[dict[str, str]], dict[str, Any]]:
     return chunks, info
 
 
+# --------------------------------------------------------------------------------- jargon_file (held out)
+_BOX = re.compile("[\u2500-\u257f]")  # box-drawing characters: the File's tables
+_QUOTE_GAPS = ((re.compile(r"([“‘{]) "), r"\1"), (re.compile(r" ([”}])"), r"\1"))
+
+
+def jargon_units(dict_path: Path = JARGON_DICT) -> list[Unit]:
+    """Prose paragraphs of the Jargon File's entries, in file order, each with its head word.
+
+    The dictd text gives an entry as a head-word line at column 0 (then a pronunciation / part-of-speech line
+    indented by one space) and its paragraphs indented by exactly 4 spaces on every line. Kept: those
+    paragraphs. Left out: the dictd header (before the first entry), and blocks indented deeper anywhere
+    (examples, code, verse, tables). ``{cross-references}`` lose their braces; the wrapping's stray spaces
+    inside quotes (``“ zorch cow ”``) are closed up.
+    """
+    data = gzip.open(dict_path).read().decode("utf-8")
+    units: list[Unit] = []
+    head: Optional[str] = None
+    for block in re.split(r"\n[ \t]*\n", data):
+        lines = [x for x in block.split("\n") if x.strip()]
+        if not lines:
+            continue
+        if not lines[0][:1].isspace():  # "head word" (+ " /pron/, n." line): a new entry, or the header
+            if len(lines) <= 2 and all(x[:1] == " " and not x[1:2].isspace() for x in lines[1:]):
+                head = lines[0].strip()
+            continue
+        if head is None or any(len(x) - len(x.lstrip()) != 4 for x in lines) or _BOX.search(block):
+            continue
+        text = re.sub(r"\{([^{}]*)\}", r"\1", normalise(" ".join(lines).replace("\xad", "")))
+        if sum(any(c.isalpha() for c in w) for w in text.split()) < 0.6 * len(text.split()):
+            continue  # digits or symbols, not prose
+        for pattern, repl in _QUOTE_GAPS:
+            text = pattern.sub(repl, text)
+        units.append(Unit(text, head, "jargon"))
+    return units
+
+
+def build_jargon_file() -> tuple[list[dict[str, str]], dict[str, Any]]:
+    if not JARGON_DICT.exists():
+        raise SystemExit(f"error: {JARGON_DICT} missing: apt-get install dict-jargon")
+    all_chunks = []
+    for text, srcs in pack(jargon_units()):
+        span = srcs[0] if len(srcs) == 1 else f"{srcs[0]} .. {srcs[-1]}"
+        all_chunks.append({"text": text, "source": f"Jargon File 4.4.7: {span}"})
+    chunks, dups = dedupe(all_chunks[::JARGON_KEEP_EVERY])
+    version = dpkg_version("dict-jargon")
+    info = {
+        "name": "jargon_file",
+        "genre": "lexicon: hacker slang and folklore (informal American English, 1975-2003)",
+        "licence": "public-domain",
+        "attribution": "The Jargon File, version 4.4.7, 29 Dec 2003 (Eric S. Raymond, ed.; Raphael Finkel, Guy "
+                       "Steele and others before him); Debian package dict-jargon",
+        "source": f"Debian dict-jargon {version}, {JARGON_DICT}",
+        "package": f"dict-jargon {version} (Debian)",
+        "held_out": True,
+        "keep_every": JARGON_KEEP_EVERY,
+        "chunks_before_subsampling": len(all_chunks),
+        "duplicates_dropped": dups,
+    }
+    return chunks, info
+
+
+# ---------------------------------------------------------------------------------- crawl_lore (held out)
+def crawl_units(folder: Path = CRAWL_DESCRIPT) -> tuple[list[Unit], int]:
+    """The descriptions of Dungeon Crawl Stone Soup's database files ``CRAWL_FILES``, in file order.
+
+    A file is a list of entries separated by ``%%%%`` lines: a key line, a blank line, the description. Left
+    out: ``#`` comment lines, internal keys (``__...``), and every entry with game markup (``{{ lua }}``,
+    ``<colour>`` tags, ``<alias>`` references, ``@variables@``, ``$`` escapes) or indented lines (diagrams).
+    Returns the units (one per paragraph, source ``file: key``) and the number of entries left out.
+    """
+    units: list[Unit] = []
+    skipped = 0
+    for name in CRAWL_FILES:
+        text = (folder / f"{name}.txt").read_text(encoding="utf-8")
+        text = "\n".join(x for x in text.split("\n") if not x.startswith("#"))
+        for entry in text.split("%%%%"):
+            entry = entry.strip("\n")
+            if not entry.strip():
+                continue
+            key, _, body = entry.partition("\n")
+            if (key.startswith("__") or not body.strip() or re.search(r"\{\{|[<>@$]|\[\[", body)
+                    or any(x[:1].isspace() for x in body.split("\n") if x.strip())):
+                skipped += 1
+                continue
+            units += [Unit(normalise(p), f"{name}: {key.strip()}", "crawl") for p in re.split(r"\n[ \t]*\n", body) if p.strip()]
+    return units, skipped
+
+
+def build_crawl_lore() -> tuple[list[dict[str, str]], dict[str, Any]]:
+    if not CRAWL_DESCRIPT.is_dir():
+        raise SystemExit(f"error: {CRAWL_DESCRIPT} missing: apt-get install crawl-common")
+    units, skipped = crawl_units()
+    chunks = []
+    for text, srcs in pack(units):
+        span = srcs[0] if len(srcs) == 1 else f"{srcs[0]} .. {srcs[-1]}"
+        chunks.append({"text": text, "source": f"Dungeon Crawl Stone Soup 0.28: {span}"})
+    chunks, dups = dedupe(chunks)
+    version = dpkg_version("crawl-common")
+    info = {
+        "name": "crawl_lore",
+        "genre": "fiction: fantasy game lore (descriptions of monsters, gods, places and artefacts), 2006-2022",
+        "licence": "GPL-2.0-or-later",
+        "attribution": "Dungeon Crawl Stone Soup 0.28 (Copyright 1997-2016 Linley Henzell, the dev team, and "
+                       "the contributors); Debian package crawl-common",
+        "source": f"Debian crawl-common {version}, {CRAWL_DESCRIPT}/{{{','.join(CRAWL_FILES)}}}.txt",
+        "package": f"crawl-common {version} (Debian)",
+        "held_out": True,
+        "files": list(CRAWL_FILES),
+        "entries_left_out": skipped,
+        "duplicates_dropped": dups,
+    }
+    return chunks, info
+
+
 # ------------------------------------------------------------------------------------------ provenance
 def _licence_section(name: str) -> list[str]:
     if name == "human_docstrings":
@@ -440,6 +571,30 @@ def _licence_section(name: str) -> list[str]:
             "> Released April 15 1993. Entered by Aloysius of &tSftDotIotE.",
             "",
             "The dictd header of the data adds: \"No additional restrictions are claimed.\"",
+        ]
+    if name == "jargon_file":
+        return [
+            "Public domain. Debian's `/usr/share/doc/dict-jargon/copyright` (and the dictd header of the data) quote "
+            "the File's own notice:",
+            "",
+            "> This document (the Jargon File) is in the public domain, to be freely used, shared, and modified.",
+            "> There are (by intention) no legal restraints on what you can do with it, but there are traditions",
+            "> about its proper use to which many hackers are quite strongly attached. Please extend the courtesy",
+            "> of proper citation when you quote the File, ideally with a version number [...]",
+            "",
+            "Cited as it asks: \"The on-line hacker Jargon File, version 4.4.7, 29 Dec 2003\". The dictd header adds: "
+            "\"No additional restrictions are claimed.\"",
+        ]
+    if name == "crawl_lore":
+        return [
+            "SPDX: `GPL-2.0-or-later`. Debian's `/usr/share/doc/crawl-common/copyright`: \"Dungeon Crawl Stone "
+            "Soup / Copyright 1997-2016 Linley Henzell, the dev team, and the contributors\" [...] \"This program "
+            "is free software; you can redistribute it and/or modify it under the terms of the GNU General Public "
+            "License as published by the Free Software Foundation; either version 2 of the License, or (at your "
+            "option) any later version.\" The licence is shipped beside this file as `LICENSE-GPL-2.txt` (Debian's "
+            "`/usr/share/common-licenses/GPL-2`, copied unchanged). These chunks are a modified extract of the "
+            "game's description files (what was changed, and when, is said below and in `info.json`); they are "
+            "data shipped beside moewm's MIT-licensed code, not linked into it, and keep their own licence.",
         ]
     return [
         "Public domain (the Authorized Version of 1611; in the United Kingdom alone the Crown's letters patent "
@@ -492,6 +647,31 @@ _HOW = {
         f"{KJV_KEEP_EVERY}th chunk is kept (the 1st, {KJV_KEEP_EVERY + 1}th, ...), so the corpus spans all of these "
         "books, stays under the size cap, and no two kept chunks are adjacent in the text.",
     ],
+    "jargon_file": [
+        "1. The dictd text `jargon.dict.dz` is read in file order (A to Z). An entry is a head-word line at column 0, "
+        "a pronunciation / part-of-speech line indented by one space, then paragraphs indented by exactly 4 "
+        "spaces on every line.",
+        "2. Only those paragraphs are kept; blocks indented deeper anywhere (examples, code, verse), tables "
+        "(box-drawing characters), paragraphs of which fewer than 60% of the words hold a letter (digits, "
+        "symbols) and the dictd header are left out; soft hyphens are dropped. `{cross-references}` lose their braces, and the spaces the wrapping put "
+        "inside quotes and braces (`“ zorch cow ”`) are closed up. Etymology tags (`[MIT]`) and sense numbers "
+        "stay.",
+        "3. Paragraphs are packed in order into chunks (see below), across entries; then every "
+        f"{JARGON_KEEP_EVERY}th chunk is kept (the 1st, {JARGON_KEEP_EVERY + 1}th, ...), so the corpus spans the "
+        "lexicon from A to Z, stays small, and no two kept chunks are adjacent. The source names the first and "
+        "last head word of a chunk.",
+    ],
+    "crawl_lore": [
+        f"1. The description files `{', '.join(f + '.txt' for f in CRAWL_FILES)}` of `{CRAWL_DESCRIPT}` are read "
+        "in that order: entries separated by `%%%%` lines, each a key line, a blank line and the description. "
+        "Not used: `quotes.txt` (quotations of other authors), and the UI and game-mechanics files (hints, "
+        "tutorial, commands, status, abilities, mutations, skills).",
+        "2. Left out: `#` comment lines, internal keys (`__...`), and every entry whose description holds game "
+        "markup (`{{ lua }}`, `<colour>` tags, `<alias>` references to another entry, `@variables@`, `$`) or "
+        "indented lines (diagrams).",
+        "3. Description paragraphs are packed in order into chunks (see below), across entries and files; the "
+        "source names the first and last `file: key` of a chunk.",
+    ],
 }
 
 _INSTALL = {
@@ -499,6 +679,8 @@ _INSTALL = {
                         "library tiny_moe was built from; the build refuses another).",
     "devils_dictionary": "`apt-get install dict-devil` (Debian; pulls in `dictd`, whose server need not run).",
     "kjv_narrative": "`apt-get install bible-kjv` (Debian; pulls in `bible-kjv-text`).",
+    "jargon_file": "`apt-get install dict-jargon` (Debian; pulls in `dictd`, whose server need not run).",
+    "crawl_lore": "`apt-get install crawl-common` (Debian; the game's data only, no game).",
 }
 
 
@@ -509,6 +691,12 @@ def provenance(name: str, chunks: list[dict[str, str]], info: dict[str, Any]) ->
         "",
         f"Human-written English for measuring a watermark detector's null distribution. Genre: {info['genre']}.",
         "",
+        *([
+            "**Held out.** This corpus is not one of a job's null sets (`eval.null_sets` refuses it) and no design "
+            "study reads it: only the per-key validity study (`python -m moewm.evaluation.validity`) scores it, "
+            "as its final gate on text that no design choice was tuned on (`moewm.null_corpora.HELD_OUT_CORPORA`).",
+            "",
+        ] if info.get("held_out") else []),
         "## Source",
         "",
         f"- package: {info['package']}",
@@ -550,6 +738,8 @@ BUILDERS: dict[str, Callable[[], tuple[list[dict[str, str]], dict[str, Any]]]] =
     "human_docstrings": build_human_docstrings,
     "devils_dictionary": build_devils_dictionary,
     "kjv_narrative": build_kjv_narrative,
+    "jargon_file": build_jargon_file,
+    "crawl_lore": build_crawl_lore,
 }
 
 
@@ -567,6 +757,8 @@ def render(name: str) -> dict[str, bytes]:
     }
     if name == "human_docstrings":
         files["LICENSE-PSF.txt"] = (Path(info["stdlib"]["stdlib"]) / "LICENSE.txt").read_bytes()
+    if name == "crawl_lore":
+        files["LICENSE-GPL-2.txt"] = GPL2.read_bytes()
     problems = []
     if len(chunks) < 400:
         problems.append(f"only {len(chunks)} chunks (< 400)")

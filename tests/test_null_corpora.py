@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from moewm.null_corpora import CORPORA_DIR, HUMAN_CORPORA, corpus_info, human_texts
+from moewm.null_corpora import ALL_CORPORA, CORPORA_DIR, HELD_OUT_CORPORA, HUMAN_CORPORA, corpus_info, human_texts, is_held_out
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LOG = REPO / "moewm" / "assets" / "tiny_moe" / "build_log.json"
@@ -35,13 +35,50 @@ def _rows(name: str) -> list[dict]:
 
 
 def test_the_shipped_folders_are_the_named_corpora():
-    assert len(HUMAN_CORPORA) >= 2
-    assert sorted(HUMAN_CORPORA) == sorted(p.name for p in CORPORA_DIR.iterdir() if p.is_dir())
-    genres = {corpus_info(n)["genre"].split(":")[0] for n in HUMAN_CORPORA}
-    assert len(genres) == len(HUMAN_CORPORA)  # one genre each
+    assert len(HUMAN_CORPORA) >= 2 and len(HELD_OUT_CORPORA) >= 2
+    assert not set(HUMAN_CORPORA) & set(HELD_OUT_CORPORA)
+    assert sorted(ALL_CORPORA) == sorted(p.name for p in CORPORA_DIR.iterdir() if p.is_dir())
+    genres = {corpus_info(n)["genre"].split(":")[0] for n in ALL_CORPORA}
+    assert len(genres) == len(ALL_CORPORA)  # one genre each, held-out ones included
 
 
-@pytest.mark.parametrize("name", HUMAN_CORPORA)
+@pytest.mark.parametrize("name", ALL_CORPORA)
+def test_held_out_is_said_in_info_and_provenance(name):
+    info = corpus_info(name)
+    assert info["held_out"] is is_held_out(name) is (name in HELD_OUT_CORPORA)
+    provenance = Path(info["provenance"]).read_text(encoding="utf-8")
+    assert ("**Held out.**" in provenance) is info["held_out"]
+
+
+def test_held_out_corpora_are_no_null_set_of_a_job():
+    """Held out means no job and no design study reads them: eval.null_sets refuses them (by name), the
+    defaults do not hold them, and no module but the validity study (and the corpus / config modules that
+    name them) mentions them."""
+    from moewm.config import NULL_SET_NAMES, ConfigError, EvalConfig, check_null_sets
+
+    assert not set(HELD_OUT_CORPORA) & set(NULL_SET_NAMES) and not set(HELD_OUT_CORPORA) & set(EvalConfig().null_sets)
+    for name in HELD_OUT_CORPORA:
+        with pytest.raises(ConfigError, match=f"eval.null_sets.*{name}.*held out for the per-key validity study"):
+            check_null_sets(["greedy", name])
+    allowed = {"null_corpora.py", "config.py", "evaluation/validity.py"}
+    words = (*HELD_OUT_CORPORA, "HELD_OUT_CORPORA", "held_out=True")
+    users = sorted(
+        str(path.relative_to(REPO))
+        for root in (REPO / "moewm", REPO / "conf")
+        for path in root.rglob("*")
+        if path.is_file() and path.suffix in (".py", ".yaml") and any(w in path.read_text(encoding="utf-8") for w in words)
+    )
+    assert users == sorted(f"moewm/{a}" for a in allowed), users
+
+
+def test_gpl_corpus_ships_its_licence():
+    for name in ALL_CORPORA:
+        if corpus_info(name)["licence"].startswith("GPL"):
+            text = (CORPORA_DIR / name / "LICENSE-GPL-2.txt").read_text(encoding="utf-8")
+            assert "GNU GENERAL PUBLIC LICENSE" in text and "Version 2, June 1991" in text
+
+
+@pytest.mark.parametrize("name", ALL_CORPORA)
 def test_corpus_loads_within_its_limits(name):
     rows = _rows(name)
     texts = human_texts(name)
@@ -63,7 +100,7 @@ def test_corpus_loads_within_its_limits(name):
     assert info["package"] in provenance and f"chunks: {len(texts)}" in provenance
 
 
-@pytest.mark.parametrize("name", HUMAN_CORPORA)
+@pytest.mark.parametrize("name", ALL_CORPORA)
 def test_texts_are_deterministic(name):
     first = human_texts(name, 7)
     assert len(first) == 7 and first == human_texts(name)[:7] == human_texts(name, 7)
@@ -76,7 +113,7 @@ def test_bad_names_and_limits_are_refused_clearly():
     for call in (lambda: human_texts("wikipedia"), lambda: corpus_info("wikipedia")):
         with pytest.raises(ValueError, match="wikipedia") as err:
             call()
-        assert all(n in str(err.value) for n in HUMAN_CORPORA)
+        assert all(n in str(err.value) for n in ALL_CORPORA)
     count = corpus_info("devils_dictionary")["count"]
     for bad in (0, -3, count + 1, True, 2.0):
         with pytest.raises(ValueError, match=f"from 1 to {count}"):
@@ -156,10 +193,11 @@ def test_human_docstrings_has_no_training_docstring_of_tiny_moe():
 
 @pytest.mark.slow
 def test_rebuild_gives_the_shipped_files():
-    """scripts/build_null_corpora.py --check: needs Python 3.11.7, dict-devil and bible-kjv (Debian)."""
+    """scripts/build_null_corpora.py --check: needs Python 3.11.7, dict-devil, bible-kjv, dict-jargon and
+    crawl-common (Debian)."""
     build = _load_script("build_null_corpora")
     if sys.version.split()[0] != json.loads(TINY_LOG.read_text())["env"]["python"]:
         pytest.skip("not the Python tiny_moe was built with")
-    if not build.DEVIL_DICT.exists() or shutil.which("bible") is None:
-        pytest.skip("apt-get install dict-devil bible-kjv")
+    if not build.DEVIL_DICT.exists() or shutil.which("bible") is None or not build.JARGON_DICT.exists() or not build.CRAWL_DESCRIPT.is_dir():
+        pytest.skip("apt-get install dict-devil bible-kjv dict-jargon crawl-common")
     assert build.main(["--check"]) == 0

@@ -32,8 +32,14 @@ MODES = ("run", "detect", "estimate")
 
 @dataclass
 class AppConfig:
-    """Top level of the app; groups are filled from conf/<group>/*.yaml."""
+    """Top level of the app; groups are filled from conf/<group>/*.yaml.
 
+    The defaults live here and in the group dataclasses of :mod:`moewm.config`, once: ``conf/config.yaml``
+    and the group options carry only what differs from them (``tests/test_defaults.py`` fails on a new
+    difference that is not listed and justified there).
+    """
+
+    # run | detect (input=FILE) | estimate (memory estimator, no weights)
     mode: str = "run"
     # Selects the watermark key (hyperplanes and pools); sampling has its own generation.sampling_seed.
     seed: int = 0

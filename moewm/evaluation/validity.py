@@ -1,10 +1,15 @@
 """The validity study: are the detectors' p-values valid on text of every origin, key by key?
 
-``python -m moewm.evaluation.validity`` scores >= 1000 unwatermarked texts of six origins (the three shipped human
-corpora; greedy, top-p and temperature-1 samples of tiny_moe; text watermarked under *other* keys) under
-several deployed keys, and reports per key and origin the share of texts at p <= 0.01 and p <= 1e-3 with
-the binomial 99 % interval of the nominal rate, for MoE-LSH (calibrated), its old model-null p (the
-diagnostic) and the KGW / SynthID exact tests. Every text is captured once; each key only scores.
+``python -m moewm.evaluation.validity`` scores >= 1000 unwatermarked texts of up to nine origins (the three
+shipped human corpora; the two *held-out* human corpora, which nothing else reads; greedy, top-p and
+temperature-1 samples of tiny_moe; text watermarked under *other* keys) under several deployed keys, and
+reports per key and origin the share of texts at p <= 0.01 and p <= 1e-3 with the binomial 99 % interval of
+the nominal rate, for MoE-LSH (calibrated), its old model-null p (the diagnostic) and the KGW / SynthID exact
+tests; per detector, level and origin it reports how many keys lie inside that interval and the dispersion
+ratio of the per-key shares (:func:`dispersion_ratio`). Every text is captured once; each key only scores.
+
+The held-out corpora (``moewm.null_corpora.HELD_OUT_CORPORA``) are the study's final gate: on by default
+(``--no-held-out`` leaves them out), never a job's null set, never read by a design study.
 """
 
 from __future__ import annotations
@@ -19,15 +24,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binom
+from scipy.stats import binom, chi2
 
 from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.null_corpora import HUMAN_CORPORA, human_texts
+from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 from moewm.evaluation.nulls import null_generation
 
 log = logging.getLogger("moewm.evaluation.validity")
 LEVELS = (0.01, 1e-3)
+GENERATED_ORIGINS = ("greedy", "top_p", "temperature_1", "other_keys")
+
+
+def study_origins(held_out: bool = True, only: list[str] | None = None) -> list[str]:
+    """The origins the study scores: every generated origin and shipped corpus, the held-out corpora when
+    ``held_out`` (the default), restricted to ``only`` (in the study's order) when given."""
+    origins = [*GENERATED_ORIGINS, *HUMAN_CORPORA, *(HELD_OUT_CORPORA if held_out else ())]
+    if only is None:
+        return origins
+    known = [*GENERATED_ORIGINS, *HUMAN_CORPORA, *HELD_OUT_CORPORA]
+    unknown = [o for o in only if o not in known]
+    if unknown:
+        raise ValueError(f"--origins: unknown {unknown}; known origins are {known}")
+    excluded = [o for o in only if o not in origins]
+    if excluded:
+        raise ValueError(f"--origins: {excluded} held out, but --no-held-out leaves the held-out corpora out")
+    if not only:
+        raise ValueError(f"--origins: empty; known origins are {known}")
+    return [o for o in origins if o in only]
 
 
 def _prompts(tokenizer: Any, count: int) -> list[list[int]]:
@@ -40,28 +64,33 @@ def _prompts(tokenizer: Any, count: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, t) for t in texts[:count]]
 
 
-def build_texts(model: Any, tokenizer: Any, prompts: int, new_tokens: int, wm_keys: list[WatermarkKey], cfgs: tuple) -> dict[str, tuple[list, list]]:
-    """Unwatermarked texts by origin: (text ids, prompt ids)."""
+def build_texts(model: Any, tokenizer: Any, prompts: int, new_tokens: int, wm_keys: list[WatermarkKey], cfgs: tuple,
+                origins: list[str] | None = None) -> dict[str, tuple[list, list]]:
+    """Unwatermarked texts by origin (``origins``, default :func:`study_origins`): (text ids, prompt ids)."""
     from moewm.schemes.moe_lsh import MoELSHWatermark
 
     from moewm.engine.generation import generate_batched
 
-    prompt_ids = _prompts(tokenizer, prompts)
+    origins = study_origins() if origins is None else origins
     gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens // 2, batch_size=32, sampling_seed=99)
+    prompt_ids = _prompts(tokenizer, prompts) if any(o in GENERATED_ORIGINS for o in origins) else []
     sets: dict[str, tuple[list, list]] = {}
-    for name in ("greedy", "top_p"):
-        sets[name] = (generate_batched(model, tokenizer, prompt_ids, null_generation(name, gen), []), prompt_ids)
-    sets["temperature_1"] = (generate_batched(model, tokenizer, prompt_ids, gen, []), prompt_ids)
-    extractor, encoder, watermark = cfgs
-    other: list[list[int]] = []
-    per_key = max(1, prompts // max(1, len(wm_keys)))
-    for i, key in enumerate(wm_keys):  # watermarked, but under keys that are never the deployed one
-        with MoELSHWatermark(model, tokenizer, extractor, encoder, watermark, key, cache_dir=None) as wm:
-            other += wm.generate_from_ids(prompt_ids[i * per_key : (i + 1) * per_key], gen)
-    sets["other_keys"] = (other, prompt_ids[: len(other)])
-    for name in HUMAN_CORPORA:
-        ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in human_texts(name)]
-        sets[name] = (ids, [[] for _ in ids])
+    for name in origins:
+        if name in ("greedy", "top_p"):
+            sets[name] = (generate_batched(model, tokenizer, prompt_ids, null_generation(name, gen), []), prompt_ids)
+        elif name == "temperature_1":
+            sets[name] = (generate_batched(model, tokenizer, prompt_ids, gen, []), prompt_ids)
+        elif name == "other_keys":
+            extractor, encoder, watermark = cfgs
+            other: list[list[int]] = []
+            per_key = max(1, prompts // max(1, len(wm_keys)))
+            for i, key in enumerate(wm_keys):  # watermarked, but under keys that are never the deployed one
+                with MoELSHWatermark(model, tokenizer, extractor, encoder, watermark, key, cache_dir=None) as wm:
+                    other += wm.generate_from_ids(prompt_ids[i * per_key : (i + 1) * per_key], gen)
+            sets[name] = (other, prompt_ids[: len(other)])
+        else:  # a human corpus, shipped or held out
+            ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in human_texts(name)]
+            sets[name] = (ids, [[] for _ in ids])
     return {k: ([t for t in v[0] if t], [p for t, p in zip(*v) if t]) for k, v in sets.items()}
 
 
@@ -71,6 +100,52 @@ def rate_row(p: np.ndarray, level: float) -> dict[str, Any]:
     k = int((p <= level).sum())
     lo, hi = (binom.ppf(0.005, n, level), binom.ppf(0.995, n, level)) if n else (0, 0)
     return {"n": n, "k": k, "rate": k / n if n else float("nan"), "lo": int(lo), "hi": int(hi), "inside": bool(lo <= k <= hi)}
+
+
+def dispersion_ratio(k: Any, n: Any, level: float) -> float:
+    """How much wider the per-key shares spread than a binomial at the nominal rate allows.
+
+    ``k[i]`` of ``n[i]`` texts were flagged at p <= ``level`` under key i. Returns the sample standard
+    deviation (ddof 1) of the shares ``k / n`` over keys divided by the binomial standard deviation of a
+    share at the nominal rate, ``sqrt(level (1 - level) mean(1 / n))`` (``sqrt(level (1 - level) / n)`` when
+    every key scored the same n texts). About 1 when each key's count is an independent binomial draw at the
+    nominal rate; above 1 when keys differ in their luck on the same texts (a key-by-genre effect); 0 when
+    every key flags the same share. NaN for fewer than two keys.
+    """
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    if k.shape != n.shape or k.ndim != 1:
+        raise ValueError(f"dispersion_ratio: k and n must be 1-d of the same length, got shapes {k.shape} and {n.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"dispersion_ratio: level={level!r} must lie in (0, 1)")
+    if (n <= 0).any() or (k < 0).any() or (k > n).any():
+        raise ValueError(f"dispersion_ratio: need 0 <= k <= n and n >= 1, got k={k.tolist()}, n={n.tolist()}")
+    if len(k) < 2:
+        return float("nan")
+    return float(np.std(k / n, ddof=1) / np.sqrt(level * (1 - level) * np.mean(1 / n)))
+
+
+def dispersion_p(ratio: float, keys: int) -> float:
+    """The chance of a dispersion ratio at least ``ratio`` over ``keys`` keys if every key's count were an
+    independent binomial draw at the nominal rate (chi-square with keys - 1 degrees of freedom)."""
+    return float(chi2.sf((keys - 1) * ratio**2, keys - 1)) if keys >= 2 and np.isfinite(ratio) else float("nan")
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per detector, level and origin (``all`` included): the keys inside / above the 99 % interval, the
+    counts over keys and the dispersion ratio of the shares."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["detector"], r["level"], r["origin"]), []).append(r)
+    out = []
+    for (det, level, origin), g in groups.items():
+        g = sorted(g, key=lambda r: r["key"])
+        ratio = dispersion_ratio([r["k"] for r in g], [r["n"] for r in g], level) if all(r["n"] for r in g) else float("nan")
+        out.append({"detector": det, "level": level, "origin": origin, "held_out": origin in HELD_OUT_CORPORA,
+                    "keys": len(g), "keys_inside": sum(r["inside"] for r in g), "keys_above": sum(r["k"] > r["hi"] for r in g),
+                    "n": [r["n"] for r in g], "k": [r["k"] for r in g], "lo": g[0]["lo"], "hi": g[0]["hi"],
+                    "dispersion_ratio": ratio, "dispersion_p": dispersion_p(ratio, len(g))})
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,8 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     extractor, encoder = ExtractorConfig(), EncoderConfig(**json.loads(args.encoder))
     watermark = WatermarkConfig(reference_keys=args.reference_keys, alpha=max(1e-3, 1 / (args.reference_keys + 1)))
     t0 = time.perf_counter()
+    origins = study_origins(args.held_out, args.origins.split(",") if args.origins else None)
     texts = build_texts(model, tokenizer, args.prompts, args.new_tokens, [WatermarkKey("validity-other-keys", i) for i in range(4)],
-                        (extractor, encoder, watermark))
+                        (extractor, encoder, watermark), origins)
     all_texts = [t for v in texts.values() for t in v[0]]
     all_prompts = [p for v in texts.values() for p in v[1]]
     origin = np.array([name for name, v in texts.items() for _ in v[0]])
@@ -111,8 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for level in LEVELS:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
-            "encoder": dataclasses.asdict(encoder),
-            "keys": args.keys, "rows": rows, "seconds": time.perf_counter() - t0}
+            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(watermark),
+            "held_out": [o for o in texts if o in HELD_OUT_CORPORA],
+            "keys": args.keys, "rows": rows, "summary": summarize(rows), "seconds": time.perf_counter() - t0}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -136,6 +213,16 @@ def markdown(result: dict[str, Any]) -> str:
                      f"[{int(whole.lo.iloc[0]) / n:.4f}, {int(whole.hi.iloc[0]) / n:.4f}] | "
                      + ", ".join(f"{o} {v:.4f}" for o, v in pooled.items())
                      + f" | {int(pairs.inside.sum())}/{len(pairs)} ({int(above.sum())} above) | {worst.rate:.4f} (key {worst.key}, {worst.origin}, n {worst.n}) |")
+    lines += ["", "Per origin: keys whose count lies inside the binomial 99 % interval [lo, hi] of the nominal rate (above it), "
+              "the counts over keys, and the dispersion ratio (sd of the per-key shares / binomial sd at the nominal rate; "
+              "about 1 for independent binomial draws; p: chance of a ratio this large if they were).", "",
+              "| detector | level | origin | n | keys inside (above) | [lo, hi] | counts over keys | dispersion ratio (p) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in result.get("summary") or summarize(result["rows"]):
+        n = s["n"][0] if len(set(s["n"])) == 1 else f"{min(s['n'])}-{max(s['n'])}"
+        name = s["origin"] + (" (held out)" if s["held_out"] else "")
+        lines.append(f"| {s['detector']} | {s['level']:g} | {name} | {n} | {s['keys_inside']}/{s['keys']} ({s['keys_above']}) | "
+                     f"[{s['lo']}, {s['hi']}] | {', '.join(map(str, s['k']))} | {s['dispersion_ratio']:.2f} ({s['dispersion_p']:.2g}) |")
     return "\n".join(lines)
 
 
@@ -148,9 +235,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-keys", type=int, default=999)
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
+    parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"score the held-out human corpora too ({', '.join(HELD_OUT_CORPORA)}; default: yes)")
+    parser.add_argument("--origins", default=None,
+                        help="comma-separated origins to score, e.g. 'jargon_file,crawl_lore' (default: all of them; "
+                             "the generated ones need --prompts)")
     parser.add_argument("--cache-dir", default="outputs/cache/reference_keys")
     parser.add_argument("--out", default="outputs/validity")
     args = parser.parse_args(argv)
+    try:
+        study_origins(args.held_out, args.origins.split(",") if args.origins else None)
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args)

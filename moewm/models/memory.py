@@ -37,7 +37,9 @@ PROFILE_ORDER = ("default", "low", "ultra_low")
 def _load_profiles() -> dict[str, dict[str, dict[str, Any]]]:
     """The shipped memory profiles, read from their one home, conf/memory/*.yaml (the app's config group).
 
-    Besides the ``memory`` group, a profile may shrink the experiment (ultra_low sets extractor/encoder/generation).
+    A profile file carries only what differs from :class:`MemoryConfig`'s defaults; its ``memory`` section here
+    is complete, as the app composes it (the dataclass defaults, then the file). Besides the ``memory`` group, a
+    profile may shrink the experiment (ultra_low sets extractor/encoder/generation).
     """
     from omegaconf import OmegaConf
 
@@ -46,6 +48,7 @@ def _load_profiles() -> dict[str, dict[str, dict[str, Any]]]:
     for name in PROFILE_ORDER:
         data = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"), resolve=True)
         assert isinstance(data, dict)
+        data["memory"] = {**asdict(MemoryConfig()), **(data.get("memory") or {})}
         profiles[name] = data
     return profiles
 
