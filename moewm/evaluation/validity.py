@@ -67,9 +67,8 @@ def _prompts(tokenizer: Any, count: int) -> list[list[int]]:
 def build_texts(model: Any, tokenizer: Any, prompts: int, new_tokens: int, wm_keys: list[WatermarkKey], cfgs: tuple,
                 origins: list[str] | None = None) -> dict[str, tuple[list, list]]:
     """Unwatermarked texts by origin (``origins``, default :func:`study_origins`): (text ids, prompt ids)."""
-    from moewm.schemes.moe_lsh import MoELSHWatermark
-
     from moewm.engine.generation import generate_batched
+    from moewm.schemes.registry import build_watermarker
 
     origins = study_origins() if origins is None else origins
     gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens // 2, batch_size=32, sampling_seed=99)
@@ -85,7 +84,8 @@ def build_texts(model: Any, tokenizer: Any, prompts: int, new_tokens: int, wm_ke
             other: list[list[int]] = []
             per_key = max(1, prompts // max(1, len(wm_keys)))
             for i, key in enumerate(wm_keys):  # watermarked, but under keys that are never the deployed one
-                with MoELSHWatermark(model, tokenizer, extractor, encoder, watermark, key, cache_dir=None) as wm:
+                with build_watermarker(watermark.kind, model, tokenizer, watermark, key, extractor=extractor, encoder=encoder,
+                                       cache_dir=None) as wm:
                     other += wm.generate_from_ids(prompt_ids[i * per_key : (i + 1) * per_key], gen)
             sets[name] = (other, prompt_ids[: len(other)])
         else:  # a human corpus, shipped or held out
@@ -148,15 +148,35 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+STUDY_MODELS = ("tiny_moe", "tiny_olmoe")  # the embedded models the study can load offline
+
+
+def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderConfig, WatermarkConfig]:
+    """The design under study from ``--encoder`` and ``--watermark`` (JSON of config fields; nested ones such as
+    ``{"kind": "moe_tournament", "tournament": {"block_bits": 8}}`` too), checked before any weights load."""
+    from omegaconf import OmegaConf
+
+    from moewm.schemes.registry import check_watermark_config
+
+    encoder = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncoderConfig), json.loads(args.encoder)))
+    fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **json.loads(args.watermark)}
+    watermark = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
+    if watermark.kind not in ("moe_lsh", "moe_tournament"):
+        raise ValueError(f"--watermark kind={watermark.kind!r}: the study ranks routing-keyed schemes (moe_lsh, moe_tournament); "
+                         "KGW and SynthID are tested alongside (--baseline-keys)")
+    encoder.validate()
+    watermark.validate()
+    check_watermark_config(watermark, encoder)
+    return ExtractorConfig(), encoder, watermark
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from moewm.schemes.registry import build_watermarker
     from moewm.models.loading import load_model
-    from moewm.schemes.moe_lsh import MoELSHWatermark
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(ModelConfig())
-    extractor, encoder = ExtractorConfig(), EncoderConfig(**json.loads(args.encoder))
-    watermark = WatermarkConfig(reference_keys=args.reference_keys, alpha=max(1e-3, 1 / (args.reference_keys + 1)))
+    extractor, encoder, watermark = study_configs(args)
+    model, tokenizer = load_model(ModelConfig(name=args.model, path=f"builtin:{args.model}"))
     t0 = time.perf_counter()
     origins = study_origins(args.held_out, args.origins.split(",") if args.origins else None)
     texts = build_texts(model, tokenizer, args.prompts, args.new_tokens, [WatermarkKey("validity-other-keys", i) for i in range(4)],
@@ -169,7 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     captures = None
     for seed in range(args.keys):
         key = WatermarkKey(args.secret, seed)
-        with MoELSHWatermark(model, tokenizer, extractor, encoder, watermark, key, cache_dir=args.cache_dir) as wm:
+        with build_watermarker(watermark.kind, model, tokenizer, watermark, key, extractor=extractor, encoder=encoder,
+                               cache_dir=args.cache_dir) as wm:
             if captures is None:
                 t1 = time.perf_counter()
                 captures = wm.capture(all_texts, all_prompts)
@@ -177,7 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t1 = time.perf_counter()
             out = wm.score(captures)
             log.info("key %d: scored in %.0f s (mean reference keys %.0f)", seed, time.perf_counter() - t1, out.num_reference_keys.mean())
-        results = {"moe_lsh": out.p_value, "moe_lsh_model_null": out.p_value_model_null}
+        results = {watermark.kind: out.p_value}
+        if out.p_value_model_null is not None and np.isfinite(np.asarray(out.p_value_model_null, dtype=float)).any():
+            results[f"{watermark.kind}_model_null"] = out.p_value_model_null
         if seed < args.baseline_keys:
             for kind in ("kgw", "synthid"):
                 results[kind] = build_watermarker(kind, model, tokenizer, WatermarkConfig(kind=kind), key).detect_ids(all_texts, all_prompts).p_value
@@ -187,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for level in LEVELS:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
+            "model": args.model,
             "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(watermark),
             "held_out": [o for o in texts if o in HELD_OUT_CORPORA],
             "keys": args.keys, "rows": rows, "summary": summarize(rows), "seconds": time.perf_counter() - t0}
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--reference-keys", type=int, default=999)
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
+    parser.add_argument("--watermark", default="{}",
+                        help='watermark fields as JSON, e.g. \'{"margin_bits": 2}\' or \'{"kind": "moe_tournament"}\' (default: the defaults)')
+    parser.add_argument("--model", default="tiny_moe", choices=STUDY_MODELS, help="the embedded model that writes and scores (default tiny_moe)")
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
                         help=f"score the held-out human corpora too ({', '.join(HELD_OUT_CORPORA)}; default: yes)")
@@ -245,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         study_origins(args.held_out, args.origins.split(",") if args.origins else None)
-    except ValueError as err:
+        study_configs(args)
+    except Exception as err:  # a bad origin or design: named before any weights load
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
