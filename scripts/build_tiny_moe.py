@@ -673,6 +673,9 @@ def model_card(log: dict[str, Any]) -> str:
         "## Rebuild",
         "",
         "```",
+        *([log["init_from"]["build_log"]["command"],
+           f"# missed the floor; its weights, left in /tmp/{name}.failed_build, copied to {log['init_from']['path']}"]
+          if log.get("init_from") else []),
         log["command"],
         "```",
         "",
@@ -732,7 +735,8 @@ def model_card(log: dict[str, Any]) -> str:
         f"| mean routing TV distance across contexts (same layers) | {cd['mean_tv_distance']:.3f} |",
         f"| mean distinct top-1 experts per probed token | {cd['mean_distinct_top1_experts']} |",
         f"| model.safetensors | {r['checkpoint_mb']:.2f} MB |",
-        f"| build wall time | {log['wall_minutes']} min |",
+        f"| build wall time | {log['wall_minutes']} min"
+        + (f" (+ {log['init_from']['build_log']['wall_minutes']} min of the earlier stage)" if log.get("init_from") else "") + " |",
         "",
         f"Context dependence: {cd['definition']}.",
         "",
