@@ -75,14 +75,18 @@ def test_both_model_cards_are_their_build_logs():
     assert "OlmoeForCausalLM" in (OLMOE / "README.md").read_text()
 
 
-def test_default_router_slice_is_valid_on_tiny_olmoe(olmoe):
+def test_router_slices_are_valid_on_tiny_olmoe(olmoe):
+    """The app's extractor (all 8 MoE layers) and the middle slice [2, 6) of the README's API example both hook it."""
+    from composing import app_config
     from moewm.config import ExtractorConfig
     from moewm.engine.routing import FeatureCapture, check_extractor, feature_layout
 
     model, tok = olmoe
     layout = feature_layout(model, "router")
     assert layout.kind == "router" and layout.num_layers == 8 and layout.width == 64
-    cfg = ExtractorConfig()
+    app = app_config(["model=tiny_olmoe"])
+    assert app.extractor.kind == "router" and check_extractor(app.extractor, layout) == (0, 8)
+    cfg = ExtractorConfig(start_layer_idx=2, end_layer_idx=6)
     assert check_extractor(cfg, layout) == (2, 6)
     with FeatureCapture(model, cfg) as cap:
         ids = tok("Return the number of items", return_tensors="pt").input_ids
@@ -99,18 +103,19 @@ def test_a_watermarked_tiny_olmoe_generation_is_detected(olmoe, tmp_path):
     from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
 
     model, tok = olmoe
-    prompts = ["Return the number of items in the", "This module provides"]
+    prompts = ["Return the number of items in the"]  # one text each way: the 999-key reference bank is most of the cost
     with MoELSHWatermark(model, tok, ExtractorConfig(start_layer_idx=2, end_layer_idx=6), EncoderConfig(num_bits=32, pool_size=64),
                          WatermarkConfig(delta=2.0), WatermarkKey("tiny-olmoe-test-secret", 0), cache_dir=tmp_path) as wm:
         torch.manual_seed(0)
-        texts = wm.generate(prompts, GenerationConfig(max_new_tokens=64, min_new_tokens=64))
+        texts = wm.generate(prompts, GenerationConfig(max_new_tokens=128, min_new_tokens=128))
         results = wm.detect(texts, prompts=prompts)
-        plain = [tok.decode(model.generate(tok(p, return_tensors="pt").input_ids, do_sample=True, max_new_tokens=64,
-                                           min_new_tokens=64, pad_token_id=tok.pad_token_id)[0, len(tok(p).input_ids):],
+        plain = [tok.decode(model.generate(tok(p, return_tensors="pt").input_ids, do_sample=True, max_new_tokens=128,
+                                           min_new_tokens=128, pad_token_id=tok.pad_token_id)[0, len(tok(p).input_ids):],
                             skip_special_tokens=True) for p in prompts]
         plain_results = wm.detect(plain, prompts=prompts)
-    assert all(r.prediction and r.p_value <= 1e-3 for r in results), [(r.z_score, r.p_value) for r in results]
-    assert not any(r.prediction for r in plain_results), [(r.z_score, r.p_value) for r in plain_results]
+    [wm_result], [plain_result] = results, plain_results
+    assert wm_result.prediction and wm_result.p_value <= 1e-3, (wm_result.z_score, wm_result.p_value)
+    assert not plain_result.prediction and plain_result.p_value > 1e-3, (plain_result.z_score, plain_result.p_value)
 
 
 def test_shared_tokenizer_is_recognised_and_different_ones_are_not(olmoe, tokenizer):
