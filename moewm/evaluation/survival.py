@@ -21,7 +21,8 @@ edited token). The first survivor after any edit has d = 2, since the token righ
 edited token before it; positions before the first edit are "before" (a causal model leaves them exactly as
 they were, so their identity is a check of the capture: 1.0).
 
-Metrics (suffixed like the attacked detection's, ``_substitution_0p3``; the ``attack=`` group has none):
+Metrics (suffixed like the attacked detection's, ``_substitution_0p3``; the ``attack=`` group has none; a share
+with nothing to count, e.g. an empty distance bucket, is left out rather than written as NaN):
   survival_positions: share of the original's scored positions that survived (and are scored in both texts)
   survival_signature: share of survived positions whose context is unchanged (MoE-LSH: all signature bits;
     KGW / SynthID: the n-gram context, unchanged by construction once token and previous token survived,
@@ -153,4 +154,4 @@ def survival_metrics(original: Sequence[PositionContexts], edited: Sequence[Opti
         inside = (d >= lo) & (d <= hi)
         out[f"survival_signature_dist{name}{suffix}"] = float(s[inside].mean()) if inside.any() else float("nan")
         out[f"survival_count_dist{name}{suffix}"] = int(inside.sum())
-    return out
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and np.isnan(v))}  # nothing to count: no key
