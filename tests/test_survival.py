@@ -66,9 +66,10 @@ def test_shares_are_pooled_counts_at_survived_positions_only():
     assert m["survival_signature_distbefore_x"] == 1.0 and m["survival_count_distbefore_x"] == 2
     assert m["survival_signature_dist2_x"] == 0.0 and m["survival_signature_dist3to4_x"] == 1.0
     assert m["evidence_per_token_clean"] == pytest.approx(5 / 6) and m["evidence_per_token_attacked_x"] == pytest.approx(3 / 6)
+    assert m["evidence_changed_clean_x"] == 1.0 and m["evidence_changed_attacked_x"] == 0.0  # position 4: its context changed
     # a text the edit emptied counts as lost: no survived position, the clean evidence still counts
     lost = survival_metrics([before], [None], [tokens], [[]])
-    assert lost["survival_positions"] == 0.0 and np.isnan(lost["survival_signature"])
+    assert lost["survival_positions"] == 0.0 and "survival_signature" not in lost  # nothing to count: left out, not NaN
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Per-position Bernoulli draws of the n-gram schemes (KGW one per scored token, SynthID one per token and
 tournament layer), left-aligned in reading order, with their exact binomial tails: whole text, best window,
-and every prefix."""
+and every prefix; and what keys each position's draw (:class:`PositionContexts`, every scheme's answer to
+``position_contexts``, read by the survival diagnostics)."""
 
 from __future__ import annotations
 

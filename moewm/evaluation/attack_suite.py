@@ -7,7 +7,8 @@ Every spec edits the job's watermarked texts exactly as ``attack=<name> attack.s
 
 Metrics, suffixed by the spec (``substitution:0.3`` -> ``_substitution_0p3``):
   detection_rate_attacked, auc_attacked, tpr_at_1pct_fpr_attacked (against every null text of the job),
-  p_attacked_median, tokens_attacked_mean, attacked_changed_fraction, and fpr_attacked: the same attack
+  p_attacked_median, tokens_attacked_mean, attacked_changed_fraction, the survival diagnostics
+  (moewm.evaluation.survival: survival_signature, survival_bitflip, survival_green, ...), and fpr_attacked: the same attack
   applied to the job's plain texts and detected (its own null: an edit made without the key must not
   make text look watermarked). copy_paste has no such null (its input already is plain text) and
   paraphrase skips it (a second paraphrasing pass; the paraphraser never sees the key, so the

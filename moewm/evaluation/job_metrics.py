@@ -21,8 +21,10 @@ Keys of :func:`evaluate_job`
   window_detection_rate, window_fpr (eval.window tokens, p of the window maximum)
   attack_name, attack_strength; when an attack runs: detection_rate_attacked, auc_attacked,
     tpr_at_1pct_fpr_attacked, window_detection_rate_attacked, p_attacked_median, tokens_attacked_mean,
-    attacked_changed_fraction. Token-level attacks (substitution, insertion, retokenisation) edit the generated ids
-    directly; the others edit the decoded text, which is tokenized again for detection
+    attacked_changed_fraction, and the survival diagnostics (moewm.evaluation.survival: survival_positions,
+    survival_signature, survival_greenlist, survival_bitflip, survival_green, survival_signature_dist*,
+    evidence_per_token_attacked / _clean, evidence_aligned_*). Token-level attacks (substitution, insertion,
+    retokenisation) edit the generated ids directly; the others edit the decoded text, which is tokenized again for detection
   quality (eval.quality): distinct_{1,2,3}_{wm,unwm}, diversity_{wm,unwm}, log_diversity_{wm,unwm},
     length_mean_{wm,unwm}, length_std_{wm,unwm}, n_texts_{wm,unwm}
   attack suite (eval.attacks, moewm.evaluation.attack_suite): the attacked-detection keys suffixed per spec

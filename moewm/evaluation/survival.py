@@ -21,7 +21,8 @@ edited token). The first survivor after any edit has d = 2, since the token righ
 edited token before it; positions before the first edit are "before" (a causal model leaves them exactly as
 they were, so their identity is a check of the capture: 1.0).
 
-Metrics (suffixed like the attacked detection's, ``_substitution_0p3``; the ``attack=`` group has none):
+Metrics (suffixed like the attacked detection's, ``_substitution_0p3``; the ``attack=`` group has none; a share
+with nothing to count, e.g. an empty distance bucket, is left out rather than written as NaN):
   survival_positions: share of the original's scored positions that survived (and are scored in both texts)
   survival_signature: share of survived positions whose context is unchanged (MoE-LSH: all signature bits;
     KGW / SynthID: the n-gram context, unchanged by construction once token and previous token survived,
@@ -34,6 +35,9 @@ Metrics (suffixed like the attacked detection's, ``_substitution_0p3``; the ``at
   evidence_per_token_attacked (suffixed), evidence_per_token_clean: mean evidence per scored token of the edited
     and the original texts (standardised green excess, z units: a text's z is about sqrt(tokens) times it)
   evidence_aligned_clean / evidence_aligned_attacked (suffixed): the same at survived positions, before and after
+  evidence_changed_clean / evidence_changed_attacked (suffixed): the same at survived positions whose context
+    changed. A watermark keyed by its context keeps nothing there (its expected value is 0 under a fresh green
+    list); evidence that survives a changed context is tied to the token itself, not to its context
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def survival_metrics(original: Sequence[PositionContexts], edited: Sequence[Opti
     ev_att: list[np.ndarray] = []
     ev_al_clean: list[np.ndarray] = []
     ev_al_att: list[np.ndarray] = []
+    ev_ch_clean: list[np.ndarray] = []
+    ev_ch_att: list[np.ndarray] = []
     dist_all: list[np.ndarray] = []
     same_all: list[np.ndarray] = []
     has_bits = any(o.bits for o in original)
@@ -116,6 +122,8 @@ def survival_metrics(original: Sequence[PositionContexts], edited: Sequence[Opti
         scored = o.scored[ro] & e.scored[re_]
         ev_al_clean.append(o.evidence[ro][scored])
         ev_al_att.append(e.evidence[re_][scored])
+        ev_ch_clean.append(o.evidence[ro][scored & ~same])
+        ev_ch_att.append(e.evidence[re_][scored & ~same])
         dist_all.append(edit_distance(j, len(ei)))
         same_all.append(same)
 
@@ -134,6 +142,8 @@ def survival_metrics(original: Sequence[PositionContexts], edited: Sequence[Opti
         f"evidence_per_token_attacked{suffix}": mean(ev_att),
         f"evidence_aligned_clean{suffix}": mean(ev_al_clean),
         f"evidence_aligned_attacked{suffix}": mean(ev_al_att),
+        f"evidence_changed_clean{suffix}": mean(ev_ch_clean),
+        f"evidence_changed_attacked{suffix}": mean(ev_ch_att),
         "evidence_per_token_clean": mean(ev_clean),
     }
     if has_bits:
@@ -144,4 +154,4 @@ def survival_metrics(original: Sequence[PositionContexts], edited: Sequence[Opti
         inside = (d >= lo) & (d <= hi)
         out[f"survival_signature_dist{name}{suffix}"] = float(s[inside].mean()) if inside.any() else float("nan")
         out[f"survival_count_dist{name}{suffix}"] = int(inside.sum())
-    return out
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and np.isnan(v))}  # nothing to count: no key

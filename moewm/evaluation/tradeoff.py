@@ -53,6 +53,7 @@ OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
 DISTANCES = (("2", "2"), ("3to4", "3-4"), ("5to8", "5-8"), ("9to16", "9-16"), ("17up", "17+"), ("before", "before"))
 SURVIVAL_COLUMNS = ("survival_positions", "survival_signature", "survival_greenlist", "survival_bitflip", "survival_green",
                     "evidence_per_token_attacked", "evidence_aligned_clean", "evidence_aligned_attacked",
+                    "evidence_changed_clean", "evidence_changed_attacked",
                     *[f"survival_signature_dist{d}" for d, _ in DISTANCES])
 
 
@@ -384,7 +385,8 @@ def survival_markdown(table: pd.DataFrame) -> list[str]:
              "context is unchanged (MoE-LSH: the whole routing signature; KGW / SynthID: the n-gram context); *list kept* = "
              "share whose green list is unchanged; *bit flips* = per-bit flip rate of the signature; *green kept* = share "
              "of green draws still green; *evidence/token* = mean standardised green excess per scored token (z units), "
-             "before -> after (at survived positions in brackets); *context kept by distance* = context kept at d tokens "
+             "before -> after (in brackets: at survived positions, and at those whose context changed, where a watermark keyed by "
+             "its context keeps nothing); *context kept by distance* = context kept at d tokens "
              "after the last edit (2 = the first survivor; before = no edit before it)."]
     for a in attacks:
         lines += ["", f"### {a.replace('_', ' ').replace('0p', '0.')}", "",
@@ -395,7 +397,8 @@ def survival_markdown(table: pd.DataFrame) -> list[str]:
             def v(name: str, digits: int = 2) -> str:
                 return _fmt(x.get(f"{name}_{a}"), digits)
             evidence = (f"{_fmt(x.get('evidence_per_token_clean'))} -> {v('evidence_per_token_attacked')} "
-                        f"({v('evidence_aligned_clean')} -> {v('evidence_aligned_attacked')})")
+                        f"({v('evidence_aligned_clean')} -> {v('evidence_aligned_attacked')}; context changed "
+                        f"{v('evidence_changed_clean')} -> {v('evidence_changed_attacked')})")
             cells = [f"`{p}`", _fmt(x.get(f"attacked_{a}")), v("survival_positions"), v("survival_signature"), v("survival_greenlist"),
                      v("survival_bitflip", 3), v("survival_green"), evidence, *[v(f"survival_signature_dist{d}") for d, _ in DISTANCES]]
             lines.append("| " + " | ".join(cells) + " |")

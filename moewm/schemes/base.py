@@ -4,8 +4,9 @@ A scheme generates from prompt ids, captures texts (what detection needs of each
 forward's routing and next-token distribution, for the n-gram baselines the ids themselves), scores
 captures under its key into a :class:`~moewm.engine.detection.DetectorOutput` (the one output type; the
 decision at alpha is :func:`moewm.engine.detection.decide`), tells from a capture what keys each position's
-green draw (:meth:`Watermarker.position_contexts`, for the survival diagnostics), and closes. The job and the evaluation talk
-to this protocol only; a scheme's registry entry (:mod:`moewm.schemes.registry`) is all that names it.
+green draw (:meth:`Watermarker.position_contexts`, for the survival diagnostics), and closes. The job and the
+evaluation talk to this protocol only; a scheme's registry entry (:mod:`moewm.schemes.registry`) is all that
+names it.
 """
 
 from __future__ import annotations
