@@ -14,7 +14,7 @@ from moewm.models.footprint import model_nbytes
 from moewm.models.loading import load_model
 from moewm.models.memory import breakdown, estimate
 from moewm.models.quantize import QuantizedExperts, QuantizedTensor, quantized_nbytes, resolve_backend
-from moewm.models.quantize_bnb import BnbTensor, availability
+from moewm.models.quantize_bnb import BnbTensor, availability, int8_kernel
 from test_quantize import _experts_module
 
 FAMILIES = ["qwen2_moe", "mixtral"]
@@ -59,6 +59,10 @@ def test_auto_picks_bitsandbytes_where_it_works(checkpoints):
     experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
     assert experts and all(m.backend == "bitsandbytes" and isinstance(m.down_proj, BnbTensor) for m in experts)
     assert model.moewm_quantization.backend == "bitsandbytes"
+    # int8: bitsandbytes only where it has an int8 kernel (CUDA, AVX-512 CPUs), else the own module
+    want = "bitsandbytes" if int8_kernel("cpu") else "moewm"
+    assert resolve_backend(MemoryConfig(quantization="int8", backend="auto"), "cpu") == want
+    assert resolve_backend(MemoryConfig(quantization="int8", backend="bitsandbytes"), "cpu") == "bitsandbytes"
 
 
 @needs_bnb

@@ -25,8 +25,7 @@ from moewm.models.architecture import dense_router_error, meta_model
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, MemoryConfig, ModelConfig
 from moewm.models.footprint import weights_dtype
 from moewm.models.placement import DEVICE_MAPS, check_memory, max_memory_for_accelerate
-from moewm.models.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes
-from moewm.models.quantize_bnb import availability
+from moewm.models.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes, resolve_backend
 from moewm.engine.routing import check_extractor, feature_layout, find_router_modules
 
 GIB = 1024**3
@@ -405,7 +404,7 @@ def estimate(
     cats = categorize(meta)
     quantized: dict[str, tuple[int, ...]] = {}
     transposed: set[str] = set()
-    backend = memory.backend if memory.backend != "auto" else ("bitsandbytes" if availability("cpu") is None else "moewm")
+    backend = memory.backend if memory.backend != "auto" or memory.quantization == "none" else resolve_backend(memory, "cpu")
     scratch = 0  # one dequantized matrix (a Linear weight or one expert's) in the compute dtype, twice
     if memory.quantization != "none":
         compute_bytes = torch.tensor([], dtype=getattr(torch, memory.compute_dtype)).element_size()

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from moewm.config import ConfigError, MemoryConfig
 from moewm.models.footprint import model_nbytes
-from moewm.models.quantize_bnb import BnbTensor, availability, bnb_nbytes
+from moewm.models.quantize_bnb import BnbTensor, availability, bnb_nbytes, int8_kernel
 from moewm.engine.routing import find_router_modules
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ def resolve_backend(memory: MemoryConfig, device: torch.device | str = "cpu") ->
             f"memory.backend=bitsandbytes: {reason}; install it with `pip install moewm[bnb]` or set memory.backend=moewm "
             f"(allowed values: auto, bitsandbytes, moewm)"
         )
+    if reason is None and memory.quantization == "int8" and not int8_kernel(device):
+        # auto: bitsandbytes' int8 without its kernel (a CPU without AVX-512) multiplies in float32 after
+        # quantizing the activations too, 2.3x slower than the own int8 on the micro checkpoints (docs/quantization.md)
+        return "moewm"
     return "bitsandbytes" if reason is None else "moewm"
 
 

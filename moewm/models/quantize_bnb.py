@@ -79,6 +79,15 @@ def availability(device: torch.device | str = "cpu") -> Optional[str]:
     return reason
 
 
+def int8_kernel(device: torch.device | str = "cpu") -> bool:
+    """Whether bitsandbytes multiplies int8 by int8 with a real kernel on ``device``: on CUDA, and on a CPU
+    with AVX-512 (``torch._int_mm``, the condition bitsandbytes 0.50 itself uses); elsewhere it falls back
+    to a float32 matmul of the int8 values."""
+    if torch.device(device).type != "cpu":
+        return True
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def _group_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) == 2:
         return 1, int(shape[0]), int(shape[1])
