@@ -109,7 +109,7 @@ def resolve_backend(memory: MemoryConfig, device: torch.device | str = "cpu") ->
             f"memory.backend=bitsandbytes: {reason}; install it with `pip install moewm[bnb]` or set memory.backend=moewm "
             f"(allowed values: auto, bitsandbytes, moewm)"
         )
-    if reason is None and memory.quantization == "int8" and not int8_kernel(device):
+    if memory.backend == "auto" and reason is None and memory.quantization == "int8" and not int8_kernel(device):
         # auto: bitsandbytes' int8 without its kernel (a CPU without AVX-512) multiplies in float32 after
         # quantizing the activations too, 2.3x slower than the own int8 on the micro checkpoints (docs/quantization.md)
         return "moewm"
