@@ -383,6 +383,9 @@ class ModelConfig:
 
 
 QUANTIZATION_KINDS = ("none", "int8", "nf4")
+# Who stores and multiplies the quantized weights: bitsandbytes' kernels, moewm's own module
+# (moewm/models/quantize.py, the reference), or auto: bitsandbytes where it is installed and works.
+QUANTIZATION_BACKENDS = ("auto", "bitsandbytes", "moewm")
 
 
 @dataclass
@@ -399,6 +402,7 @@ class MemoryConfig:
     compute_dtype: str = "bfloat16"
     # Quantize the (fused 3-D) expert weights too, not only nn.Linear layers.
     quantize_experts: bool = True
+    backend: str = "auto"
     device_map: Optional[str] = None
     max_memory: dict[str, str] = field(default_factory=dict)
     budget_gib: float = 80.0
@@ -407,6 +411,10 @@ class MemoryConfig:
         _require(
             self.quantization in QUANTIZATION_KINDS,
             f"memory.quantization={self.quantization!r}: allowed values are {QUANTIZATION_KINDS}",
+        )
+        _require(
+            self.backend in QUANTIZATION_BACKENDS,
+            f"memory.backend={self.backend!r}: allowed values are {QUANTIZATION_BACKENDS}",
         )
         _require(
             self.compute_dtype in ("float32", "float16", "bfloat16"),

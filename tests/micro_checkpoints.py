@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moewm.models.micro import MICRO_ARCHITECTURES, byte_tokenizer, micro_model
+from moewm.models.micro import MICRO_ARCHITECTURES, MICRO_BIG_OVERRIDES, byte_tokenizer, micro_model
 
-BIG_OVERRIDES = {
-    "qwen2_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=128,
-                      num_experts=16, num_experts_per_tok=4),
-    "mixtral": dict(hidden_size=128, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
-}
+BIG_OVERRIDES = MICRO_BIG_OVERRIDES  # one home: moewm.models.micro (the benchmark builds them too)
 
 # Families load_model must handle with random weights (granitemoe has no entry in moewm.models.micro).
 EXTRA_ARCHITECTURES = {

@@ -11,7 +11,7 @@ from moewm.bench import cli, harness, sections
 from moewm.config import ModelConfig
 from moewm.models.micro import MICRO_ARCHITECTURES
 
-SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory")
+SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory", "quantization")
 POSITIVE_SUFFIXES = ("median_s", "min_s", "tokens_per_s", "_s_per_text")
 
 

@@ -69,6 +69,36 @@ def _calibrated_markdown(cal: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _quantization_markdown(q: dict[str, Any]) -> list[str]:
+    bnb = f"bitsandbytes {q['bitsandbytes_version']}" if q.get("bitsandbytes_version") else f"bitsandbytes unavailable ({q['bitsandbytes_unavailable']})"
+    lines = [
+        f"### Quantization backends on the micro checkpoints (memory.backend; {bnb}; decode: batch {q['batch_size']}, "
+        f"{q['new_tokens']} new tokens, greedy, compute bf16; signatures: {q['signature_texts']} random texts of {q['signature_text_len']} tokens, all router layers)",
+        "",
+        "| family | variant | expert bytes (estimator) | bits / expert weight | experts / bf16 | model / bf16 | decode tokens/s | decode time / bf16 "
+        "| 16 bits flipped vs fp32 / vs bf16 | 64-bit signatures changed vs fp32 / vs bf16 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    for family, f in q["families"].items():
+        for name, r in f["variants"].items():
+            est = "" if r["expert_bytes_estimated"] == r["expert_bytes"] else f" (estimator {r['expert_bytes_estimated']:,})"
+            lines.append(
+                f"| {family} | {name} | {r['expert_bytes']:,}{est or ' (= estimator)'} | {r['expert_bits_per_weight']:.3f} | "
+                f"{100 * r['expert_fraction_of_bf16']:.1f} % | {100 * r['total_fraction_of_bf16']:.1f} % | {r['decode_tokens_per_s']:.0f} | "
+                f"{r['ratio_decode_time_over_bf16']:.2f} | {pct(r.get('bits16_vs_float32_bit_flip_rate'))} / {pct(r.get('bits16_vs_bf16_bit_flip_rate'))} | "
+                f"{pct(r.get('bits64_vs_float32_signature_change_rate'))} / {pct(r.get('bits64_vs_bf16_signature_change_rate'))} |"
+            )
+        rr = f["ratio_decode_time_bitsandbytes_over_moewm"]
+        if rr:
+            lines += ["", f"{family}: decode time bitsandbytes / moewm (paired rounds): " + ", ".join(f"{k} {v:.2f}" for k, v in rr.items()) + "."]
+        lines.append("")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The Markdown tables of a result (what BENCHMARKS.md keeps)."""
     lines: list[str] = [f"Command: `{result['command']}`", ""]
@@ -197,6 +227,9 @@ def markdown(result: dict[str, Any]) -> str:
                 "new tokens",
                 lambda r: f"{r['ratio_moe_lsh_over_plain']:.3f} / {r['ratio_kgw_over_plain']:.3f} ({r['plain_tokens_per_s']:.0f}/s)",
             )
+    quant = result.get("quantization")
+    if quant:
+        lines += _quantization_markdown(quant)
     mem = result.get("memory")
     if mem:
         pk = mem["peak_bytes_above_start"]

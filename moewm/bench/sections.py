@@ -1,10 +1,12 @@
 """The benchmark's sections (generation, detection, calibrated detection, reference, capture, scaling, memory) and
-their targets, on one model loaded once."""
+their targets, on one model loaded once; and ``quantization``, the two quantization backends side by side on the
+micro checkpoints of the tests (built here, whatever model was loaded)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import statistics
 import time
@@ -65,7 +67,9 @@ TARGETS = {
 CALIBRATED_TARGETS = {"tiny_moe": 5.0, "qwen_moe": 1.2}
 CALIBRATED_TARGET_DEFAULT = 5.0
 
-SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory")
+SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory", "quantization")
+# memory.backend=bitsandbytes: experts at most this fraction of their bf16 bytes (NF4) on the micro checkpoints
+QUANTIZED_EXPERTS_TARGET = 0.30
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -664,6 +668,9 @@ class Bench:
             "tokens_per_s": texts_n * length / t["median_s"],
         }
 
+    def quantization(self) -> dict[str, Any]:
+        return quantization_backends(self.args)
+
     def memory(self) -> dict[str, Any]:
         a = self.args
         with exact_rss() as exact:
@@ -704,6 +711,96 @@ class Bench:
         }
 
 
+def quantization_backends(args: argparse.Namespace) -> dict[str, Any]:
+    """memory.backend=bitsandbytes against moewm's own module, int8 and NF4, on the big micro checkpoints.
+
+    Per family and variant: expert bytes (measured, and the estimator's formula), bits per expert weight,
+    the share of bf16's expert bytes; greedy decode speed (batch 4, paired rounds, the ratio
+    bitsandbytes / moewm per scheme); LSH signature agreement with the float32 model and with its bf16
+    copy (all router layers, 16 and 64 bits). Models are float32 micro models cast to bf16, compute in bf16.
+    """
+    from moewm.config import MemoryConfig
+    from moewm.evaluation.signature_agreement import signature_flip_rate
+    from moewm.models.footprint import model_nbytes
+    from moewm.models.micro import MICRO_BIG_OVERRIDES, byte_tokenizer, micro_model
+    from moewm.models.quantize import QuantizedExperts, fused_experts_layout, plan_quantization, quantize_model, quantized_nbytes
+    from moewm.models.quantize_bnb import availability
+
+    bnb_reason = availability("cpu")
+    backends = ["moewm"] + (["bitsandbytes"] if bnb_reason is None else [])
+    new_tokens = 4 if args.smoke else 32
+    n_texts, text_len = (2, 16) if args.smoke else (8, 96)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 259, (4, 8), generator=gen).tolist()
+    texts = torch.randint(3, 259, (n_texts, text_len), generator=gen).tolist()
+    tok = byte_tokenizer()
+    key = WatermarkKey(BENCH_SECRET, 0)
+    out: dict[str, Any] = {"backends": backends, "bitsandbytes_unavailable": bnb_reason, "new_tokens": new_tokens, "batch_size": len(prompts),
+                           "signature_texts": n_texts, "signature_text_len": text_len, "families": {}}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes_version"] = bitsandbytes.__version__
+    except Exception:
+        out["bitsandbytes_version"] = None
+    for family in ("qwen2_moe", "mixtral"):
+        full = micro_model(family, **MICRO_BIG_OVERRIDES[family])
+        bf16 = copy.deepcopy(full).to(torch.bfloat16)
+        expert_params = sum(p.numel() for p in full.parameters() if p.dim() == 3)
+        bf16_expert_bytes = 2 * expert_params
+        variants: dict[str, torch.nn.Module] = {"bf16": bf16}
+        rows: dict[str, dict[str, Any]] = {"bf16": {"total_bytes": model_nbytes(bf16), "expert_bytes": bf16_expert_bytes,
+                                                    "expert_bytes_estimated": bf16_expert_bytes}}
+        for scheme in ("int8", "nf4"):
+            for backend in backends:
+                mem = MemoryConfig(quantization=scheme, double_quant=scheme == "nf4", compute_dtype="bfloat16", backend=backend)
+                model = copy.deepcopy(full).to(torch.bfloat16)
+                plan = plan_quantization(model, mem)
+                estimated = sum(
+                    quantized_nbytes(shape, scheme, mem.double_quant, backend=backend,
+                                     transposed=bool(getattr(model.get_submodule(item.name), "is_transposed", False)))
+                    for item in plan.items if item.kind == "experts" and fused_experts_layout(model.get_submodule(item.name))
+                    for shape in item.shapes
+                )
+                t0 = time.perf_counter()
+                quantize_model(model, mem)
+                quantize_s = time.perf_counter() - t0
+                measured = sum(model_nbytes(m) for m in model.modules() if isinstance(m, QuantizedExperts))
+                name = f"{scheme}/{backend}"
+                variants[name] = model
+                rows[name] = {"total_bytes": model_nbytes(model), "expert_bytes": measured, "expert_bytes_estimated": estimated,
+                              "quantize_s": quantize_s}
+        for name, row in rows.items():
+            row["expert_bits_per_weight"] = 8 * row["expert_bytes"] / expert_params
+            row["expert_fraction_of_bf16"] = row["expert_bytes"] / bf16_expert_bytes
+            row["total_fraction_of_bf16"] = row["total_bytes"] / rows["bf16"]["total_bytes"]
+        # decode speed: greedy generation, every variant in each round
+        fns = {name: generate_fn(m, tok, prompts, new_tokens) for name, m in variants.items()}
+        t = compare(fns, args.repeats, args.warmup, torch.device("cpu"))
+        for name in variants:
+            rows[name]["decode_median_s"] = t[name]["median_s"]
+            rows[name]["decode_tokens_per_s"] = len(prompts) * new_tokens / t[name]["median_s"]
+            rows[name]["ratio_decode_time_over_bf16"] = ratio(t, name, "bf16")
+        ratios = {}
+        if "bitsandbytes" in backends:
+            for scheme in ("int8", "nf4"):
+                ratios[scheme] = ratio(t, f"{scheme}/bitsandbytes", f"{scheme}/moewm")
+        # signature agreement with the float32 model and with its unquantized bf16 copy
+        for bits in (16, 64):
+            enc = EncoderConfig(num_bits=bits, pool_size=2)
+            for name, m in variants.items():
+                for ref_name, ref in (("float32", full), ("bf16", bf16)):
+                    if m is ref:
+                        continue
+                    agreement = signature_flip_rate(ref, m, tok, texts, ExtractorConfig(), enc, key)
+                    rows[name][f"bits{bits}_vs_{ref_name}_bit_flip_rate"] = agreement.bit_flip_rate
+                    rows[name][f"bits{bits}_vs_{ref_name}_signature_change_rate"] = agreement.signature_change_rate
+                    rows[name]["signature_positions"] = agreement.positions
+        out["families"][family] = {"expert_params": expert_params, "variants": rows,
+                                   "ratio_decode_time_bitsandbytes_over_moewm": ratios}
+    return out
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The project's targets, evaluated on this run."""
     rows = []
@@ -737,6 +834,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             span = f"{first['text_len']} -> {last['text_len']} tokens"
             for key, label in (("speedup_batch1", "batch-1"), ("speedup_batched", f"batch-{first['batched_batch_size']}")):
                 add(f"{label} speedup grows with length ({span})", last[key] / first[key], 1.0, True, "ratio of speedups")
+    quant = result.get("quantization")
+    if quant:
+        for family, f in quant["families"].items():
+            row = f["variants"].get("nf4/bitsandbytes")
+            add(f"bitsandbytes NF4 experts / bf16 experts, micro {family}", None if row is None else row["expert_fraction_of_bf16"],
+                QUANTIZED_EXPERTS_TARGET, False, "" if row else f"bitsandbytes unavailable: {quant['bitsandbytes_unavailable']}")
     mem = result.get("memory")
     if mem:
         add("watermark tensors / model parameters", mem["watermark_fraction_of_model"], TARGETS["watermark_memory_fraction"], False)

@@ -179,19 +179,25 @@ def capture_texts(
         tail = torch.empty(rows_b.numel(), dtype=torch.float32, device=device)
         logprob = torch.empty(rows_b.numel(), dtype=torch.float32, device=device)
         step = head_block(int(usable.numel()), device)
+        # One (block, vocab) float32 buffer for the whole batch, and in-place passes over it: the same
+        # operations in the same order (bit-identical results) without allocating, and on a CPU page-faulting,
+        # three fresh block-sized tensors per block (full-width qwen_moe, 256 positions x 151,936 tokens:
+        # 3.5 s -> 1.7 s of work beside a 19 s head matmul, 1 thread).
+        work = torch.empty(min(step, rows_b.numel()), int(usable.numel()), dtype=torch.float32, device=device)
         for s in range(0, rows_b.numel(), step):  # the output head in blocks: no (batch, length, vocab) tensor
             r, c = rows_d[s : s + step], cols_d[s : s + step]
             x = source[r, c - 1]
             logits = (split.logits(x) if split is not None else x).float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(logits, dim=-1, out=work[: r.numel()])
+            del logits
             logprob[s : s + step] = torch.gather(logp, 1, token[s : s + step].unsqueeze(1)).squeeze(1)
-            probs = logp.exp() * usable_dev
-            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
+            probs = logp.exp_().mul_(usable_dev)  # logp is not needed after the gather above
+            probs = probs.div_(probs.sum(-1, keepdim=True).clamp(min=1e-30))
             top = torch.topk(probs, k, dim=-1)
             top_ids[s : s + step] = top.indices.int()
             top_probs[s : s + step] = top.values
             tail[s : s + step] = (1.0 - top.values.sum(-1)).clamp(min=0.0)
-        del source
+        del source, work
         out = dict(features=feat.cpu(), tokens=token.cpu(), top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), tail=tail.cpu(),
                    logprob=logprob.cpu(), previous=previous.cpu(), positions=cols + torch.tensor([chosen[int(b)][1] for b in rows_b], dtype=torch.long))
         for b, (i, start, _, _) in enumerate(chosen):

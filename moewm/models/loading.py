@@ -28,7 +28,7 @@ from moewm.models.architecture import (  # noqa: F401  (WeightsUnavailableError:
 from moewm.config import ConfigError, MemoryConfig, ModelConfig
 from moewm.models.footprint import model_nbytes
 from moewm.models.placement import check_memory, max_memory_for_accelerate
-from moewm.models.quantize import quantize_model
+from moewm.models.quantize import check_backend, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def load_model(cfg: ModelConfig, memory: Optional[MemoryConfig] = None) -> tuple
     memory = memory or MemoryConfig()
     check_memory(memory)
     device = pick_device(cfg.device)
+    check_backend(memory, device)  # memory.backend=bitsandbytes without a working bitsandbytes fails here, before weights load
     dtype = torch_dtype(cfg.dtype)
     quantize = memory.quantization != "none"
     device_map = _effective_device_map(memory)

@@ -25,7 +25,7 @@ from moewm.models.architecture import dense_router_error, meta_model
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, MemoryConfig, ModelConfig
 from moewm.models.footprint import weights_dtype
 from moewm.models.placement import DEVICE_MAPS, check_memory, max_memory_for_accelerate
-from moewm.models.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes
+from moewm.models.quantize import QuantizedExperts, fused_experts_layout, is_gate_name, plan_quantization, quantized_nbytes, resolve_backend
 from moewm.engine.routing import check_extractor, feature_layout, find_router_modules
 
 GIB = 1024**3
@@ -207,6 +207,7 @@ class MemoryEstimate:
     activation_bytes: int
     runtime_bytes: int
     quantized_note: str
+    backend: str = "moewm"  # who stores the quantized weights (memory.backend, auto resolved on this machine)
     recommendation: str = ""
     suggestion: dict[str, Any] = field(default_factory=dict)
     # memory.device_map=auto with memory.max_memory: weights beyond the GPU limit live in CPU RAM
@@ -264,6 +265,7 @@ class MemoryEstimate:
             return f"{n / GB:.2f}"
 
         q = self.quantization + (" (double quant)" if self.double_quant and self.quantization == "nf4" else "")
+        q += f", {self.backend} backend" if self.quantization != "none" else ""
         lines = [
             f"**{self.model}** (`{self.path}`), memory={self.profile}: weights {q}, model dtype {self.model_dtype}, "
             f"compute dtype {self.compute_dtype}",
@@ -404,13 +406,18 @@ def estimate(
     # weights, category by category, at the profile's precision
     cats = categorize(meta)
     quantized: dict[str, tuple[int, ...]] = {}
+    transposed: set[str] = set()
+    backend = memory.backend if memory.backend != "auto" or memory.quantization == "none" else resolve_backend(memory, "cpu")
     scratch = 0  # one dequantized matrix (a Linear weight or one expert's) in the compute dtype, twice
     if memory.quantization != "none":
         compute_bytes = torch.tensor([], dtype=getattr(torch, memory.compute_dtype)).element_size()
         for item in plan_quantization(meta, memory).items:
             names = ("weight",) if item.kind == "linear" else _expert_param_names(meta, item.name)
+            flipped = item.kind == "experts" and bool(getattr(meta.get_submodule(item.name), "is_transposed", False))
             for pname, shape in zip(names, item.shapes):
                 quantized[f"{item.name}.{pname}"] = shape
+                if flipped:
+                    transposed.add(f"{item.name}.{pname}")
                 scratch = max(scratch, 2 * shape[-1] * shape[-2] * compute_bytes)
     params = {c: 0 for c in CATEGORIES}
     nbytes = {c: 0 for c in CATEGORIES}
@@ -419,7 +426,8 @@ def estimate(
         cat = cats[name]
         params[cat] += tensor.numel()
         if name in quantized:
-            nbytes[cat] += quantized_nbytes(quantized[name], memory.quantization, memory.double_quant)
+            nbytes[cat] += quantized_nbytes(quantized[name], memory.quantization, memory.double_quant, backend=backend,
+                                            transposed=name in transposed)
             stored[cat].add(memory.quantization)
         else:
             nbytes[cat] += tensor.numel() * tensor.element_size()
@@ -472,6 +480,7 @@ def estimate(
         activation_bytes=scratch + _activation_bytes(config, int(batch_size), int(prompt_tokens), int(new_tokens), dtype_bytes, sel, layout.width, dim),
         runtime_bytes=int(RUNTIME_ALLOWANCE),
         quantized_note=_quantized_note(memory, parts),
+        backend=backend if memory.quantization != "none" else "none",
     )
     if memory.device_map in DEVICE_MAPS and memory.max_memory:
         limits = max_memory_for_accelerate(memory)

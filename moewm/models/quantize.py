@@ -10,7 +10,11 @@ parameters, which are ~90 % of an MoE checkpoint, stay in bf16. This module repl
   expert's weights in 8 or 4 bits and dequantizes only the experts that the router hit, one at a time;
 * each other ``nn.Linear`` (attention, shared experts, dense MLPs) by :class:`QuantizedLinear`.
 
-It is plain PyTorch, so the same code runs on the CPU and on CUDA. Never quantized: the router gates
+It is plain PyTorch, so the same code runs on the CPU and on CUDA. With ``memory.backend=bitsandbytes``
+(the default where bitsandbytes is installed and works: ``auto``) the same modules hold
+:class:`moewm.models.quantize_bnb.BnbTensor` instead of :class:`QuantizedTensor`, i.e. bitsandbytes'
+storage and matmul kernels, experts split per expert; this module's own storage stays the fallback and
+the reference. Never quantized: the router gates
 (the watermark key is computed from them), the shared-expert gate, embeddings, the LM head and norms.
 See docs/quantization.md for the formats, the measurements and why this path was chosen.
 
@@ -37,6 +41,7 @@ from torch.nn import functional as F
 
 from moewm.config import ConfigError, MemoryConfig
 from moewm.models.footprint import model_nbytes
+from moewm.models.quantize_bnb import BnbTensor, availability, bnb_nbytes, int8_kernel
 from moewm.engine.routing import find_router_modules
 
 log = logging.getLogger(__name__)
@@ -89,9 +94,41 @@ def _group_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     raise ValueError(f"can only quantize 2-D or 3-D weights, got shape {tuple(shape)}")
 
 
-def quantized_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> int:
-    """Bytes that :class:`QuantizedTensor` stores for a weight of ``shape`` (exact, for the estimator)."""
+def resolve_backend(memory: MemoryConfig, device: torch.device | str = "cpu") -> str:
+    """``bitsandbytes`` or ``moewm``: ``memory.backend``, with ``auto`` decided by whether bitsandbytes works on ``device``.
+
+    An explicit ``bitsandbytes`` that cannot run raises :class:`ConfigError` (before any weights load
+    when called from :func:`check_backend`).
+    """
+    memory.validate()
+    if memory.backend == "moewm":
+        return "moewm"
+    reason = availability(device)
+    if memory.backend == "bitsandbytes" and reason is not None:
+        raise ConfigError(
+            f"memory.backend=bitsandbytes: {reason}; install it with `pip install moewm[bnb]` or set memory.backend=moewm "
+            f"(allowed values: auto, bitsandbytes, moewm)"
+        )
+    if memory.backend == "auto" and reason is None and memory.quantization == "int8" and not int8_kernel(device):
+        # auto: bitsandbytes' int8 without its kernel (a CPU without AVX-512) multiplies in float32 after
+        # quantizing the activations too, 2.3x slower than the own int8 on the micro checkpoints (docs/quantization.md)
+        return "moewm"
+    return "bitsandbytes" if reason is None else "moewm"
+
+
+def check_backend(memory: MemoryConfig, device: torch.device | str = "cpu") -> None:
+    """The backend check of a quantized profile, before weights load (nothing to check without quantization)."""
+    if memory.quantization != "none":
+        resolve_backend(memory, device)
+
+
+def quantized_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE,
+                     backend: str = "moewm", transposed: bool = False) -> int:
+    """Bytes that :class:`QuantizedTensor` (``backend="moewm"``) or :class:`BnbTensor` (``"bitsandbytes"``) stores
+    for a weight of ``shape`` (exact, for the estimator; ``transposed`` matters to bitsandbytes' int8 only)."""
     check_scheme(scheme)
+    if backend == "bitsandbytes":
+        return bnb_nbytes(shape, scheme, double_quant, transposed)
     groups, rows, cols = _group_shape(shape)
     if scheme == "int8":
         return groups * rows * cols + groups * rows * 4
@@ -214,6 +251,12 @@ class QuantizedTensor(nn.Module):
             out[b0 : b0 + step] = values.view(packed.shape[0], self.blocksize) * absmax[b0 : b0 + step, None]
         return out.view(-1)[: self.rows * self.cols].view(self.rows, self.cols)
 
+    def linear(self, x: torch.Tensor, g: int, dtype: torch.dtype, transposed: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ W_g^T + bias`` (``x @ W_g`` for a transposed layout, no bias) in ``dtype``: dequantize group ``g``, then multiply."""
+        weight = self.dequantize(g, dtype)
+        x = x.to(dtype)
+        return x @ weight if transposed else F.linear(x, weight, bias)
+
     def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole dequantized tensor in its original shape (tests and diagnostics; allocates it all)."""
         return torch.stack([self.dequantize(g, dtype) for g in range(self.groups)]).view(self.shape)
@@ -229,21 +272,28 @@ class QuantizedTensor(nn.Module):
 class QuantizedLinear(nn.Module):
     """``nn.Linear`` with an int8 / NF4 weight, dequantized to ``compute_dtype`` at each call; bias kept as is."""
 
-    def __init__(self, linear: nn.Linear, scheme: str, double_quant: bool, compute_dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
+    def __init__(self, linear: nn.Linear, scheme: str, double_quant: bool, compute_dtype: torch.dtype, device: Optional[torch.device] = None,
+                 backend: str = "moewm") -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.compute_dtype = compute_dtype
-        self.qweight = QuantizedTensor.from_weight(linear.weight.data, scheme, double_quant, device)
+        self.qweight = _storage(backend).from_weight(linear.weight.data, scheme, double_quant, device)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(device or linear.bias.device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.qweight.dequantize(0, dtype), bias).to(x.dtype)
+        return self.qweight.linear(x, 0, dtype, bias=bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _storage(backend: str) -> type:
+    if backend not in ("moewm", "bitsandbytes"):
+        raise ValueError(f"backend {backend!r}: allowed values are moewm, bitsandbytes (resolve auto first)")
+    return BnbTensor if backend == "bitsandbytes" else QuantizedTensor
 
 
 def fused_experts_layout(module: nn.Module) -> Optional[tuple[str, str]]:
@@ -267,7 +317,8 @@ class QuantizedExperts(nn.Module):
     are kept as they were; the gate activation is the original class's ``_apply_gate``.
     """
 
-    def __init__(self, experts: nn.Module, scheme: str, double_quant: bool, compute_dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
+    def __init__(self, experts: nn.Module, scheme: str, double_quant: bool, compute_dtype: torch.dtype, device: Optional[torch.device] = None,
+                 backend: str = "moewm") -> None:
         super().__init__()
         layout = fused_experts_layout(experts)
         if layout is None:
@@ -290,8 +341,13 @@ class QuantizedExperts(nn.Module):
                 setattr(self, name, value)
         gate_fn: Optional[Callable[..., torch.Tensor]] = getattr(type(experts), "_apply_gate", None)
         self._gate_fn = gate_fn
-        self.add_module(up_name, QuantizedTensor.from_weight(getattr(experts, up_name).data, scheme, double_quant, device))
-        self.add_module(down_name, QuantizedTensor.from_weight(experts.down_proj.data, scheme, double_quant, device))
+        self.backend = backend
+        if backend == "bitsandbytes":  # one matrix per expert, stored as x @ W^T wants it
+            self.add_module(up_name, BnbTensor.from_weight(getattr(experts, up_name).data, scheme, double_quant, device, self.is_transposed))
+            self.add_module(down_name, BnbTensor.from_weight(experts.down_proj.data, scheme, double_quant, device, self.is_transposed))
+        else:
+            self.add_module(up_name, QuantizedTensor.from_weight(getattr(experts, up_name).data, scheme, double_quant, device))
+            self.add_module(down_name, QuantizedTensor.from_weight(experts.down_proj.data, scheme, double_quant, device))
         for bias_name in (f"{up_name}_bias", "down_proj_bias"):
             bias = getattr(experts, bias_name, None) if self.has_bias else None
             if isinstance(bias, torch.Tensor):
@@ -306,8 +362,7 @@ class QuantizedExperts(nn.Module):
         return self.act_fn(gate) * up
 
     def _project(self, x: torch.Tensor, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        weight = getattr(self, name).dequantize(expert, dtype)
-        y = x @ weight if self.is_transposed else F.linear(x, weight)
+        y = getattr(self, name).linear(x, expert, dtype, self.is_transposed)
         bias = getattr(self, f"{name}_bias", None)
         return y if bias is None else y + bias[expert].to(dtype)
 
@@ -333,7 +388,7 @@ class QuantizedExperts(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.original_class}, num_experts={self.num_experts}"
+        return f"{self.original_class}, num_experts={self.num_experts}, backend={self.backend}"
 
 
 # -- which modules -------------------------------------------------------------------------------
@@ -404,6 +459,7 @@ def plan_quantization(model: nn.Module, memory: MemoryConfig) -> QuantizationPla
 @dataclass
 class QuantizationReport:
     scheme: str
+    backend: str
     device: str
     quantized: dict[str, int]  # kind -> number of modules
     skipped: list[tuple[str, str]]
@@ -413,7 +469,7 @@ class QuantizationReport:
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.quantized.items()))
         return (
-            f"{self.scheme} on {self.device}: quantized {kinds or 'nothing'}; kept {len(self.skipped)} modules unquantized "
+            f"{self.scheme} ({self.backend}) on {self.device}: quantized {kinds or 'nothing'}; kept {len(self.skipped)} modules unquantized "
             f"(routers, gates, LM head); weights {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"
         )
 
@@ -429,6 +485,7 @@ def quantize_model(model: nn.Module, memory: MemoryConfig, device: Optional[torc
     if memory.quantization == "none":
         raise ValueError("quantize_model: memory.quantization is 'none'; nothing to do")
     target = torch.device(device) if device is not None else None
+    backend = resolve_backend(memory, target or next(model.parameters()).device)
     plan = plan_quantization(model, memory)
     before = model_nbytes(model)
     compute = _dtype(memory.compute_dtype)
@@ -438,14 +495,15 @@ def quantize_model(model: nn.Module, memory: MemoryConfig, device: Optional[torc
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
         if item.kind == "experts":
-            new: nn.Module = QuantizedExperts(module, memory.quantization, memory.double_quant, compute, target)
+            new: nn.Module = QuantizedExperts(module, memory.quantization, memory.double_quant, compute, target, backend)
         else:
-            new = QuantizedLinear(module, memory.quantization, memory.double_quant, compute, target)
+            new = QuantizedLinear(module, memory.quantization, memory.double_quant, compute, target, backend)
         setattr(parent, child, new)
         del module
         counts[item.kind] = counts.get(item.kind, 0) + 1
     report = QuantizationReport(
         memory.quantization,
+        backend,
         str(target or next(model.parameters()).device),
         counts,
         plan.skipped,
@@ -458,4 +516,4 @@ def quantize_model(model: nn.Module, memory: MemoryConfig, device: Optional[torc
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, (QuantizedExperts, QuantizedLinear, QuantizedTensor))
+    return isinstance(module, (QuantizedExperts, QuantizedLinear, QuantizedTensor, BnbTensor))
