@@ -44,7 +44,7 @@ ATTACK_PREFIX = "detection_rate_attacked_"
 OK = "ok"
 REFERENCE = {"watermark_kind": "kgw", "kgw_gamma": 0.25, "delta": 2.0}
 HEADLINE_ATTACK = "substitution_0p3"
-SCHEME_COLOURS = {"moe_lsh": "tab:blue", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
+SCHEME_COLOURS = {"moe_lsh": "tab:blue", "kgw": "tab:orange", "synthid": "tab:green", "moe_tournament": "tab:purple", "none": "tab:gray"}
 NULL_SETS = ("plain", "greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative")
 OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
 
