@@ -35,7 +35,7 @@ def test_every_registered_scheme_is_a_watermarker(kind, micro_qwen, tokenizer):
 
 
 def test_an_unknown_kind_is_refused_before_weights_load_naming_the_kinds():
-    with pytest.raises(ConfigError, match=r"watermark.kind='dipper': allowed values are \('moe_lsh', 'kgw', 'synthid', 'none', 'moe_tournament'\)"):
+    with pytest.raises(ConfigError, match=r"watermark.kind='dipper': allowed values are \('moe_lsh', 'kgw', 'synthid', 'moe_tournament', 'none'\)"):
         validate_app(app_config(["watermark.kind=dipper"]))
 
 

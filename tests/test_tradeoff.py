@@ -42,13 +42,17 @@ def test_every_tradeoff_point_composes_and_validates(point):
     app = to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={point}"]))
     validate_app(app)
     kind = point.split("_")[0]
-    assert app.watermark.kind == {"lsh": "moe_lsh", "kgw": "kgw", "synthid": "synthid"}[kind]
+    assert app.watermark.kind == {"lsh": "moe_lsh", "kgw": "kgw", "synthid": "synthid", "tournament": "moe_tournament"}[kind]
     if kind == "kgw":  # kgw_g025_d2 -> gamma 0.25, delta 2
         gamma, delta = point.split("_")[1:3]
         assert app.watermark.kgw.gamma == pytest.approx(float("0." + gamma[2:]))
         assert app.watermark.delta == float(delta[1:])
     if kind == "lsh":
         assert app.encoder.pools == point.split("_")[1]
+    if kind == "tournament":  # tournament_m20_b4[_noskip] -> 20 layers of 4 bits, repeated-context rule unless noskip
+        layers, bits = point.split("_")[1:3]
+        assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
+        assert app.watermark.tournament.skip_repeated == (not point.endswith("_noskip"))
 
 
 def test_the_reference_point_of_the_headline_exists():
