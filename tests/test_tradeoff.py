@@ -34,6 +34,7 @@ def test_the_preset_sweeps_every_point_over_keys_and_scores_the_attack_suite():
     specs = {a.suffix for a in parse_attack_specs(app.eval.attacks)}
     assert {"substitution_0p1", "substitution_0p3", "deletion_0p1"} <= specs
     assert any(s.startswith("copy_paste") for s in specs) and any(s.startswith("paraphrase") for s in specs)
+    assert "retokenisation_1" in specs  # detection from the published text: the round trip as an attack
     assert app.eval.null_sets, "every detection number needs its null sets"
 
 
@@ -103,7 +104,7 @@ def test_censored_tokens_to_detect_counts_never_detected_texts_as_infinitely_lon
 
 
 # -- one job on tiny_moe ----------------------------------------------------------------------------
-SUITE = ["substitution:0", "substitution:0.3", "deletion:0.1", "copy_paste:0.5", "paraphrase:0.5"]
+SUITE = ["substitution:0", "substitution:0.3", "deletion:0.1", "copy_paste:0.5", "paraphrase:0.5", "retokenisation"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_one_job_scores_every_attack_of_the_suite_with_its_null(suite_job):
         for key in ("detection_rate_attacked", "auc_attacked", "tpr_at_1pct_fpr_attacked", "attacked_changed_fraction"):
             assert 0.0 <= m[f"{key}_{a.suffix}"] <= 1.0, (key, a.suffix)
     # edits made without the key get their own null; copy_paste's input is plain text already
-    for s in ("substitution_0p3", "deletion_0p1"):
+    for s in ("substitution_0p3", "deletion_0p1", "retokenisation_1"):
         assert 0.0 <= m[f"fpr_attacked_{s}"] <= 1.0 and m[f"n_attacked_null_{s}"] == 4
     assert "fpr_attacked_copy_paste_0p5" not in m and "fpr_attacked_paraphrase_0p5" not in m
     assert m["perplexity_judge"] == "generator:tiny_moe"

@@ -271,8 +271,7 @@ def plot_roc(sweep_dir: Path, df: pd.DataFrame, plt: Any) -> Optional[Plot]:
                 if other != k:
                     ax.step(np.maximum(f2, 0.5 / max(1, n2)), t2, where="post", color="#d0d0d0", lw=0.8)
         low = 0.5 / max(1, n_neg)
-        text = f"{name}" if not facets else name
-        ax.step(np.maximum(fpr, low), tpr, where="post", lw=1.8, label=text, color=None if not facets else "C0")
+        ax.step(np.maximum(fpr, low), tpr, where="post", lw=1.8, label=name, **({"color": "C0"} if facets else {}))
         if facets:
             at = float(tpr[fpr <= float(alpha)].max()) if alpha is not None and (fpr <= float(alpha)).any() else float("nan")
             ax.set_title(name, fontsize=8)
