@@ -38,6 +38,11 @@ def test_the_preset_sweeps_every_point_over_keys_and_scores_the_attack_suite():
     assert app.eval.null_sets, "every detection number needs its null sets"
 
 
+# Point-name tokens of the design-search families and the pool design they use.
+DESIGN_POOLS = {"rpart": "random_partition", "bits": "partition", "vote5": "partition", "vote9": "partition",
+                "ctx": "partition", "margin2": "partition"}
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_every_tradeoff_point_composes_and_validates(point):
     app = to_app_config(compose_config(["experiment=tradeoff", f"tradeoff={point}"]))
@@ -48,8 +53,16 @@ def test_every_tradeoff_point_composes_and_validates(point):
         gamma, delta = point.split("_")[1:3]
         assert app.watermark.kgw.gamma == pytest.approx(float("0." + gamma[2:]))
         assert app.watermark.delta == float(delta[1:])
-    if kind == "lsh":
-        assert app.encoder.pools == point.split("_")[1]
+    if kind == "lsh":  # lsh_<pools>_..., or lsh_<family>_... on the semantic partition (the design-search points)
+        name = point.split("_")[1]
+        assert app.encoder.pools == DESIGN_POOLS.get(name, name)
+        if name in ("bits", "vote5", "vote9"):
+            assert app.encoder.green_lists == ("bits" if name == "bits" else "vote")
+            assert name == "bits" or app.encoder.vote_lists == int(name[4:])
+        if "ctx" in point:
+            assert app.encoder.context_tokens == 1
+        if "margin2" in point:
+            assert app.watermark.margin_bits == 2
     if kind == "tournament":  # tournament_m20_b4[_noskip] -> 20 layers of 4 bits, repeated-context rule unless noskip
         layers, bits = point.split("_")[1:3]
         assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
