@@ -135,3 +135,25 @@ def test_ngram_contexts_survive_exactly_beyond_their_width(texts, micro_qwen, to
     assert m["survival_signature_dist5to8"] == 1.0 and m["survival_signature_distbefore"] == 1.0
     kgw_ctx = kgw.position_contexts(kgw.capture(ids, prompts))
     assert all((c.context[1:, 0] == np.asarray(t)[c.positions[1:] - 1]).all() for c, t in zip(kgw_ctx, ids))
+
+
+def test_moe_lsh_contexts_with_the_previous_token_hybrid_match_its_detector(micro_qwen, tokenizer):
+    """encoder.context_tokens=1 keys green lists by the previous token too: the diagnostics must pass it on
+    (the design search's hybrid points failed in every attacked row when they did not)."""
+    from moewm.engine.keys import WatermarkKey
+
+    wm = MoELSHWatermark(micro_qwen, tokenizer, ExtractorConfig(),
+                         EncoderConfig(num_bits=16, pool_size=8, context_tokens=1, green_lists="vote", vote_lists=5),
+                         WatermarkConfig(delta=4.0, reference_keys=19, alpha=0.05), WatermarkKey("survival-test", 1), cache_dir=None)
+    try:
+        prompts = [wm.encode_prompt(p) for p in ["The quick brown fox", "def main():"]]
+        ids = wm.generate_from_ids(prompts, GenerationConfig(max_new_tokens=32, min_new_tokens=32))
+        caps = wm.capture(ids, prompts)
+        det = wm.score(caps)
+        for c, n_green, n in zip(wm.position_contexts(caps), det.num_green_tokens, det.num_tokens_scored):
+            assert int((c.green[:, 0] & c.scored).sum()) == n_green and int(c.scored.sum()) == n
+        att = attack_token_ids(ids, AttackConfig(name="substitution", strength=0.2), tokenizer=tokenizer, model=micro_qwen)
+        m = survival_of(wm, caps, edited_captures(wm, caps, att, prompts, [a != b for a, b in zip(att, ids)]), ids, att)
+        assert m["survival_signature_distbefore"] == 1.0 and 0.0 <= m["survival_green"] <= 1.0
+    finally:
+        wm.close()

@@ -293,8 +293,9 @@ class MoELSHWatermark(TextGeneration):
         for s in range(0, len(captures), max(1, cfg.detect_batch_size)):
             chunk = list(captures[s : s + cfg.detect_batch_size])
             batch = CaptureBatch.stack(chunk, self.device).with_top_k(cfg.statistic_top_k)
-            bits = scoring.signatures(batch.features, bank)[0]  # (B, n, nb)
-            pools = scoring.green_pools(batch.features, bank)[0]
+            bits_all = scoring.signatures(batch.features, bank)  # (1, B, n, nb)
+            pools = scoring.bank_pool_mask(bits_all, bank, batch.previous)[0]  # the previous token too, when keyed by it
+            bits = bits_all[0]
             every = scoring.key_draws(batch, self._true_tables, dataclasses.replace(spec, ignore_repeated=False))  # every green draw
             counted = scoring.key_draws(batch, self._true_tables, spec).scored[0]  # what detection counts
             green = every.green[0]
