@@ -159,6 +159,24 @@ def test_generation_and_detection_read_the_same_g_values(tiny):
         assert torch.equal(detect_ctx[0].reshape(-1, 20)[batch.valid.reshape(-1)], gen_ctx[batch.valid.reshape(-1)])
 
 
+def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(tiny):
+    """The diagnostics read the tournament's draws: one g-value per layer, keyed by the layer's block code;
+    with nothing skipped their sum is the detector's green count, and watermarked text has positive evidence."""
+    prompts = open("conf/data/prompts.txt").read().splitlines()[:3]
+    from moewm.config import TournamentConfig as T
+
+    with _wm(tiny, 3, ignore_repeated=False, tournament=T(layers=20, block_bits=8, skip_repeated=False)) as wm:
+        prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=24, min_new_tokens=24))
+        caps = wm.capture(ids, prompt_ids)
+        det = wm.score(caps)
+        ctx = wm.position_contexts(caps)
+    for c, n_green, n in zip(ctx, det.num_green_tokens, det.num_tokens_scored):
+        assert c.green.shape == (len(c), 20) and c.green_list.shape == (len(c), 20) and c.context.shape[1] == 32
+        assert int(c.green_list.max()) < 2 ** 8
+        assert int(c.green[c.scored].sum()) == n_green and int(c.scored.sum()) == n
+        assert c.evidence[c.scored].mean() > 0.3  # g-values well above their null mean: the tournament's pull
+
+
 @pytest.mark.parametrize("statistic", ["green", "llr"])
 def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic):
     prompts = open("conf/data/prompts.txt").read().splitlines()[:4]

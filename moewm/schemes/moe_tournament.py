@@ -21,9 +21,10 @@ from moewm.config import EncoderConfig, GenerationConfig, WatermarkConfig
 from moewm.engine.capture import TextCapture
 from moewm.engine.detection import DetectorOutput, decide
 from moewm.engine.poisson_binomial import upper_tail
+from moewm.engine.positions import PositionContexts
 from moewm.engine.routing import FeatureCapture
 from moewm.engine.lsh import LSHEncoder
-from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated
+from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated, signatures
 from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot
 from moewm.schemes.moe_lsh import MoELSHWatermark, RoutingWatermarkProcessor
 
@@ -105,6 +106,35 @@ class MoETournamentWatermark(MoELSHWatermark):
     def statistic_spec(self) -> StatisticSpec:
         # The scorer's evidence is per position already: ``green`` sums it.
         return StatisticSpec(kind="green", ignore_repeated=self.watermark_cfg.ignore_repeated)
+
+    def position_contexts(self, captures: Sequence[TextCapture]) -> list[PositionContexts]:
+        """Per captured text, under the deployed key: each token's routing signature (the context), its layers'
+        block codes (what keys each layer's g-value), its g-values (one draw per tournament layer), whether
+        detection counts it, and its standardised excess of g over the model's null mean, from the capture
+        alone. MoE-LSH's version would report its partition's green pools, which the tournament never uses."""
+        if not captures:
+            return []
+        cfg = self.watermark_cfg
+        out = []
+        for s in range(0, len(captures), max(1, cfg.detect_batch_size)):
+            chunk = list(captures[s : s + cfg.detect_batch_size])
+            batch = CaptureBatch.stack(chunk, self.device)
+            bits = signatures(batch.features, self._true_tables.bank)[0]  # (B, n, nb)
+            codes = self.scorer.contexts(batch, self._true_tables)[0][0]  # (B, n, m)
+            units = self.scorer.units(batch, self._true_tables)
+            g, expected, unit_scored = units.g[0], units.expected[0], units.scored[0]  # (B, n, m)
+            p = torch.where(unit_scored, expected, torch.zeros_like(expected))  # an unscored unit adds nothing
+            evidence = PositionContexts.standardised(g & unit_scored, p, unit_scored.any(-1))
+            for i, c in enumerate(chunk):
+                m = c.num_scored
+                if c.positions is None:
+                    raise ValueError("position_contexts: this capture predates text positions (capture cache version 1); capture the text again")
+                out.append(PositionContexts(
+                    positions=c.positions.numpy().astype(np.int64), tokens=c.tokens.numpy().astype(np.int64),
+                    context=bits[i, :m].cpu().numpy(), green_list=codes[i, :m].cpu().numpy(),
+                    green=g[i, :m].cpu().numpy(), scored=unit_scored[i, :m].any(-1).cpu().numpy(),
+                    evidence=evidence[i, :m].cpu().numpy(), bits=True))
+        return out
 
     def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
         cfg = self.watermark_cfg
