@@ -3,6 +3,8 @@ its config errors, detection of its text on tiny_moe, and valid p-values on text
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -13,15 +15,16 @@ from composing import app_config
 from moewm.app.schema import validate_app
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, TournamentConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.engine.tournament import TournamentKey, g_values, layer_blocks, token_hash
+from moewm.engine.tournament import TournamentKey, context_codes, g_values, layer_blocks, token_hash
 
 SECRET = "tournament-test-secret"
 
 
-def _key(num_bits: int = 32, layers: int = 20, block_bits: int = 4, vocab: int = 300, special: tuple[int, ...] = ()) -> TournamentKey:
+def _key(num_bits: int = 32, layers: int = 20, block_bits: int = 4, vocab: int = 300, special: tuple[int, ...] = (),
+         context_tokens: int = 0) -> TournamentKey:
     usable = torch.ones(vocab, dtype=torch.bool)
     usable[list(special)] = False
-    return TournamentKey(torch.tensor(0x1234567), num_bits, layers, block_bits, usable)
+    return TournamentKey(torch.tensor(0x1234567), num_bits, layers, block_bits, usable, context_tokens)
 
 
 def test_a_flipped_signature_bit_changes_only_the_layers_whose_block_holds_it():
@@ -41,6 +44,23 @@ def test_a_flipped_signature_bit_changes_only_the_layers_whose_block_holds_it():
     flipped = bits.clone()
     flipped[:, 7] = ~flipped[:, 7]
     assert (whole.contexts(flipped) != whole.contexts(bits)).all()
+
+
+def test_with_the_previous_token_in_the_context_every_layer_moves_with_that_token_and_blocks_stay_distinct():
+    """encoder.context_tokens=1: (block code, previous token) keys each layer. A different previous token gives
+    every layer a fresh context; for one token, distinct block codes stay distinct (no collision by design)."""
+    key = _key(block_bits=8, context_tokens=1)
+    bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(3)) > 0.5
+    prev = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(4))
+    base = key.contexts(bits, prev)
+    assert torch.equal(base, key.contexts(bits, prev.clone()))
+    assert (key.contexts(bits, (prev + 1) % 300) != base).all()
+    assert (base != _key(block_bits=8).contexts(bits)).all()  # not the routing-only contexts
+    codes = torch.arange(1 << 16).view(-1, 1)
+    assert context_codes(codes, torch.full((1 << 16,), 17)).unique().numel() == 1 << 16
+    assert torch.equal(context_codes(codes), codes)
+    with pytest.raises(ValueError, match="context_tokens=1"):
+        key.contexts(bits)
 
 
 def test_the_g_values_of_one_context_split_the_vocabulary_in_half():
@@ -136,27 +156,34 @@ def tiny():
     return load_model(ModelConfig())
 
 
-def _wm(tiny, seed: int, **watermark):
+def _wm(tiny, seed: int, encoder: Optional[EncoderConfig] = None, **watermark):
     from moewm.schemes.moe_tournament import MoETournamentWatermark
 
     model, tok = tiny
     cfg = WatermarkConfig(kind="moe_tournament", statistic=watermark.pop("statistic", "green"), **watermark)
-    return MoETournamentWatermark(model, tok, ExtractorConfig(), EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
+    return MoETournamentWatermark(model, tok, ExtractorConfig(), encoder or EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
 
 
-def test_generation_and_detection_read_the_same_g_values(tiny):
-    """The detector's contexts (bank signatures of the captured features) are the processor's (the encoder's
-    signature of the same features): a drift between the two would silently halve the evidence."""
+@pytest.mark.parametrize("context_tokens", [0, 1])
+def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens):
+    """The detector's contexts (bank signatures of the captured features, and the captured previous tokens) are
+    the processor's (the encoder's signature of the same features, and input_ids[:, -1] at that step): a drift
+    between the two would silently halve the evidence."""
     prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
-    with _wm(tiny, 1) as wm:
+    with _wm(tiny, 1, EncoderConfig(context_tokens=context_tokens)) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=12, min_new_tokens=12))
         caps = wm.capture(ids, prompt_ids)
         from moewm.engine.scoring import CaptureBatch
 
         batch = CaptureBatch.stack(caps)
         _, detect_ctx = wm.scorer.contexts(batch, wm._true_tables)
-        gen_ctx = wm.logits_processor.tournament.contexts(wm.encoder.signature(batch.features).reshape(-1, 32))
-        assert torch.equal(detect_ctx[0].reshape(-1, 20)[batch.valid.reshape(-1)], gen_ctx[batch.valid.reshape(-1)])
+        valid = batch.valid.reshape(-1)
+        previous = batch.previous.reshape(-1) if context_tokens else None
+        gen_ctx = wm.logits_processor.tournament.contexts(wm.encoder.signature(batch.features).reshape(-1, 32), previous)
+        assert torch.equal(detect_ctx[0].reshape(-1, 20)[valid], gen_ctx[valid])
+        full = [list(p) + list(t) for p, t in zip(prompt_ids, ids)]
+        expect = torch.tensor([row[len(p) - 1 + j] for p, t, row in zip(prompt_ids, ids, full) for j in range(len(t))])
+        assert torch.equal(batch.previous[batch.valid], expect)  # the token before each scored one
 
 
 def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(tiny):
@@ -177,11 +204,11 @@ def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(t
         assert c.evidence[c.scored].mean() > 0.3  # g-values well above their null mean: the tournament's pull
 
 
-@pytest.mark.parametrize("statistic", ["green", "llr"])
-def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic):
+@pytest.mark.parametrize("statistic,context_tokens", [("green", 0), ("llr", 0), ("green", 1)])
+def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic, context_tokens):
     prompts = open("conf/data/prompts.txt").read().splitlines()[:4]
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=48, batch_size=4)
-    with _wm(tiny, 2, statistic=statistic, statistic_top_k=16) as wm:
+    with _wm(tiny, 2, EncoderConfig(context_tokens=context_tokens), statistic=statistic, statistic_top_k=16) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, gen)
         _, plain = wm.generate_ids(prompts, gen, watermark=False)
         out = wm.detect_ids(ids + plain, prompt_ids + prompt_ids)

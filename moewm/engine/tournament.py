@@ -23,6 +23,10 @@ Statistics (``watermark.statistic``), each summed over scored (position, layer) 
 * ``llr``: log(1 + g_l(x_t) - G_l), the exact log-likelihood ratio of the tournament against the model,
   G_l computed on the intermediate distributions p_{l-1} of the captured top-K (tail at g = 1/2).
 
+With ``encoder.context_tokens=1`` each layer's context is (its block of signature bits, the token before):
+a 32-bit hash of both (:func:`context_codes`), so a fixed key's g-values are drawn afresh for every
+(routing block, previous token) pair, as KGW's are for every previous token, instead of once per block code.
+
 Hashing is integer arithmetic (:func:`moewm.engine.lsh._mix32`), exact on any device.
 """
 
@@ -41,6 +45,8 @@ _DOMAIN = 0x7F4A7C15
 _HALF = 0x7FFFFFFF
 # Public constant of the token hash.
 _TOKEN = 0x2545F491
+# Public constant separating the previous token's hash from the block code's.
+_PREVIOUS = 0x5851F42D
 # Contexts remembered per text and layer for ``skip_repeated``: 2^16 slots at most.
 REPEAT_TABLE_BITS = 16
 # Probability floor in the generation tournament (log of an exact zero stays -inf).
@@ -59,6 +65,16 @@ def block_codes(bits: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     picked = bits[..., blocks.to(bits.device)].long()  # (..., m, b)
     shifts = torch.arange(blocks.shape[1], device=bits.device, dtype=torch.long)
     return (picked << shifts).sum(-1)
+
+
+def context_codes(codes: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., m) long: each layer's context code. Routing alone (``previous`` None): the block codes themselves;
+    routing + token (``previous`` (...,) the token before each position): a 32-bit hash of (block code, that
+    token), a bijection of the block code for a fixed token, so distinct blocks stay distinct contexts."""
+    if previous is None:
+        return codes
+    token = _mix32((previous.to(codes.device).long() ^ _PREVIOUS) & _MASK32).unsqueeze(-1)
+    return _mix32((codes ^ token) & _MASK32)
 
 
 def layer_salts(salt: torch.Tensor, layers: int) -> torch.Tensor:
@@ -99,9 +115,13 @@ def g_values(context: torch.Tensor, hashed_tokens: torch.Tensor) -> torch.Tensor
 class TournamentKey:
     """One key's tournament at generation time: g-values of the whole vocabulary and the tournament itself."""
 
-    def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor) -> None:
+    def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor,
+                 context_tokens: int = 0) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
         self.block_bits = block_bits
+        self.context_tokens = int(context_tokens)
+        # Bits of a context code (what ``repeat_slot`` sees): the block's, or a 32-bit hash with the token.
+        self.code_bits = 32 if self.context_tokens else block_bits
         self.salts = layer_salts(salt.view(1), layers)  # (1, m)
         self.usable = usable.bool()
         self.layers = layers
@@ -110,22 +130,26 @@ class TournamentKey:
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
         return self
 
-    def codes(self, bits: torch.Tensor) -> torch.Tensor:
-        """(B, m) block codes of signatures (B, nb)."""
-        return block_codes(bits.to(self.salts.device), self.blocks)
+    def codes(self, bits: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, m) context codes of signatures (B, nb) and, with ``context_tokens``, the previous tokens (B,)."""
+        if self.context_tokens and previous is None:
+            raise ValueError("this tournament keys its layers by the previous token too (encoder.context_tokens=1): pass it")
+        return context_codes(block_codes(bits.to(self.salts.device), self.blocks), previous if self.context_tokens else None)
 
-    def contexts(self, bits: torch.Tensor) -> torch.Tensor:
-        """(B, m) keyed layer contexts for signatures (B, nb)."""
-        return context_hash(self.salts, self.codes(bits).unsqueeze(0))[0]
+    def contexts(self, bits: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, m) keyed layer contexts for signatures (B, nb) (and previous tokens (B,))."""
+        return context_hash(self.salts, self.codes(bits, previous).unsqueeze(0))[0]
 
-    def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None,
+                            previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, V): the tournament's output distribution for the model's (B, V) and signatures (B, nb).
 
         The tournament runs on the usable tokens' renormalised mass (what a capture records); special and
         unusable tokens keep their probability exactly, so they never gain (or lose) mass. ``active`` (B, m)
-        bool: the layers played at each row (a layer not played leaves the distribution as it is).
+        bool: the layers played at each row (a layer not played leaves the distribution as it is);
+        ``previous`` (B,): the tokens before, when the context holds one.
         """
-        ctx = self.contexts(bits)
+        ctx = self.contexts(bits, previous)
         usable = self.usable[: probs.shape[-1]].to(probs.dtype)
         q = probs * usable
         mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
@@ -138,14 +162,14 @@ class TournamentKey:
         return q + probs * (1 - usable)
 
     def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0,
-                       active: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       active: Optional[torch.Tensor] = None, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits whose softmax at ``temperature`` is the tournament of softmax(scores / temperature).
 
         transformers applies its temperature warper after custom processors, so the output is
         ``temperature * log p_m``: the warper divides it back to exactly the tournament's distribution.
         """
         probs = torch.softmax(scores.double() / temperature, dim=-1)
-        out = self.sample_distribution(probs, bits, active)
+        out = self.sample_distribution(probs, bits, active, previous)
         return (torch.log(out) * temperature).to(scores.dtype)
 
 
@@ -167,9 +191,11 @@ class TournamentScorer:
     """
 
     def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int,
-                 skip_repeated: bool = False) -> None:
+                 skip_repeated: bool = False, context_tokens: int = 0) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
         self.block_bits = block_bits
+        self.context_tokens = int(context_tokens)
+        self.code_bits = 32 if self.context_tokens else block_bits
         self.skip_repeated = skip_repeated
         self.layers = layers
         self.statistic = statistic
@@ -177,19 +203,21 @@ class TournamentScorer:
         self.vocab_size = int(vocab_size)
 
     def contexts(self, batch: CaptureBatch, tables: BankTables) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, B, n, m) block codes and keyed layer contexts of every key at every position."""
+        """(R, B, n, m) context codes and keyed layer contexts of every key at every position."""
         bank = tables.bank
         bits = signatures(batch.features, bank)  # (R, B, n, nb)
-        codes = block_codes(bits, self.blocks)
+        if self.context_tokens and batch.previous is None:
+            raise ValueError("the tournament keys its layers by the previous token too (encoder.context_tokens=1): captures must carry it")
+        codes = context_codes(block_codes(bits, self.blocks), batch.previous if self.context_tokens else None)
         return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:
-        """(R, B, n, m) bool: valid positions, each (layer, block code, token) unit once when ``ignore_repeated``;
+        """(R, B, n, m) bool: valid positions, each (layer, context code, token) unit once when ``ignore_repeated``;
         with ``skip_repeated`` only a layer context's first occurrence in the text (generation played no other)."""
         r, b, n, m = codes.shape
         scored = batch.valid.view(1, b, n, 1).expand(r, b, n, m)
         if self.skip_repeated:
-            unit = repeat_slot(codes, self.block_bits)
+            unit = repeat_slot(codes, self.code_bits)
         elif self.ignore_repeated:
             unit = codes * self.vocab_size + batch.tokens.view(1, b, n, 1)
         else:

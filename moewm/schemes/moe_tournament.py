@@ -58,13 +58,13 @@ class TournamentProcessor(RoutingWatermarkProcessor):
         active = None
         if self.skip_repeated:
             key = self.tournament
-            slot = repeat_slot(key.codes(bits), key.block_bits).unsqueeze(-1)  # (B, m, 1)
+            slot = repeat_slot(key.codes(bits, context), key.code_bits).unsqueeze(-1)  # (B, m, 1)
             if self._seen is None:
-                slots = 1 << min(key.block_bits, REPEAT_TABLE_BITS)
+                slots = 1 << min(key.code_bits, REPEAT_TABLE_BITS)
                 self._seen = torch.zeros(bits.shape[0], key.layers, slots, dtype=torch.bool, device=slot.device)
             active = ~self._seen.gather(2, slot).squeeze(-1)
             self._seen.scatter_(2, slot, True)
-        return self.tournament.process_scores(scores, bits, self.temperature, active)
+        return self.tournament.process_scores(scores, bits, self.temperature, active, context)
 
 
 class MoETournamentWatermark(MoELSHWatermark):
@@ -82,10 +82,11 @@ class MoETournamentWatermark(MoELSHWatermark):
         self.check_encoder(cfg, self.encoder_cfg)
         t = cfg.tournament
         bank = self._true_tables.bank
-        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable).to(self.device)
+        context_tokens = self.encoder_cfg.context_tokens
+        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens).to(self.device)
         self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
         self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
-                                       t.skip_repeated)
+                                       t.skip_repeated, context_tokens)
 
     def settings_metrics(self) -> dict[str, Any]:
         t = self.watermark_cfg.tournament
