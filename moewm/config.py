@@ -99,7 +99,8 @@ class EncoderConfig:
     # signature's bits; a pool is green when most lists choose it (one flipped bit re-draws one list).
     vote_lists: int = 5
     # 1: the token before the scored one is hashed into the green list too (hashed / vote lists): a
-    # routing + token context, between pure routing (0) and KGW's token context.
+    # routing + token context, between pure routing (0) and KGW's token context. 2: the two tokens before
+    # (the routing tournament only): fewer contexts shared between texts, more broken by an edit.
     context_tokens: int = 0
     # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
     semantic_pools: Optional[bool] = None
@@ -125,9 +126,10 @@ class EncoderConfig:
                  f"encoder.green_bits={self.green_bits}: allowed range is [1, {min(8, self.num_bits)}] (at most encoder.num_bits, and 8)")
         _require(self.green_lists != "vote" or (self.vote_lists >= 1 and self.vote_lists % 2 == 1 and self.vote_lists <= self.num_bits),
                  f"encoder.vote_lists={self.vote_lists}: allowed values are odd numbers in [1, {self.num_bits}] (at most encoder.num_bits)")
-        _require(self.context_tokens in (0, 1), f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1")
+        _require(self.context_tokens in (0, 1, 2),
+                 f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1, 2 (2 with watermark.kind=moe_tournament only)")
         _require(self.context_tokens == 0 or self.green_lists != "bits",
-                 "encoder.context_tokens=1 needs encoder.green_lists=hashed or vote (bit-switched lists have no hash to key)")
+                 f"encoder.context_tokens={self.context_tokens} needs encoder.green_lists=hashed or vote (bit-switched lists have no hash to key)")
         if self.semantic_pools is not None:
             implied = "anchors" if self.semantic_pools else "random"
             _require(self.pools in ("anchors", implied),

@@ -15,7 +15,7 @@ from composing import app_config
 from moewm.app.schema import validate_app
 from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, TournamentConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.engine.tournament import TournamentKey, context_codes, g_values, layer_blocks, token_hash
+from moewm.engine.tournament import NO_TOKEN, TournamentKey, context_codes, g_values, layer_blocks, token_hash, tokens_before
 
 SECRET = "tournament-test-secret"
 
@@ -51,16 +51,44 @@ def test_with_the_previous_token_in_the_context_every_layer_moves_with_that_toke
     every layer a fresh context; for one token, distinct block codes stay distinct (no collision by design)."""
     key = _key(block_bits=8, context_tokens=1)
     bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(3)) > 0.5
-    prev = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(4))
+    prev = torch.randint(0, 300, (64, 1), generator=torch.Generator().manual_seed(4))
     base = key.contexts(bits, prev)
     assert torch.equal(base, key.contexts(bits, prev.clone()))
     assert (key.contexts(bits, (prev + 1) % 300) != base).all()
     assert (base != _key(block_bits=8).contexts(bits)).all()  # not the routing-only contexts
     codes = torch.arange(1 << 16).view(-1, 1)
-    assert context_codes(codes, torch.full((1 << 16,), 17)).unique().numel() == 1 << 16
+    assert context_codes(codes, torch.full((1 << 16, 1), 17)).unique().numel() == 1 << 16
     assert torch.equal(context_codes(codes), codes)
     with pytest.raises(ValueError, match="context_tokens=1"):
         key.contexts(bits)
+
+
+def test_with_two_tokens_before_each_layer_moves_with_either_token_and_one_token_keys_as_before():
+    """encoder.context_tokens=2: (block code, token two before, previous token). Changing either token gives
+    every layer a fresh context; the previous token alone keys exactly as with context_tokens=1, and a
+    wider window of tokens is cut to the last two (what generation passes is input_ids' tail)."""
+    key2, key1 = _key(block_bits=8, context_tokens=2), _key(block_bits=8, context_tokens=1)
+    bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(3)) > 0.5
+    before = torch.randint(0, 300, (64, 2), generator=torch.Generator().manual_seed(5))
+    base = key2.contexts(bits, before)
+    assert torch.equal(base, key2.contexts(bits, torch.cat([torch.zeros(64, 3, dtype=torch.long), before], 1)))
+    for column in (0, 1):
+        moved = before.clone()
+        moved[:, column] = (moved[:, column] + 1) % 300
+        assert (key2.contexts(bits, moved) != base).all()
+    assert (base != key1.contexts(bits, before[:, 1:])).all()
+    assert torch.equal(key1.contexts(bits, before[:, 1:]), key1.contexts(bits, before))
+    assert torch.equal(tokens_before(torch.tensor([[7], [8]]), 2), torch.tensor([[NO_TOKEN, 7], [NO_TOKEN, 8]]))
+    with pytest.raises(ValueError, match=r"context_tokens=2\): pass them as a \(B, 2\) tensor"):
+        key2.contexts(bits, before[:, 1:])
+
+
+def test_two_context_tokens_are_refused_for_moe_lsh_green_lists_before_weights_load():
+    with pytest.raises(ConfigError, match=r"encoder.context_tokens=3: allowed values are 0, 1, 2"):
+        validate_app(app_config(["watermark=moe_tournament", "encoder.context_tokens=3"]))
+    with pytest.raises(ConfigError, match=r"encoder.context_tokens=2: allowed values are 0, 1 with watermark.kind='moe_lsh'"):
+        validate_app(app_config(["watermark=moe_lsh", "encoder.context_tokens=2"]))
+    validate_app(app_config(["watermark=moe_tournament", "encoder.context_tokens=2"]))
 
 
 def test_the_g_values_of_one_context_split_the_vocabulary_in_half():
@@ -164,10 +192,10 @@ def _wm(tiny, seed: int, encoder: Optional[EncoderConfig] = None, **watermark):
     return MoETournamentWatermark(model, tok, ExtractorConfig(), encoder or EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
 
 
-@pytest.mark.parametrize("context_tokens", [0, 1])
+@pytest.mark.parametrize("context_tokens", [0, 1, 2])
 def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens):
-    """The detector's contexts (bank signatures of the captured features, and the captured previous tokens) are
-    the processor's (the encoder's signature of the same features, and input_ids[:, -1] at that step): a drift
+    """The detector's contexts (bank signatures of the captured features, and the captured tokens before) are
+    the processor's (the encoder's signature of the same features, and input_ids[:, -c:] at that step): a drift
     between the two would silently halve the evidence."""
     prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
     with _wm(tiny, 1, EncoderConfig(context_tokens=context_tokens)) as wm:
@@ -178,12 +206,14 @@ def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens):
         batch = CaptureBatch.stack(caps)
         _, detect_ctx = wm.scorer.contexts(batch, wm._true_tables)
         valid = batch.valid.reshape(-1)
-        previous = batch.previous.reshape(-1) if context_tokens else None
-        gen_ctx = wm.logits_processor.tournament.contexts(wm.encoder.signature(batch.features).reshape(-1, 32), previous)
+        before = batch.tokens_before(context_tokens).reshape(-1, context_tokens) if context_tokens else None
+        gen_ctx = wm.logits_processor.tournament.contexts(wm.encoder.signature(batch.features).reshape(-1, 32), before)
         assert torch.equal(detect_ctx[0].reshape(-1, 20)[valid], gen_ctx[valid])
         full = [list(p) + list(t) for p, t in zip(prompt_ids, ids)]
         expect = torch.tensor([row[len(p) - 1 + j] for p, t, row in zip(prompt_ids, ids, full) for j in range(len(t))])
         assert torch.equal(batch.previous[batch.valid], expect)  # the token before each scored one
+        two_before = torch.tensor([row[len(p) - 2 + j] for p, t, row in zip(prompt_ids, ids, full) for j in range(len(t))])
+        assert torch.equal(batch.earlier[batch.valid], two_before)
 
 
 def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(tiny):
@@ -204,7 +234,7 @@ def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(t
         assert c.evidence[c.scored].mean() > 0.3  # g-values well above their null mean: the tournament's pull
 
 
-@pytest.mark.parametrize("statistic,context_tokens", [("green", 0), ("llr", 0), ("green", 1)])
+@pytest.mark.parametrize("statistic,context_tokens", [("green", 0), ("llr", 0), ("green", 1), ("green", 2)])
 def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic, context_tokens):
     prompts = open("conf/data/prompts.txt").read().splitlines()[:4]
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=48, batch_size=4)

@@ -34,7 +34,7 @@ from moewm.engine.routing import FeatureCapture
 
 log = logging.getLogger(__name__)
 
-CAPTURE_VERSION = 3  # 2: captures keep each scored token's text position; 3: and the token before it
+CAPTURE_VERSION = 4  # 2: captures keep each scored token's text position; 3: and the token before it; 4: and the one before that
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TextCapture:
     windows: int = 1
     positions: Optional[torch.Tensor] = None  # (n,) long: each scored token's index in the text ids (None: cached before it was kept)
     previous: Optional[torch.Tensor] = None  # (n,) long: the token before each scored one (routing + token context)
+    earlier: Optional[torch.Tensor] = None  # (n,) long: the token two before (-1 at the text's second token, which has none)
 
     @property
     def num_scored(self) -> int:
@@ -61,7 +62,8 @@ class TextCapture:
         return TextCapture(self.features[:count], self.tokens[:count], self.top_ids[:count], self.top_probs[:count],
                            self.tail[:count], self.logprob[:count], self.num_text_tokens, self.windows,
                            None if self.positions is None else self.positions[:count],
-                           None if self.previous is None else self.previous[:count])
+                           None if self.previous is None else self.previous[:count],
+                           None if self.earlier is None else self.earlier[:count])
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ def capture_texts(
         rows_d, cols_d = rows_b.to(device), cols.to(device)
         token = ids_dev[rows_d, cols_d]
         previous = ids_dev[rows_d, cols_d - 1]  # scored positions start at >= back >= 1
+        # Two before: none at a text's position 1 (a later window's scored columns are >= its overlap >= 64).
+        earlier = torch.where(cols_d >= 2, ids_dev[rows_d, (cols_d - 2).clamp(min=0)], torch.full_like(previous, -1))
         feat = feats[rows_d, cols_d - back].float()
         top_ids = torch.empty(rows_b.numel(), k, dtype=torch.int32, device=device)
         top_probs = torch.empty(rows_b.numel(), k, dtype=torch.float32, device=device)
@@ -199,7 +203,7 @@ def capture_texts(
             tail[s : s + step] = (1.0 - top.values.sum(-1)).clamp(min=0.0)
         del source, work
         out = dict(features=feat.cpu(), tokens=token.cpu(), top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), tail=tail.cpu(),
-                   logprob=logprob.cpu(), previous=previous.cpu(), positions=cols + torch.tensor([chosen[int(b)][1] for b in rows_b], dtype=torch.long))
+                   logprob=logprob.cpu(), previous=previous.cpu(), earlier=earlier.cpu(), positions=cols + torch.tensor([chosen[int(b)][1] for b in rows_b], dtype=torch.long))
         for b, (i, start, _, _) in enumerate(chosen):
             sel = rows_b == b
             parts[i].append((start, {name: value[sel] for name, value in out.items()}))
@@ -219,6 +223,7 @@ def capture_texts(
                 windows=len(row_parts),
                 positions=merged["positions"] - int(prompt_lengths[i]),
                 previous=merged["previous"],
+                earlier=merged["earlier"],
             )
         )
     return captures

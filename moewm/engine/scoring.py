@@ -43,7 +43,8 @@ _HASH_COEFFS = torch.randint(-(2**40), 2**40, (4097,), generator=torch.Generator
 @dataclass
 class CaptureBatch:
     """Captures padded to one width: features (B, n, D), tokens (B, n), top_ids / top_probs (B, n, K),
-    tail (B, n), valid (B, n) marks real positions, previous (B, n) the token before each one."""
+    tail (B, n), valid (B, n) marks real positions, previous (B, n) the token before each one, earlier (B, n)
+    the token before that (-1 where the text has none)."""
 
     features: torch.Tensor
     tokens: torch.Tensor
@@ -52,6 +53,15 @@ class CaptureBatch:
     tail: torch.Tensor
     valid: torch.Tensor
     previous: Optional[torch.Tensor] = None
+    earlier: Optional[torch.Tensor] = None
+
+    def tokens_before(self, count: int) -> torch.Tensor:
+        """(B, n, count) the ``count`` (1 or 2) tokens before each position, oldest first."""
+        if self.previous is None or (count > 1 and self.earlier is None):
+            raise ValueError(f"these captures do not carry the {count} token(s) before each position (encoder.context_tokens={count}): capture the texts again")
+        if count == 1:
+            return self.previous.unsqueeze(-1)
+        return torch.stack([self.earlier, self.previous], -1)
 
     @staticmethod
     def stack(captures: Sequence[TextCapture], device: torch.device | str = "cpu") -> "CaptureBatch":
@@ -67,6 +77,7 @@ class CaptureBatch:
         tail = torch.zeros(b, n, dtype=torch.float32)
         valid = torch.zeros(b, n, dtype=torch.bool)
         previous = torch.zeros(b, n, dtype=torch.long)
+        earlier = torch.full((b, n), -1, dtype=torch.long)
         for i, c in enumerate(captures):  # one copy per text into the padded block
             m = c.tokens.numel()
             features[i, :m] = c.features
@@ -77,7 +88,9 @@ class CaptureBatch:
             valid[i, :m] = True
             if c.previous is not None:
                 previous[i, :m] = c.previous
-        parts = (features, tokens, top_ids, top_probs, tail, valid, previous)
+            if c.earlier is not None:
+                earlier[i, :m] = c.earlier
+        parts = (features, tokens, top_ids, top_probs, tail, valid, previous, earlier)
         return CaptureBatch(*(t.to(device) for t in parts))
 
     def with_top_k(self, k: int) -> "CaptureBatch":
@@ -86,11 +99,11 @@ class CaptureBatch:
             return self
         dropped = self.top_probs[..., k:].sum(-1)
         return CaptureBatch(self.features, self.tokens, self.top_ids[..., :k], self.top_probs[..., :k], self.tail + dropped, self.valid,
-                            self.previous)
+                            self.previous, self.earlier)
 
     def select(self, rows: torch.Tensor) -> "CaptureBatch":
         return CaptureBatch(self.features[rows], self.tokens[rows], self.top_ids[rows], self.top_probs[rows], self.tail[rows], self.valid[rows],
-                            None if self.previous is None else self.previous[rows])
+                            None if self.previous is None else self.previous[rows], None if self.earlier is None else self.earlier[rows])
 
     @property
     def shape(self) -> tuple[int, int]:

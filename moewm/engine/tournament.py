@@ -23,9 +23,11 @@ Statistics (``watermark.statistic``), each summed over scored (position, layer) 
 * ``llr``: log(1 + g_l(x_t) - G_l), the exact log-likelihood ratio of the tournament against the model,
   G_l computed on the intermediate distributions p_{l-1} of the captured top-K (tail at g = 1/2).
 
-With ``encoder.context_tokens=1`` each layer's context is (its block of signature bits, the token before):
-a 32-bit hash of both (:func:`context_codes`), so a fixed key's g-values are drawn afresh for every
-(routing block, previous token) pair, as KGW's are for every previous token, instead of once per block code.
+With ``encoder.context_tokens=c`` (1 or 2) each layer's context is (its block of signature bits, the c tokens
+before): a 32-bit hash of both (:func:`context_codes`), so a fixed key's g-values are drawn afresh for every
+(routing block, previous tokens) pair, as KGW's are for every previous token, instead of once per block code.
+Two tokens make a context rarer across texts (a fixed key's genre luck shrinks) and let one substituted token
+break three positions' contexts instead of two.
 
 Hashing is integer arithmetic (:func:`moewm.engine.lsh._mix32`), exact on any device.
 """
@@ -45,8 +47,11 @@ _DOMAIN = 0x7F4A7C15
 _HALF = 0x7FFFFFFF
 # Public constant of the token hash.
 _TOKEN = 0x2545F491
-# Public constant separating the previous token's hash from the block code's.
+# Public constants separating the previous tokens' hashes from the block code's.
 _PREVIOUS = 0x5851F42D
+_EARLIER = 0x14057B7E
+# The token id standing for "no token here" (a context reaching before the text's first token).
+NO_TOKEN = -1
 # Contexts remembered per text and layer for ``skip_repeated``: 2^16 slots at most.
 REPEAT_TABLE_BITS = 16
 # Probability floor in the generation tournament (log of an exact zero stays -inf).
@@ -67,14 +72,27 @@ def block_codes(bits: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return (picked << shifts).sum(-1)
 
 
-def context_codes(codes: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(..., m) long: each layer's context code. Routing alone (``previous`` None): the block codes themselves;
-    routing + token (``previous`` (...,) the token before each position): a 32-bit hash of (block code, that
-    token), a bijection of the block code for a fixed token, so distinct blocks stay distinct contexts."""
-    if previous is None:
+def context_codes(codes: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., m) long: each layer's context code. Routing alone (``before`` None): the block codes themselves;
+    routing + tokens (``before`` (..., c), the c tokens before each position, oldest first, :data:`NO_TOKEN`
+    where the text has none): a 32-bit hash of (block code, those tokens), a bijection of the block code for
+    fixed tokens, so distinct blocks stay distinct contexts."""
+    if before is None:
         return codes
-    token = _mix32((previous.to(codes.device).long() ^ _PREVIOUS) & _MASK32).unsqueeze(-1)
-    return _mix32((codes ^ token) & _MASK32)
+    before = before.to(codes.device).long()
+    token = _mix32((before[..., -1] ^ _PREVIOUS) & _MASK32)
+    if before.shape[-1] > 1:  # the token two before, folded in (c = 1 keeps its own hash)
+        token = _mix32(token ^ ((before[..., -2] ^ _EARLIER) & _MASK32))
+    return _mix32((codes ^ token.unsqueeze(-1)) & _MASK32)
+
+
+def tokens_before(input_ids: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) the last ``count`` ids of every row, oldest first, :data:`NO_TOKEN` before a row's start."""
+    width = input_ids.shape[1]
+    if width >= count:
+        return input_ids[:, width - count :]
+    pad = torch.full((input_ids.shape[0], count - width), NO_TOKEN, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([pad, input_ids], dim=1)
 
 
 def layer_salts(salt: torch.Tensor, layers: int) -> torch.Tensor:
@@ -130,26 +148,29 @@ class TournamentKey:
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
         return self
 
-    def codes(self, bits: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, m) context codes of signatures (B, nb) and, with ``context_tokens``, the previous tokens (B,)."""
-        if self.context_tokens and previous is None:
-            raise ValueError("this tournament keys its layers by the previous token too (encoder.context_tokens=1): pass it")
-        return context_codes(block_codes(bits.to(self.salts.device), self.blocks), previous if self.context_tokens else None)
+    def codes(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, m) context codes of signatures (B, nb) and, with ``context_tokens`` = c, the c tokens before (B, c)."""
+        if self.context_tokens:
+            if before is None or before.dim() != 2 or before.shape[1] < self.context_tokens:
+                raise ValueError(f"this tournament keys its layers by the {self.context_tokens} token(s) before too "
+                                 f"(encoder.context_tokens={self.context_tokens}): pass them as a (B, {self.context_tokens}) tensor")
+            before = before[:, before.shape[1] - self.context_tokens :]
+        return context_codes(block_codes(bits.to(self.salts.device), self.blocks), before if self.context_tokens else None)
 
-    def contexts(self, bits: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, m) keyed layer contexts for signatures (B, nb) (and previous tokens (B,))."""
-        return context_hash(self.salts, self.codes(bits, previous).unsqueeze(0))[0]
+    def contexts(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, m) keyed layer contexts for signatures (B, nb) (and the tokens before, (B, c))."""
+        return context_hash(self.salts, self.codes(bits, before).unsqueeze(0))[0]
 
     def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None,
-                            previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, V): the tournament's output distribution for the model's (B, V) and signatures (B, nb).
 
         The tournament runs on the usable tokens' renormalised mass (what a capture records); special and
         unusable tokens keep their probability exactly, so they never gain (or lose) mass. ``active`` (B, m)
         bool: the layers played at each row (a layer not played leaves the distribution as it is);
-        ``previous`` (B,): the tokens before, when the context holds one.
+        ``before`` (B, c): the tokens before, when the context holds them.
         """
-        ctx = self.contexts(bits, previous)
+        ctx = self.contexts(bits, before)
         usable = self.usable[: probs.shape[-1]].to(probs.dtype)
         q = probs * usable
         mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
@@ -162,14 +183,14 @@ class TournamentKey:
         return q + probs * (1 - usable)
 
     def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0,
-                       active: Optional[torch.Tensor] = None, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       active: Optional[torch.Tensor] = None, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits whose softmax at ``temperature`` is the tournament of softmax(scores / temperature).
 
         transformers applies its temperature warper after custom processors, so the output is
         ``temperature * log p_m``: the warper divides it back to exactly the tournament's distribution.
         """
         probs = torch.softmax(scores.double() / temperature, dim=-1)
-        out = self.sample_distribution(probs, bits, active, previous)
+        out = self.sample_distribution(probs, bits, active, before)
         return (torch.log(out) * temperature).to(scores.dtype)
 
 
@@ -206,9 +227,8 @@ class TournamentScorer:
         """(R, B, n, m) context codes and keyed layer contexts of every key at every position."""
         bank = tables.bank
         bits = signatures(batch.features, bank)  # (R, B, n, nb)
-        if self.context_tokens and batch.previous is None:
-            raise ValueError("the tournament keys its layers by the previous token too (encoder.context_tokens=1): captures must carry it")
-        codes = context_codes(block_codes(bits, self.blocks), batch.previous if self.context_tokens else None)
+        before = batch.tokens_before(self.context_tokens) if self.context_tokens else None
+        codes = context_codes(block_codes(bits, self.blocks), before)
         return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.engine import scoring
 from moewm.engine.capture import CaptureSettings, TextCapture, TextCapturer, capture_settings, detection_batches
 from moewm.engine.detection import DetectionResult, DetectorOutput, decide
@@ -69,8 +69,11 @@ class RoutingWatermarkProcessor(LogitsProcessor):
             self._last_length = length
             features = self._history[:, max(-self.back, -self._history.shape[1])]
         bits = self.encoder.signature(features.to(self.encoder.device))
-        context = input_ids[:, -1] if self.encoder.context_tokens else None
-        return self.apply(scores, bits.to(scores.device) if bits.device != scores.device else bits, context)
+        return self.apply(scores, bits.to(scores.device) if bits.device != scores.device else bits, self.token_context(input_ids))
+
+    def token_context(self, input_ids: torch.LongTensor) -> Optional[torch.Tensor]:
+        """The token part of the context: the previous tokens (B,) when the encoder hashes one in, else None."""
+        return input_ids[:, -1] if self.encoder.context_tokens else None
 
     def apply(self, scores: torch.FloatTensor, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.FloatTensor:
         """The watermark at one step, given the current signatures (B, nb) and, for a routing + token
@@ -102,6 +105,12 @@ class MoELSHWatermark(TextGeneration):
     def check_config(cls, watermark: WatermarkConfig) -> None:
         watermark.check_calibrated_alpha()
 
+    @classmethod
+    def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
+        if encoder.context_tokens > 1:
+            raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: allowed values are 0, 1 with watermark.kind={watermark.kind!r} "
+                              "(two tokens key only the routing tournament, watermark.kind=moe_tournament)")
+
     def __init__(
         self,
         model: nn.Module,
@@ -121,6 +130,7 @@ class MoELSHWatermark(TextGeneration):
         self.watermark_cfg = watermark or WatermarkConfig()
         self.watermark_cfg.validate()
         self.check_config(self.watermark_cfg)
+        self.check_encoder(self.watermark_cfg, self.encoder_cfg)
         self.key = key or WatermarkKey.from_env(0)
         self.vocab_size = model_vocab_size(model)
         check_tokenizer(tokenizer, self.vocab_size)

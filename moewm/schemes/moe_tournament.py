@@ -25,7 +25,7 @@ from moewm.engine.positions import PositionContexts
 from moewm.engine.routing import FeatureCapture
 from moewm.engine.lsh import LSHEncoder
 from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated, signatures
-from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot
+from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot, tokens_before
 from moewm.schemes.moe_lsh import MoELSHWatermark, RoutingWatermarkProcessor
 
 
@@ -53,6 +53,11 @@ class TournamentProcessor(RoutingWatermarkProcessor):
             self._seen = None  # a new generate call
         self._step_length = length
         return super().__call__(input_ids, scores)
+
+    def token_context(self, input_ids: torch.LongTensor) -> Optional[torch.Tensor]:
+        """(B, c) the c tokens before (``encoder.context_tokens``), oldest first, or None."""
+        count = self.tournament.context_tokens
+        return tokens_before(input_ids, count) if count else None
 
     def apply(self, scores: torch.FloatTensor, bits: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.FloatTensor:
         active = None
