@@ -1,7 +1,7 @@
 """How much of a fixed key's evidence repeats across the texts of one genre: the mechanism behind per-key validity.
 
 A keyed detector scores units (MoE-LSH: (signature, token); the routing tournament: (layer, context code, token);
-KGW: (previous token, token)), each unit once per text. Under one fixed key every unit has one fixed pseudo-random
+KGW: (previous token, token); SynthID: (four tokens before, token)), each unit once per text. Under one fixed key every unit has one fixed pseudo-random
 value, so when texts of a genre share units their statistics move together: the key's false-positive share on the
 genre is a draw over few independent values, not over many texts. The variance inflation of a genre's summed
 statistic across keys is ``sum_u c_u^2 / sum_u c_u`` (``c_u``: texts holding unit u); 1 means no unit is shared.
@@ -37,7 +37,7 @@ ORIGINS = ("greedy", "top_p", "temperature_1", "human_docstrings", "devils_dicti
 @dataclass(frozen=True)
 class Design:
     name: str
-    kind: str  # moe_lsh | moe_tournament | kgw
+    kind: str  # moe_lsh | moe_tournament | ngram (KGW / SynthID units: the context_tokens before, and the token)
     block_bits: int = 8
     skip_repeated: bool = True
     context_tokens: int = 0
@@ -49,7 +49,10 @@ DESIGNS = (
     Design("tournament b8", "moe_tournament", 8, True),
     Design("tournament b8 + previous token", "moe_tournament", 8, True, 1),
     Design("tournament b4 + previous token", "moe_tournament", 4, True, 1),
-    Design("KGW h=1 (previous token, token)", "kgw"),
+    Design("tournament b8 + two tokens before", "moe_tournament", 8, True, 2),
+    Design("KGW h=1 (previous token, token)", "ngram", context_tokens=1),
+    Design("token 3-gram (two tokens, token)", "ngram", context_tokens=2),
+    Design("SynthID 5-gram (four tokens, token)", "ngram", context_tokens=4),
 )
 
 
@@ -106,11 +109,16 @@ def signature_units(wm: Any, captures: list, batch_size: int = 64) -> list[np.nd
     return out
 
 
-def bigram_units(texts: list[list[int]], prompts: list[list[int]], vocab: int) -> list[np.ndarray]:
+def ngram_units(texts: list[list[int]], prompts: list[list[int]], context: int) -> list[np.ndarray]:
+    """Per text the distinct (``context`` tokens before, token) n-grams ending on a generated token (hashed to int64)."""
     out = []
     for t, p in zip(texts, prompts):
-        ids = np.asarray(list(p[-1:]) + list(t), dtype=np.int64)
-        out.append(np.unique(ids[:-1] * vocab + ids[1:]) if len(ids) > 1 else np.zeros(0, np.int64))
+        ids = np.asarray(list(p[-context:] if p else []) + list(t), dtype=np.int64)
+        if len(ids) <= context:
+            out.append(np.zeros(0, np.int64))
+            continue
+        grams = np.lib.stride_tricks.sliding_window_view(ids, context + 1)
+        out.append(np.unique(pd.util.hash_array(np.ascontiguousarray(grams).view(f"V{8 * (context + 1)}").ravel()).astype(np.int64)))
     return out
 
 
@@ -130,8 +138,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     captures: Optional[dict] = None
     rows = []
     for design in DESIGNS:
-        if design.kind == "kgw":
-            units = {o: bigram_units(*texts[o], len(tokenizer)) for o in texts}
+        if design.kind == "ngram":
+            units = {o: ngram_units(*texts[o], design.context_tokens) for o in texts}
         else:
             watermark = WatermarkConfig(kind=design.kind, statistic="green" if design.kind == "moe_tournament" else "llr",
                                         ignore_repeated=True,

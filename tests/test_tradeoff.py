@@ -67,6 +67,16 @@ def test_every_tradeoff_point_composes_and_validates(point):
         layers, bits = point.split("_")[1:3]
         assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
         assert app.watermark.tournament.skip_repeated == (not point.endswith("_noskip"))
+        context = point.rsplit("_ctx", 1)[1] if "_ctx" in point else None  # _ctx: the token before; _ctx2: the two before
+        assert app.encoder.context_tokens == (0 if context is None else int(context or 1))
+
+
+@pytest.mark.parametrize("preset", ["design_search", "routing_study"])
+def test_the_routing_presets_sweep_existing_points_over_keys(preset):
+    params = compose_config([f"experiment={preset}"], hydra_config=True).hydra.sweeper.params
+    points = params["tradeoff"].split(",")
+    assert set(points) <= set(POINTS) and {"kgw_g025_d2", "synthid_k20", "tournament_m20_b8_ctx2"} <= set(points)
+    assert params["seed"].startswith("range(")
 
 
 def test_the_reference_point_of_the_headline_exists():
