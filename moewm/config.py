@@ -99,8 +99,8 @@ class EncoderConfig:
     # signature's bits; a pool is green when most lists choose it (one flipped bit re-draws one list).
     vote_lists: int = 5
     # 1: the token before the scored one is hashed into the green list too (hashed / vote lists): a
-    # routing + token context, between pure routing (0) and KGW's token context. 2: the two tokens before
-    # (the routing tournament only): fewer contexts shared between texts, more broken by an edit.
+    # routing + token context, between pure routing (0) and KGW's token context. (The routing tournament's
+    # token context is its own: watermark.tournament.context_tokens.)
     context_tokens: int = 0
     # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
     semantic_pools: Optional[bool] = None
@@ -126,8 +126,7 @@ class EncoderConfig:
                  f"encoder.green_bits={self.green_bits}: allowed range is [1, {min(8, self.num_bits)}] (at most encoder.num_bits, and 8)")
         _require(self.green_lists != "vote" or (self.vote_lists >= 1 and self.vote_lists % 2 == 1 and self.vote_lists <= self.num_bits),
                  f"encoder.vote_lists={self.vote_lists}: allowed values are odd numbers in [1, {self.num_bits}] (at most encoder.num_bits)")
-        _require(self.context_tokens in (0, 1, 2),
-                 f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1, 2 (2 with watermark.kind=moe_tournament only)")
+        _require(self.context_tokens in (0, 1), f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1")
         _require(self.context_tokens == 0 or self.green_lists != "bits",
                  f"encoder.context_tokens={self.context_tokens} needs encoder.green_lists=hashed or vote (bit-switched lists have no hash to key)")
         if self.semantic_pools is not None:
@@ -183,7 +182,11 @@ class TournamentConfig:
     """
 
     layers: int = 20
-    block_bits: int = 4
+    block_bits: int = 8
+    # The tokens before the scored one hashed into every layer's context with its routing block (0: routing
+    # alone). Two is the design that passed the per-key validity gate (docs/design_search.md): with fewer, the
+    # contexts that the texts of one genre share make a fixed key favour or spare the whole genre.
+    context_tokens: int = 2
     # SynthID's repeated-context rule: a layer is played only at its context's first occurrence in the text
     # (generation), and detection scores only those. Without it a few block codes recur all through a text,
     # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
@@ -191,6 +194,7 @@ class TournamentConfig:
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")
+        _require(self.context_tokens in (0, 1, 2), f"watermark.tournament.context_tokens={self.context_tokens}: allowed values are 0, 1, 2")
         top = TOURNAMENT_MAX_BLOCK_BITS if num_bits is None else min(TOURNAMENT_MAX_BLOCK_BITS, num_bits)
         where = "" if num_bits is None else f" (at most encoder.num_bits={num_bits}, and {TOURNAMENT_MAX_BLOCK_BITS})"
         _require(1 <= self.block_bits <= top, f"watermark.tournament.block_bits={self.block_bits}: allowed range is [1, {top}]{where}")
@@ -300,6 +304,19 @@ class WatermarkConfig:
         _require(self.alpha >= floor - 1e-15,
                  f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
                  f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
+
+
+# The shipped default design: the app's default ``watermark`` option (conf/watermark/moe_tournament.yaml) and the
+# validity study's default. It is the routing tournament with TournamentConfig's defaults (b = 8, the two tokens
+# before in every layer's context), scored by its sum of g-values: the design that passed the per-key validity gate
+# and the trade-off front (docs/design_search.md). WatermarkConfig's own field defaults stay those of the MoE-LSH
+# green-list scheme that library code builds (MoELSHWatermark); the shipped design differs from them only here.
+SHIPPED_WATERMARK = {"kind": "moe_tournament", "statistic": "green"}
+
+
+def shipped_watermark() -> "WatermarkConfig":
+    """The shipped default design's WatermarkConfig (see :data:`SHIPPED_WATERMARK`)."""
+    return WatermarkConfig(**SHIPPED_WATERMARK)
 
 
 @dataclass
@@ -548,7 +565,9 @@ class EvalConfig:
 
     lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     quality: bool = True
-    geometry: bool = True
+    # Green-list geometry (moewm.evaluation.geometry): for studies of the green-list design's keys
+    # (experiment=seed_sensitivity turns it on); the shipped tournament has no green lists to measure.
+    geometry: bool = False
     w1_top_k: int = 50
     w1_contexts: int = 64
     kmeans_clusters: int = 32

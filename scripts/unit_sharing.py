@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         else:
             watermark = WatermarkConfig(kind=design.kind, statistic="green" if design.kind == "moe_tournament" else "llr",
                                         ignore_repeated=True,
-                                        tournament=TournamentConfig(layers=20, block_bits=design.block_bits, skip_repeated=design.skip_repeated))
-            encoder = EncoderConfig(context_tokens=design.context_tokens)
+                                        tournament=TournamentConfig(layers=20, block_bits=design.block_bits, skip_repeated=design.skip_repeated,
+                                                                    context_tokens=design.context_tokens))
+            encoder = EncoderConfig()
             with build_watermarker(design.kind, model, tokenizer, watermark, key, extractor=cfgs[0], encoder=encoder, cache_dir=None) as wm:
                 if captures is None:  # the capture is key-free and design-free: once for all designs
                     t1 = time.perf_counter()

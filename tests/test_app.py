@@ -162,7 +162,7 @@ def test_a_run_prints_one_short_block_ending_with_its_files(tmp_path):
 def test_help_lists_groups_modes_and_examples(tmp_path):
     proc = _run(["--help"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for text in ["mode=", "detect", "estimate", "experiment: bits_sweep, design_search, layer_sweep, seed_sensitivity",
+    for text in ["mode=", "detect", "estimate", "experiment: bits_sweep, design_search, layer_sweep, routing_study, seed_sensitivity",
                  "model:", "python -m moewm -m seed='range(10)'", "mode=detect input="]:
         assert text in proc.stdout, text
     assert "powered by Hydra" not in proc.stdout

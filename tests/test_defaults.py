@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from composing import app_config
 from moewm.app.schema import GROUPS, AppConfig
-from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
+from moewm.config import SHIPPED_WATERMARK, EncoderConfig, ExtractorConfig, TournamentConfig, WatermarkConfig, shipped_watermark
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -31,6 +31,13 @@ APP_DIFFERS: dict[str, tuple[Any, str]] = {
         "cannot express; a library call generates what it is asked for (0)",
     ),
 }
+for _field, _value in SHIPPED_WATERMARK.items():
+    APP_DIFFERS[f"watermark.{_field}"] = (
+        _value,
+        "the app's default watermark is the shipped design (moewm.config.SHIPPED_WATERMARK: the routing tournament "
+        "scored by its sum of g-values, the design that passed the per-key validity gate); WatermarkConfig()'s field "
+        "defaults stay those of the MoE-LSH green-list scheme that library code builds with MoELSHWatermark",
+    )
 # Keys a group option may write although they equal the default: they name the option itself.
 IDENTITY_KEYS = {"kind", "name", "source"}
 # Groups whose options are complete records, not overrides: a model card describes one checkpoint whole
@@ -76,11 +83,20 @@ def test_a_new_drift_is_caught(no_secret):
 
 
 def test_the_app_runs_the_design_the_validity_study_measured(no_secret):
-    """The validity study builds WatermarkConfig / EncoderConfig / ExtractorConfig from their defaults
-    (reference_keys and alpha aside): the app's default job is that design, repeats scored once."""
+    """The validity study's default design is the shipped one (shipped_watermark() with EncoderConfig /
+    ExtractorConfig defaults; reference_keys and alpha aside): the app's default job is that design."""
+    import argparse
+
+    from moewm.evaluation.validity import study_configs
+
     app = app_config([])
-    assert app.watermark.ignore_repeated is True
-    assert app.watermark == WatermarkConfig() and app.encoder == EncoderConfig() and app.extractor == ExtractorConfig()
+    assert app.watermark.ignore_repeated is True and app.watermark.tournament == TournamentConfig()
+    assert app.watermark == shipped_watermark() and app.encoder == EncoderConfig() and app.extractor == ExtractorConfig()
+    args = argparse.Namespace(encoder="{}", watermark=None, reference_keys=999)
+    extractor, encoder, watermark = study_configs(args)
+    assert (extractor, encoder, watermark) == (app.extractor, app.encoder, app.watermark)
+    # the green-list scheme keeps WatermarkConfig's own defaults
+    assert app_config(["watermark=moe_lsh"]).watermark == WatermarkConfig()
 
 
 def _default_options() -> list[tuple[str, str]]:

@@ -36,7 +36,7 @@ def _context(model, tokenizer, plain, kind, attack, tmp_path, encoder=None, eval
     extractor = ExtractorConfig()
     encoder = encoder or EncoderConfig(kind="centered", num_bits=16, pool_size=8)
     wcfg = WatermarkConfig(delta=4.0, reference_keys=199, alpha=0.01)
-    ev = eval_cfg or EvalConfig(lengths=[16, 32, 64], w1_contexts=8, kmeans_clusters=8, window=16)
+    ev = eval_cfg or EvalConfig(lengths=[16, 32, 64], geometry=True, w1_contexts=8, kmeans_clusters=8, window=16)
     cal = None
     if calibration:
         cal = calibrate(model, tokenizer, extractor, encoder, [p + t for p, t in zip(prompt_ids, plain_ids)], tmp_path / "cal", "micro")

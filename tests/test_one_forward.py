@@ -19,13 +19,15 @@ os.environ.setdefault("MOEWM_SECRET_KEY", "one-forward-test-secret")
 CASES = {
     # scheme and attack -> the fewest full forwards: watermarked, plain, greedy and top-p samples of 4 prompts and
     # 8 chunks of each of 3 human corpora for MoE-LSH (its captures); KGW forwards only for perplexity.
-    "moe_lsh": ([], 4 * 4 + 3 * 8),
-    "moe_lsh_unchanged_by_attack": (["attack=substitution", "attack.strength=0"], 4 * 4 + 3 * 8),
-    "moe_lsh_substitution": (["attack=substitution", "attack.strength=0.3"], 4 * 4 + 3 * 8 + 1),
-    "moe_lsh_paraphrase": (["attack=paraphrase", "attack.paraphrase_max_new_tokens=24"], 4 * 4 + 3 * 8 + 1),
+    "moe_tournament": ([], 4 * 4 + 3 * 8),  # the default scheme
+    "moe_tournament_attack_suite": (["eval.attacks=[substitution:0.3,deletion:0.1]"], 4 * 4 + 3 * 8 + 1),
+    "moe_lsh": (["watermark=moe_lsh"], 4 * 4 + 3 * 8),
+    "moe_lsh_unchanged_by_attack": (["watermark=moe_lsh", "attack=substitution", "attack.strength=0"], 4 * 4 + 3 * 8),
+    "moe_lsh_substitution": (["watermark=moe_lsh", "attack=substitution", "attack.strength=0.3"], 4 * 4 + 3 * 8 + 1),
+    "moe_lsh_paraphrase": (["watermark=moe_lsh", "attack=paraphrase", "attack.paraphrase_max_new_tokens=24"], 4 * 4 + 3 * 8 + 1),
     # geometry and a centred encoder: calibration and the W1 distributions come from the plain texts' captures
-    "moe_lsh_geometry_centered": (["eval.geometry=true", "encoder=centered", "eval.w1_contexts=8"], 4 * 4 + 3 * 8),
-    "moe_lsh_attack_suite": (["eval.attacks=[substitution:0.3,deletion:0.1,copy_paste:0.5]"], 4 * 4 + 3 * 8 + 1),
+    "moe_lsh_geometry_centered": (["watermark=moe_lsh", "eval.geometry=true", "encoder=centered", "eval.w1_contexts=8"], 4 * 4 + 3 * 8),
+    "moe_lsh_attack_suite": (["watermark=moe_lsh", "eval.attacks=[substitution:0.3,deletion:0.1,copy_paste:0.5]"], 4 * 4 + 3 * 8 + 1),
     "none": (["watermark=none"], 3 * 4 + 3 * 8),  # plain generation scored by MoE-LSH: its "watermarked" texts are the plain ones
     "kgw_deletion": (["watermark=kgw", "attack=deletion", "attack.strength=0.2"], 2 * 4),
 }

@@ -185,7 +185,7 @@ def test_the_previous_token_rekeys_the_green_list():
 @pytest.mark.parametrize("cfg,message", [
     (EncoderConfig(green_lists="vote", vote_lists=4), r"encoder.vote_lists=4: allowed values are odd numbers in \[1, 32\]"),
     (EncoderConfig(num_bits=4, green_lists="vote", vote_lists=5), r"encoder.vote_lists=5: allowed values are odd numbers in \[1, 4\]"),
-    (EncoderConfig(context_tokens=3), "encoder.context_tokens=3: allowed values are 0, 1, 2"),
+    (EncoderConfig(context_tokens=2), "encoder.context_tokens=2: allowed values are 0, 1"),
     (EncoderConfig(green_lists="bits", context_tokens=1), "encoder.context_tokens=1 needs encoder.green_lists=hashed or vote"),
 ])
 def test_bad_design_family_settings_name_the_key_and_range(cfg, message):

@@ -83,12 +83,20 @@ def test_with_two_tokens_before_each_layer_moves_with_either_token_and_one_token
         key2.contexts(bits, before[:, 1:])
 
 
-def test_two_context_tokens_are_refused_for_moe_lsh_green_lists_before_weights_load():
-    with pytest.raises(ConfigError, match=r"encoder.context_tokens=3: allowed values are 0, 1, 2"):
-        validate_app(app_config(["watermark=moe_tournament", "encoder.context_tokens=3"]))
-    with pytest.raises(ConfigError, match=r"encoder.context_tokens=2: allowed values are 0, 1 with watermark.kind='moe_lsh'"):
+def test_the_tournaments_token_context_is_its_own_setting_checked_before_weights_load():
+    with pytest.raises(ConfigError, match=r"watermark.tournament.context_tokens=3: allowed values are 0, 1, 2"):
+        validate_app(app_config(["watermark=moe_tournament", "watermark.tournament.context_tokens=3"]))
+    with pytest.raises(ConfigError, match=r"encoder.context_tokens=1: allowed value is 0 with watermark.kind=moe_tournament .*"
+                                          r"watermark.tournament.context_tokens"):
+        validate_app(app_config(["watermark=moe_tournament", "encoder.context_tokens=1"]))
+    with pytest.raises(ConfigError, match=r"encoder.context_tokens=2: allowed values are 0, 1"):
         validate_app(app_config(["watermark=moe_lsh", "encoder.context_tokens=2"]))
-    validate_app(app_config(["watermark=moe_tournament", "encoder.context_tokens=2"]))
+    for context in (0, 1, 2):
+        validate_app(app_config(["watermark=moe_tournament", f"watermark.tournament.context_tokens={context}"]))
+    validate_app(app_config(["watermark=moe_lsh", "encoder.context_tokens=1", "watermark.tournament.context_tokens=0"]))
+    with pytest.raises(ConfigError, match=r"eval.geometry=true: .* allowed with watermark.kind='moe_lsh'"):
+        validate_app(app_config(["eval.geometry=true"]))  # the default scheme has no green lists to measure
+    validate_app(app_config(["watermark=moe_lsh", "eval.geometry=true"]))
 
 
 def test_the_g_values_of_one_context_split_the_vocabulary_in_half():
@@ -198,7 +206,7 @@ def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens):
     the processor's (the encoder's signature of the same features, and input_ids[:, -c:] at that step): a drift
     between the two would silently halve the evidence."""
     prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
-    with _wm(tiny, 1, EncoderConfig(context_tokens=context_tokens)) as wm:
+    with _wm(tiny, 1, tournament=TournamentConfig(block_bits=4, context_tokens=context_tokens)) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=12, min_new_tokens=12))
         caps = wm.capture(ids, prompt_ids)
         from moewm.engine.scoring import CaptureBatch
@@ -222,7 +230,7 @@ def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(t
     prompts = open("conf/data/prompts.txt").read().splitlines()[:3]
     from moewm.config import TournamentConfig as T
 
-    with _wm(tiny, 3, ignore_repeated=False, tournament=T(layers=20, block_bits=8, skip_repeated=False)) as wm:
+    with _wm(tiny, 3, ignore_repeated=False, tournament=T(layers=20, block_bits=8, context_tokens=0, skip_repeated=False)) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=24, min_new_tokens=24))
         caps = wm.capture(ids, prompt_ids)
         det = wm.score(caps)
@@ -238,7 +246,7 @@ def test_survival_contexts_are_the_tournaments_own_g_values_not_moe_lshs_pools(t
 def test_tournament_text_is_detected_at_the_floor_within_a_few_dozen_tokens(tiny, statistic, context_tokens):
     prompts = open("conf/data/prompts.txt").read().splitlines()[:4]
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=48, batch_size=4)
-    with _wm(tiny, 2, EncoderConfig(context_tokens=context_tokens), statistic=statistic, statistic_top_k=16) as wm:
+    with _wm(tiny, 2, statistic=statistic, statistic_top_k=16, tournament=TournamentConfig(block_bits=4, context_tokens=context_tokens)) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, gen)
         _, plain = wm.generate_ids(prompts, gen, watermark=False)
         out = wm.detect_ids(ids + plain, prompt_ids + prompt_ids)

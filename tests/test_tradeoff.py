@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from composing import compose_config
+from composing import app_config, compose_config
 from moewm.app.main import CONF_DIR
 from moewm.config import AttackSpec, parse_attack_specs
 from moewm.evaluation.attack_suite import censored_tokens_to_detect
@@ -49,6 +49,9 @@ def test_every_tradeoff_point_composes_and_validates(point):
     validate_app(app)
     kind = point.split("_")[0]
     assert app.watermark.kind == {"lsh": "moe_lsh", "kgw": "kgw", "synthid": "synthid", "tournament": "moe_tournament"}[kind]
+    # A point starts from its scheme's own option, not from the default scheme's: a green-list point run on top of the
+    # tournament default once inherited its `green` statistic (73 tokens to detect instead of 27).
+    assert app.watermark.statistic == app_config([f"watermark={app.watermark.kind}"]).watermark.statistic
     if kind == "kgw":  # kgw_g025_d2 -> gamma 0.25, delta 2
         gamma, delta = point.split("_")[1:3]
         assert app.watermark.kgw.gamma == pytest.approx(float("0." + gamma[2:]))
@@ -68,7 +71,8 @@ def test_every_tradeoff_point_composes_and_validates(point):
         assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
         assert app.watermark.tournament.skip_repeated == (not point.endswith("_noskip"))
         context = point.rsplit("_ctx", 1)[1] if "_ctx" in point else None  # _ctx: the token before; _ctx2: the two before
-        assert app.encoder.context_tokens == (0 if context is None else int(context or 1))
+        assert app.watermark.tournament.context_tokens == (0 if context is None else int(context or 1))
+        assert app.encoder.context_tokens == 0  # the tournament's token context is its own setting
 
 
 @pytest.mark.parametrize("preset", ["design_search", "routing_study"])
@@ -342,6 +346,7 @@ def test_a_pool_design_can_fix_the_seed_designs_bad_keys_yet_have_its_own():
 
 def test_seed_sensitivity_preset_sweeps_pool_designs_and_encoders_over_twenty_keys():
     params = compose_config(["experiment=seed_sensitivity"], hydra_config=True).hydra.sweeper.params
+    assert app_config(["experiment=seed_sensitivity"]).watermark.kind == "moe_lsh"  # pools and encoders key green lists
     assert set(params["encoder"].split(",")) == {"simhash", "centered", "whitened", "pca"}
     assert set(params["encoder.pools"].split(",")) == {"partition", "anchors", "random"}
     assert params["seed"] == "range(20)"

@@ -119,7 +119,9 @@ def _describe_scheme(m: Mapping[str, Any]) -> str:
         rule = m.get("green_lists", "bits") + (f", {m['green_bits']} bits per pool" if m.get("green_bits", 1) != 1 else "")
         return f"moe_lsh {shape} ({rule} green lists), delta {_g(m.get('delta'))}"
     if "tournament_layers" in m:  # a tournament has no delta: its depth and the signature bits per layer
-        return f"{kind}, {m['tournament_layers']} layers x {m.get('tournament_block_bits', '?')} signature bits"
+        tokens = int(m.get("tournament_context_tokens", 0) or 0)
+        context = f" + {tokens} token{'s' if tokens > 1 else ''} before" if tokens else ""
+        return f"{kind}, {m['tournament_layers']} layers x {m.get('tournament_block_bits', '?')} signature bits{context}"
     return kind if kind == "none" else f"{kind}, delta {_g(m.get('delta'))}"
 
 

@@ -110,6 +110,9 @@ def validate_app(app: AppConfig) -> None:
     for name in GROUPS:
         getattr(app, name).validate()
     check_watermark_config(app.watermark, app.encoder)
+    if app.eval.geometry and not scheme_class(app.watermark.kind).green_list_geometry:
+        raise ConfigError(f"eval.geometry=true: the geometry metrics measure green lists of the encoder's pools, which "
+                          f"watermark.kind={app.watermark.kind!r} does not use; allowed with watermark.kind='moe_lsh' (watermark=moe_lsh)")
     from moewm.evaluation.oracle import check_oracle
 
     check_oracle(app.eval.oracle_model)

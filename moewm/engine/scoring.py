@@ -58,7 +58,7 @@ class CaptureBatch:
     def tokens_before(self, count: int) -> torch.Tensor:
         """(B, n, count) the ``count`` (1 or 2) tokens before each position, oldest first."""
         if self.previous is None or (count > 1 and self.earlier is None):
-            raise ValueError(f"these captures do not carry the {count} token(s) before each position (encoder.context_tokens={count}): capture the texts again")
+            raise ValueError(f"these captures do not carry the {count} token(s) before each position (a token context of {count}): capture the texts again")
         if count == 1:
             return self.previous.unsqueeze(-1)
         return torch.stack([self.earlier, self.previous], -1)

@@ -23,7 +23,7 @@ Statistics (``watermark.statistic``), each summed over scored (position, layer) 
 * ``llr``: log(1 + g_l(x_t) - G_l), the exact log-likelihood ratio of the tournament against the model,
   G_l computed on the intermediate distributions p_{l-1} of the captured top-K (tail at g = 1/2).
 
-With ``encoder.context_tokens=c`` (1 or 2) each layer's context is (its block of signature bits, the c tokens
+With ``watermark.tournament.context_tokens=c`` (1 or 2; the default is 2) each layer's context is (its block of signature bits, the c tokens
 before): a 32-bit hash of both (:func:`context_codes`), so a fixed key's g-values are drawn afresh for every
 (routing block, previous tokens) pair, as KGW's are for every previous token, instead of once per block code.
 Two tokens make a context rarer across texts (a fixed key's genre luck shrinks) and let one substituted token
@@ -153,7 +153,7 @@ class TournamentKey:
         if self.context_tokens:
             if before is None or before.dim() != 2 or before.shape[1] < self.context_tokens:
                 raise ValueError(f"this tournament keys its layers by the {self.context_tokens} token(s) before too "
-                                 f"(encoder.context_tokens={self.context_tokens}): pass them as a (B, {self.context_tokens}) tensor")
+                                 f"(watermark.tournament.context_tokens={self.context_tokens}): pass them as a (B, {self.context_tokens}) tensor")
             before = before[:, before.shape[1] - self.context_tokens :]
         return context_codes(block_codes(bits.to(self.salts.device), self.blocks), before if self.context_tokens else None)
 

@@ -158,7 +158,7 @@ def evaluate_job(ctx: JobContext) -> dict[str, Any]:
     out.update(tradeoff_job_metrics(ctx, ev))
 
     calibration = getattr(ctx, "calibration", None)
-    if ev.geometry and calibration is not None and isinstance(wm, MoELSHWatermark):
+    if ev.geometry and calibration is not None and isinstance(wm, MoELSHWatermark) and type(wm).green_list_geometry:
         features = calibration.features
         if features.shape[1] != wm.encoder.projection.shape[0]:
             log.warning("geometry skipped: calibration features have dimension %d, the encoder %d", features.shape[1], wm.encoder.projection.shape[0])

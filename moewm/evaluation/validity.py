@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import binom, chi2
 
-from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.config import SHIPPED_WATERMARK, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 from moewm.evaluation.nulls import null_generation
@@ -159,7 +159,8 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
     from moewm.schemes.registry import check_watermark_config
 
     encoder = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncoderConfig), json.loads(args.encoder)))
-    fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **json.loads(args.watermark)}
+    design = SHIPPED_WATERMARK if args.watermark is None else json.loads(args.watermark)
+    fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **design}
     watermark = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
     if watermark.kind not in ("moe_lsh", "moe_tournament"):
         raise ValueError(f"--watermark kind={watermark.kind!r}: the study ranks routing-keyed schemes (moe_lsh, moe_tournament); "
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--reference-keys", type=int, default=999)
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
-    parser.add_argument("--watermark", default="{}",
-                        help='watermark fields as JSON, e.g. \'{"margin_bits": 2}\' or \'{"kind": "moe_tournament"}\' (default: the defaults)')
+    parser.add_argument("--watermark", default=None,
+                        help='watermark fields as JSON over WatermarkConfig\'s defaults (MoE-LSH), e.g. \'{"margin_bits": 2}\' or '
+                             '\'{"kind": "moe_tournament", "statistic": "green"}\' (default: the shipped design, moewm.config.SHIPPED_WATERMARK)')
     parser.add_argument("--model", default="tiny_moe", choices=STUDY_MODELS, help="the embedded model that writes and scores (default tiny_moe)")
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,

@@ -74,6 +74,8 @@ class TextGeneration:
     tokenizer: Any
     generation_label = "watermarked"  # for the progress bar
     capture_runs_model: ClassVar[bool] = False
+    # Does the scheme bias green lists of the encoder's pools (what eval.geometry measures)?
+    green_list_geometry: ClassVar[bool] = False
 
     @classmethod
     def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,

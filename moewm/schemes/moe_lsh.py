@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, WatermarkConfig
+from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.engine import scoring
 from moewm.engine.capture import CaptureSettings, TextCapture, TextCapturer, capture_settings, detection_batches
 from moewm.engine.detection import DetectionResult, DetectorOutput, decide
@@ -92,6 +92,7 @@ class MoELSHWatermark(TextGeneration):
     """
 
     capture_runs_model: ClassVar[bool] = True
+    green_list_geometry: ClassVar[bool] = True
 
     @classmethod
     def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,
@@ -104,12 +105,6 @@ class MoELSHWatermark(TextGeneration):
     @classmethod
     def check_config(cls, watermark: WatermarkConfig) -> None:
         watermark.check_calibrated_alpha()
-
-    @classmethod
-    def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
-        if encoder.context_tokens > 1:
-            raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: allowed values are 0, 1 with watermark.kind={watermark.kind!r} "
-                              "(two tokens key only the routing tournament, watermark.kind=moe_tournament)")
 
     def __init__(
         self,

@@ -12,12 +12,12 @@ reference keys (:func:`moewm.engine.scoring.calibrated`), so p-values are exact 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 
-from moewm.config import EncoderConfig, GenerationConfig, WatermarkConfig
+from moewm.config import ConfigError, EncoderConfig, GenerationConfig, WatermarkConfig
 from moewm.engine.capture import TextCapture
 from moewm.engine.detection import DetectorOutput, decide
 from moewm.engine.poisson_binomial import upper_tail
@@ -55,7 +55,7 @@ class TournamentProcessor(RoutingWatermarkProcessor):
         return super().__call__(input_ids, scores)
 
     def token_context(self, input_ids: torch.LongTensor) -> Optional[torch.Tensor]:
-        """(B, c) the c tokens before (``encoder.context_tokens``), oldest first, or None."""
+        """(B, c) the c tokens before (``watermark.tournament.context_tokens``), oldest first, or None."""
         count = self.tournament.context_tokens
         return tokens_before(input_ids, count) if count else None
 
@@ -76,10 +76,15 @@ class MoETournamentWatermark(MoELSHWatermark):
     """Routing-keyed tournament sampling for one model and key; capture, bank and calibration are MoE-LSH's."""
 
     name = "moe_tournament"
+    green_list_geometry: ClassVar[bool] = False  # g-values per layer, no green lists of pools
 
     @classmethod
     def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
         watermark.tournament.validate(num_bits=encoder.num_bits)
+        if encoder.context_tokens:
+            raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: allowed value is 0 with watermark.kind=moe_tournament "
+                              "(encoder.context_tokens keys MoE-LSH's green lists; the tournament's token context is "
+                              "watermark.tournament.context_tokens, allowed values 0, 1, 2)")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,7 +92,7 @@ class MoETournamentWatermark(MoELSHWatermark):
         self.check_encoder(cfg, self.encoder_cfg)
         t = cfg.tournament
         bank = self._true_tables.bank
-        context_tokens = self.encoder_cfg.context_tokens
+        context_tokens = t.context_tokens
         key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens).to(self.device)
         self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
         self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
@@ -95,7 +100,8 @@ class MoETournamentWatermark(MoELSHWatermark):
 
     def settings_metrics(self) -> dict[str, Any]:
         t = self.watermark_cfg.tournament
-        return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated)}
+        return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated),
+                "tournament_context_tokens": int(t.context_tokens)}
 
     def null_description(self) -> dict[str, Any]:
         out = super().null_description()
