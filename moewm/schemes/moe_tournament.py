@@ -89,7 +89,6 @@ class MoETournamentWatermark(MoELSHWatermark):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.watermark_cfg
-        self.check_encoder(cfg, self.encoder_cfg)
         t = cfg.tournament
         bank = self._true_tables.bank
         context_tokens = t.context_tokens
