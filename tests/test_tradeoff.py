@@ -66,11 +66,25 @@ def test_every_tradeoff_point_composes_and_validates(point):
             assert app.encoder.context_tokens == 1
         if "margin2" in point:
             assert app.watermark.margin_bits == 2
-    if kind == "tournament":  # tournament_m20_b4[_noskip] -> 20 layers of 4 bits, repeated-context rule unless noskip
-        layers, bits = point.split("_")[1:3]
+    if kind == "kgw":  # kgw_g025_d2[_h<w> | _self<w>] -> lefthash / selfhash over w tokens (lefthash 1 without a suffix)
+        suffix = point.split("_")[3] if point.count("_") > 2 else "h1"
+        scheme, width = ("selfhash", suffix[4:]) if suffix.startswith("self") else ("lefthash", suffix[1:])
+        assert (app.watermark.kgw.seeding_scheme, app.watermark.kgw.context_width) == (scheme, int(width))
+    if kind == "synthid":  # synthid[_n<n>]_k<layers> -> ngram_len n (5 without it), layers tournament layers
+        parts = point.split("_")[1:]
+        assert app.watermark.synthid.ngram_len == (int(parts[0][1:]) if len(parts) > 1 else 5)
+        assert app.watermark.synthid.num_keys == int(parts[-1][1:])
+    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k>] -> 20 layers of 4 bits, ...
+        base, routed = point, None
+        if point.endswith("_twin"):  # the routing-free twin: no layer keyed by routing
+            base, routed = point[: -len("_twin")], 0
+        elif "_r" in point:  # _r<k>: the first k layers keyed by routing, the others by the tokens alone
+            base, routed = point.rsplit("_r", 1)[0], int(point.rsplit("_r", 1)[1])
+        assert app.watermark.tournament.routing_layers == routed
+        layers, bits = base.split("_")[1:3]
         assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
-        assert app.watermark.tournament.skip_repeated == (not point.endswith("_noskip"))
-        context = point.rsplit("_ctx", 1)[1] if "_ctx" in point else None  # _ctx: the token before; _ctx2: the two before
+        assert app.watermark.tournament.skip_repeated == (not base.endswith("_noskip"))
+        context = base.rsplit("_ctx", 1)[1] if "_ctx" in base else None  # _ctx: the token before; _ctx2: the two before
         assert app.watermark.tournament.context_tokens == (0 if context is None else int(context or 1))
         assert app.encoder.context_tokens == 0  # the tournament's token context is its own setting
 
