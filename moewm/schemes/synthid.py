@@ -1,5 +1,9 @@
 """SynthID-Text (Dathathri et al., 2024) through transformers' ``SynthIDTextWatermarkingConfig``.
 
+Generation passes :class:`~moewm.schemes.synthid_fast.FastSynthIDTextWatermarkingConfig`: transformers'
+processor with its per-step hashing replaced by a table lookup, bit-identical scores at a fraction of the
+cost (``docs/synthid_fast.md``). Detection uses transformers' processor as it is.
+
 Detection: the count of g-values equal to 1 under its exact binomial null. Each scored token carries
 ``m = len(keys)`` g-values (one per tournament layer). For a fixed key, a g-value is a table lookup
 ``table[hash(ngram, key_l) % size]`` into a fixed random 0/1 table, so on text that was not generated with
@@ -31,10 +35,12 @@ from moewm.engine.padding import pad_id, pad_rows
 from moewm.engine.positions import PositionContexts, PositionScores
 from moewm.engine.generation import check_text_ids
 from moewm.schemes.ngram_base import IdsCapture, TransformersWatermark, key_int
+from moewm.schemes.synthid_fast import FastSynthIDTextWatermarkingConfig
 
 
 class SynthIDWatermark(TransformersWatermark):
-    """SynthID-Text (Dathathri et al., 2024) through ``transformers.SynthIDTextWatermarkingConfig``.
+    """SynthID-Text (Dathathri et al., 2024) through ``transformers.SynthIDTextWatermarkingConfig``
+    (generation through its fast twin, :mod:`moewm.schemes.synthid_fast`).
 
     Detection: unweighted mean g-value turned into a z-score under its exact null (module docstring).
     transformers' Bayesian detector needs a trained model, so it is not used here.
@@ -45,13 +51,12 @@ class SynthIDWatermark(TransformersWatermark):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, watermark_cfg: WatermarkConfig, key: WatermarkKey) -> None:
         super().__init__(model, tokenizer, watermark_cfg, key)
         keys = [key_int(key, f"synthid/layer{i}", bits=31) for i in range(watermark_cfg.synthid.num_keys)]
-        self._config = SynthIDTextWatermarkingConfig(
-            ngram_len=watermark_cfg.synthid.ngram_len,
-            keys=keys,
-            sampling_table_seed=key_int(key, "synthid/table", bits=31),
-        )
-        self._config.validate()
-        self.processor = self._config.construct_processor(self.vocab_size, self.device)
+        settings = dict(ngram_len=watermark_cfg.synthid.ngram_len, keys=keys, sampling_table_seed=key_int(key, "synthid/table", bits=31))
+        # transformers' own config: its processor detects, and is the reference generation must match bit for bit
+        self.transformers_config = SynthIDTextWatermarkingConfig(**settings)
+        self.transformers_config.validate()
+        self._config = FastSynthIDTextWatermarkingConfig(**settings)  # generation: the same scores, fast (synthid_fast)
+        self.processor = self.transformers_config.construct_processor(self.vocab_size, self.device)
         table = self.processor.sampling_table.double()
         self.p0 = float(table.mean())  # exact null probability of g = 1
 
