@@ -209,9 +209,15 @@ RENAMED_WATERMARK_FIELDS = {
 
 @dataclass
 class WatermarkConfig:
-    """Bias at generation time and the test at detection time."""
+    """Bias at generation time and the test at detection time.
 
-    kind: str = "moe_lsh"
+    ``WatermarkConfig()`` is the shipped design: the routing-keyed tournament (``kind="moe_tournament"``, with
+    :class:`TournamentConfig`'s defaults) scored by its own statistic, the design that passed the per-key validity
+    gate and sits on the trade-off front (docs/design_search.md). The app's default (``watermark=moe_tournament``)
+    and the validity study's default are this object. The green-list design is ``WatermarkConfig(kind="moe_lsh")``.
+    """
+
+    kind: str = "moe_tournament"
     delta: float = 2.0
     # The decision: a text is called watermarked when its (valid) p-value is <= alpha.
     alpha: float = 1e-3
@@ -220,8 +226,10 @@ class WatermarkConfig:
     reference_keys: int = 999
     stop_after: Optional[int] = 10
     # The statistic ranked against the reference keys: z (model-null z), llr (log-likelihood ratio of
-    # a delta-watermark against the model), green (raw green count).
-    statistic: str = "llr"
+    # a delta-watermark against the model), green (raw green count; the tournament's sum of g-values).
+    # null: the scheme's own, the one its validity study measured (the scheme class's default_statistic,
+    # resolved by moewm.schemes.base.TextGeneration.resolve_statistic: moe_tournament green, moe_lsh llr).
+    statistic: Optional[str] = None
     # The next-token distribution kept per scored token: the top-K usable tokens exactly, the rest as one
     # mass. The diagnostics use all capture_top_k tokens; the calibrated statistic the first
     # statistic_top_k (its cost grows with it, its power barely: see the README).
@@ -273,7 +281,8 @@ class WatermarkConfig:
         if self.stop_after is not None:
             _require(1 <= self.stop_after <= self.reference_keys,
                      f"watermark.stop_after={self.stop_after}: allowed range is [1, {self.reference_keys}] (watermark.reference_keys), or null")
-        _require(self.statistic in STATISTICS, f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}")
+        _require(self.statistic is None or self.statistic in STATISTICS,
+                 f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}, or null (the scheme's own)")
         _require(self.capture_top_k >= 1, f"watermark.capture_top_k={self.capture_top_k}: must be >= 1")
         _require(1 <= self.statistic_top_k <= self.capture_top_k,
                  f"watermark.statistic_top_k={self.statistic_top_k}: allowed range is [1, {self.capture_top_k}] (watermark.capture_top_k)")
@@ -304,19 +313,6 @@ class WatermarkConfig:
         _require(self.alpha >= floor - 1e-15,
                  f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
                  f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
-
-
-# The shipped default design: the app's default ``watermark`` option (conf/watermark/moe_tournament.yaml) and the
-# validity study's default. It is the routing tournament with TournamentConfig's defaults (b = 8, the two tokens
-# before in every layer's context), scored by its sum of g-values: the design that passed the per-key validity gate
-# and the trade-off front (docs/design_search.md). WatermarkConfig's own field defaults stay those of the MoE-LSH
-# green-list scheme that library code builds (MoELSHWatermark); the shipped design differs from them only here.
-SHIPPED_WATERMARK = {"kind": "moe_tournament", "statistic": "green"}
-
-
-def shipped_watermark() -> "WatermarkConfig":
-    """The shipped default design's WatermarkConfig (see :data:`SHIPPED_WATERMARK`)."""
-    return WatermarkConfig(**SHIPPED_WATERMARK)
 
 
 @dataclass

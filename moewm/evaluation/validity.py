@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import binom, chi2
 
-from moewm.config import SHIPPED_WATERMARK, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 from moewm.evaluation.nulls import null_generation
@@ -159,7 +159,7 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
     from moewm.schemes.registry import check_watermark_config
 
     encoder = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncoderConfig), json.loads(args.encoder)))
-    design = SHIPPED_WATERMARK if args.watermark is None else json.loads(args.watermark)
+    design = {} if args.watermark is None else json.loads(args.watermark)
     fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **design}
     watermark = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
     if watermark.kind not in ("moe_lsh", "moe_tournament"):
@@ -172,7 +172,7 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from moewm.schemes.registry import build_watermarker
+    from moewm.schemes.registry import build_watermarker, resolve_statistic
     from moewm.models.loading import load_model
 
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
             "model": args.model,
-            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(watermark),
+            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(resolve_statistic(watermark)),
             "held_out": [o for o in texts if o in HELD_OUT_CORPORA],
             "keys": args.keys, "rows": rows, "summary": summarize(rows), "seconds": time.perf_counter() - t0}
 
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-keys", type=int, default=999)
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
     parser.add_argument("--watermark", default=None,
-                        help='watermark fields as JSON over WatermarkConfig\'s defaults (MoE-LSH), e.g. \'{"margin_bits": 2}\' or '
-                             '\'{"kind": "moe_tournament", "statistic": "green"}\' (default: the shipped design, moewm.config.SHIPPED_WATERMARK)')
+                        help='watermark fields as JSON over WatermarkConfig\'s defaults (the shipped design), e.g. '
+                             '\'{"tournament": {"context_tokens": 1}}\' or \'{"kind": "moe_lsh"}\' (default: {}, the shipped design)')
     parser.add_argument("--model", default="tiny_moe", choices=STUDY_MODELS, help="the embedded model that writes and scores (default tiny_moe)")
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
