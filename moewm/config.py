@@ -86,7 +86,7 @@ class EncoderConfig:
     # = the seed's design, the pool_size tokens nearest a keyed anchor (pools overlap and cover part of
     # the vocabulary); ``random`` = pool_size keyed random tokens; ``random_partition`` = the usable vocabulary
     # split into num_bits equal groups at random (a public draw, like the semantic partition key-independent:
-    # every token in one group, but groups are not semantic). Why partition: README, Statistics.
+    # every token in one group, but groups are not semantic). Why partition: docs/statistics.md (History).
     pools: str = "partition"
     pool_size: int = 64
     # Which pools are green (moewm.engine.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
@@ -232,7 +232,7 @@ class WatermarkConfig:
     statistic: Optional[str] = None
     # The next-token distribution kept per scored token: the top-K usable tokens exactly, the rest as one
     # mass. The diagnostics use all capture_top_k tokens; the calibrated statistic the first
-    # statistic_top_k (its cost grows with it, its power barely: see the README).
+    # statistic_top_k (its cost grows with it, its power barely: docs/statistics.md).
     capture_top_k: int = 256
     statistic_top_k: int = 64
     # Texts longer than the model's context (null: its max_position_embeddings) run in overlapping windows.
