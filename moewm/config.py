@@ -86,7 +86,7 @@ class EncoderConfig:
     # = the seed's design, the pool_size tokens nearest a keyed anchor (pools overlap and cover part of
     # the vocabulary); ``random`` = pool_size keyed random tokens; ``random_partition`` = the usable vocabulary
     # split into num_bits equal groups at random (a public draw, like the semantic partition key-independent:
-    # every token in one group, but groups are not semantic). Why partition: README, Statistics.
+    # every token in one group, but groups are not semantic). Why partition: docs/statistics.md (History).
     pools: str = "partition"
     pool_size: int = 64
     # Which pools are green (moewm.engine.lsh.pool_mask): ``bits`` = pool i when bit i is 1 (similar routing,
@@ -225,9 +225,15 @@ RENAMED_WATERMARK_FIELDS = {
 
 @dataclass
 class WatermarkConfig:
-    """Bias at generation time and the test at detection time."""
+    """Bias at generation time and the test at detection time.
 
-    kind: str = "moe_lsh"
+    ``WatermarkConfig()`` is the shipped design: the routing-keyed tournament (``kind="moe_tournament"``, with
+    :class:`TournamentConfig`'s defaults) scored by its own statistic, the design that passed the per-key validity
+    gate and sits on the trade-off front (docs/design_search.md). The app's default (``watermark=moe_tournament``)
+    and the validity study's default are this object. The green-list design is ``WatermarkConfig(kind="moe_lsh")``.
+    """
+
+    kind: str = "moe_tournament"
     delta: float = 2.0
     # The decision: a text is called watermarked when its (valid) p-value is <= alpha.
     alpha: float = 1e-3
@@ -236,11 +242,13 @@ class WatermarkConfig:
     reference_keys: int = 999
     stop_after: Optional[int] = 10
     # The statistic ranked against the reference keys: z (model-null z), llr (log-likelihood ratio of
-    # a delta-watermark against the model), green (raw green count).
-    statistic: str = "llr"
+    # a delta-watermark against the model), green (raw green count; the tournament's sum of g-values).
+    # null: the scheme's own, the one its validity study measured (the scheme class's default_statistic,
+    # resolved by moewm.schemes.base.TextGeneration.resolve_statistic: moe_tournament green, moe_lsh llr).
+    statistic: Optional[str] = None
     # The next-token distribution kept per scored token: the top-K usable tokens exactly, the rest as one
     # mass. The diagnostics use all capture_top_k tokens; the calibrated statistic the first
-    # statistic_top_k (its cost grows with it, its power barely: see the README).
+    # statistic_top_k (its cost grows with it, its power barely: docs/statistics.md).
     capture_top_k: int = 256
     statistic_top_k: int = 64
     # Texts longer than the model's context (null: its max_position_embeddings) run in overlapping windows.
@@ -289,7 +297,8 @@ class WatermarkConfig:
         if self.stop_after is not None:
             _require(1 <= self.stop_after <= self.reference_keys,
                      f"watermark.stop_after={self.stop_after}: allowed range is [1, {self.reference_keys}] (watermark.reference_keys), or null")
-        _require(self.statistic in STATISTICS, f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}")
+        _require(self.statistic is None or self.statistic in STATISTICS,
+                 f"watermark.statistic={self.statistic!r}: allowed values are {STATISTICS}, or null (the scheme's own)")
         _require(self.capture_top_k >= 1, f"watermark.capture_top_k={self.capture_top_k}: must be >= 1")
         _require(1 <= self.statistic_top_k <= self.capture_top_k,
                  f"watermark.statistic_top_k={self.statistic_top_k}: allowed range is [1, {self.capture_top_k}] (watermark.capture_top_k)")
@@ -335,19 +344,6 @@ def routing_free_twin(watermark: "WatermarkConfig") -> "WatermarkConfig":
         raise ConfigError("watermark.tournament.context_tokens=0: a tournament keyed by routing alone has no token context "
                           "left for its twin (allowed values for a twin: 1, 2)")
     return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0))
-
-
-# The shipped default design: the app's default ``watermark`` option (conf/watermark/moe_tournament.yaml) and the
-# validity study's default. It is the routing tournament with TournamentConfig's defaults (b = 8, the two tokens
-# before in every layer's context), scored by its sum of g-values: the design that passed the per-key validity gate
-# and the trade-off front (docs/design_search.md). WatermarkConfig's own field defaults stay those of the MoE-LSH
-# green-list scheme that library code builds (MoELSHWatermark); the shipped design differs from them only here.
-SHIPPED_WATERMARK = {"kind": "moe_tournament", "statistic": "green"}
-
-
-def shipped_watermark() -> "WatermarkConfig":
-    """The shipped default design's WatermarkConfig (see :data:`SHIPPED_WATERMARK`)."""
-    return WatermarkConfig(**SHIPPED_WATERMARK)
 
 
 @dataclass

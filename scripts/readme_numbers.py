@@ -1,12 +1,16 @@
-"""Regenerate the README's sweep numbers from the current code, with the wall time and the machine they come from.
+"""The README's numbers, each from a file in ``benchmarks/``, and the runs that write those files.
 
-    python scripts/readme_numbers.py                 # the README's sweep: python -m moewm -m 'seed=range(10)'
-    python scripts/readme_numbers.py --seeds 4       # fewer keys (the README says how many it quotes)
+    python scripts/readme_numbers.py                    # check: README.md's numbers are what benchmarks/ gives (exit 1 if not)
+    python scripts/readme_numbers.py --write            # rewrite README.md's generated blocks from benchmarks/
+    python scripts/readme_numbers.py --run default_job  # run `python -m moewm` again: benchmarks/readme_default_job.json
+    python scripts/readme_numbers.py --run sweep        # the key sweep and its round trip: benchmarks/readme_sweep_tiny_moe.json
+    python scripts/readme_numbers.py --run sweep --seeds 4   # fewer keys
 
-Runs the README's key sweep on the shipped tiny_moe (W&B off), then the round trip on the first job: ``mode=detect``
-on its ``samples.jsonl`` (verdicts by token ids against the run's, and detection from the text alone). Writes
-``benchmarks/readme_sweep_tiny_moe.json``: the commands, wall times, the machine (CPU model, cores, load), the git
-commit, the means / ranges over keys the README quotes, and the per-job rows.
+README.md holds generated blocks, ``<!-- numbers:NAME -->`` ... ``<!-- /numbers:NAME -->``, each rendered here from
+benchmark files only (:data:`BLOCKS`); the prose around a block may quote a number only as one of the block's
+phrases (:data:`PHRASES`), which the check finds verbatim. ``tests/test_readme.py`` runs the check, so a README number
+that no benchmark file gives, or one that a new benchmark file changed, fails the suite. A run records the command,
+its wall time, the machine (CPU model, cores, load) and the git commit beside the numbers.
 """
 
 from __future__ import annotations
@@ -15,31 +19,143 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+README = ROOT / "README.md"
 COLUMNS = ["seed", "detection_rate", "false_positive_rate", "null_ok", "tokens_to_detect_alpha", "never_detected_alpha", "auc",
            "ppl_wm_mean", "ppl_unwm_mean", "z_wm_mean", "z_unwm_mean", "job_seconds"]
 
+# -- the headline: the routing study on both embedded models (experiment=routing_study, scripts/routing_study.sh) ----
+HEADLINE_MODELS = ("tiny_moe", "tiny_olmoe")
+HEADLINE_POINTS = {  # routing-study point -> its row label
+    "tournament_m20_b8_ctx2": "**routing tournament + 2 tokens (shipped)**",
+    "kgw_g025_d2": "KGW gamma 0.25, delta 2",
+    "synthid_k20": "SynthID, 20 layers",
+    "lsh_partition_d2": "green lists on the semantic partition (`watermark=moe_lsh`)",
+}
+HEADLINE_ATTACKS = {"substitution_0p3": "subst. 0.3", "deletion_0p1": "deletion 0.1", "copy_paste_0p5": "copy-paste 0.5",
+                    "paraphrase_0p5": "paraphrase 0.5", "retokenisation_1": "retokenisation"}
+VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
 
+
+def routing_study(model: str) -> pd.DataFrame:
+    return pd.read_csv(BENCH / f"routing_study_{model}.csv").set_index("point")
+
+
+def headline_table() -> str:
+    head = "| model | design | perplexity cost | tokens to detect | " + " | ".join(HEADLINE_ATTACKS.values()) + " |"
+    lines = [head, "|" + "---|" * (4 + len(HEADLINE_ATTACKS))]
+    for model in HEADLINE_MODELS:
+        df = routing_study(model)
+        for point, label in HEADLINE_POINTS.items():
+            r = df.loc[point]
+            cells = [model, label, f"{100 * r.ppl_cost:+.0f} %", f"{r.tokens_to_detect:.1f}"]
+            cells += [f"{r[f'attacked_{a}']:.2f}" for a in HEADLINE_ATTACKS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _validity(model: str) -> dict:
+    result = json.loads((BENCH / VALIDITY[model]).read_text())
+    summary = {(s["detector"], s["level"], s["origin"]): s for s in result["summary"]}
+    return {"result": result, "summary": summary}
+
+
+def headline_phrases() -> list[str]:
+    """The headline paragraph's numbers, as the phrases it quotes."""
+    out = []
+    first = True
+    for model in HEADLINE_MODELS:
+        v = _validity(model)
+        r, s = v["result"], v["summary"]
+        a, b = s[("moe_tournament", 0.01, "all")], s[("moe_tournament", 0.001, "all")]
+        if first:
+            out.append(f"{r['n_texts']:,} unwatermarked texts of {len(r['texts'])} origins")
+            first = False
+        out.append(f"{model}: {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 and {b['keys_inside']}/{b['keys']} at 1e-3, "
+                   f"dispersion {a['dispersion_ratio']:.2f}")
+    out.append(f"{routing_study('tiny_moe').loc['tournament_m20_b8_ctx2', 'keys']:.0f} keys per point")
+    return out
+
+
+# -- what `python -m moewm` prints: benchmarks/readme_default_job.json -----------------------------------------------
+DEFAULT_JOB = BENCH / "readme_default_job.json"
+
+
+def default_job_output() -> str:
+    info = json.loads(DEFAULT_JOB.read_text())
+    m = info["machine"]
+    return ("```text\n$ " + info["command"] + "\n" + info["stdout"].rstrip("\n") + "\n```\n\n"
+            f"(measured {info['date_utc'][:10]}: {info['wall_seconds']:.0f} s on {m['cores']} CPU cores, {m['torch_threads']} torch "
+            f"thread(s), load average {m['load_average_at_start'][0]:.1f} at the start; `{DEFAULT_JOB.relative_to(ROOT)}`)")
+
+
+BLOCKS: dict[str, Callable[[], str]] = {"headline": headline_table, "default_job": default_job_output}
+PHRASES: dict[str, Callable[[], list[str]]] = {"headline": headline_phrases}
+# Numbers the headline's prose may quote besides its phrases: the decision levels (configuration, not measurements).
+LEVELS = {"0.01", "1e-3"}
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?:e-\d+)?")
+
+
+def section(text: str, heading: str) -> str:
+    """The text under ``## heading`` up to the next ``## `` heading, without its generated block."""
+    body = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.sub(r"<!-- numbers:(\w+) -->.*?<!-- /numbers:\1 -->", "", body, flags=re.S)
+
+
+def unsourced_numbers(text: str) -> list[str]:
+    """Numbers in the headline's prose that are neither in one of its phrases nor a decision level."""
+    phrases = " ".join(headline_phrases())
+    quoted = set(NUMBER.findall(phrases)) | LEVELS
+    return [n for n in NUMBER.findall(section(text, "Headline")) if n not in quoted]
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- numbers:{name} -->)(.*?)(<!-- /numbers:{name} -->)", re.S)
+
+
+def rendered(name: str) -> str:
+    return "\n" + BLOCKS[name]() + "\n"
+
+
+def problems(text: str) -> list[str]:
+    """What in ``text`` (the README) disagrees with benchmarks/: a missing or stale block, a missing phrase."""
+    out = []
+    for name, render in BLOCKS.items():
+        m = block_pattern(name).search(text)
+        if m is None:
+            out.append(f"block {name!r}: not in the README")
+        elif m.group(2) != rendered(name):
+            out.append(f"block {name!r}: differs from benchmarks/ (python scripts/readme_numbers.py --write)")
+    for name, phrases in PHRASES.items():
+        out += [f"{name}: the README does not say {p!r}" for p in phrases() if p not in text]
+    out += [f"headline: {n} is quoted but no benchmark file gives it (make it a phrase of headline_phrases)" for n in unsourced_numbers(text)]
+    return out
+
+
+def write(text: str) -> str:
+    for name, render in BLOCKS.items():
+        text = block_pattern(name).sub(lambda m: m.group(1) + rendered(name) + m.group(3), text)
+    return text
+
+
+# -- runs -------------------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    from moewm.bench.harness import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), "load_average_at_start": os.getloadavg()}
 
 
@@ -49,17 +165,34 @@ def run(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]
     return proc, time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10, help="keys of the sweep (the README's command: 10)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "readme_sweep_tiny_moe.json")
-    args = parser.parse_args(argv)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+def stamp_info() -> dict:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d/%H-%M-%S")
-    sweep = Path("outputs/readme_numbers") / stamp
-    info = {"date_utc": stamp, "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                                            text=True).stdout.strip(), "machine": machine()}
-    sweep_args = ["-m", f"seed=range({args.seeds})", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"date_utc": stamp, "git_commit": commit, "machine": machine()}
+
+
+def run_default_job(env: dict) -> int:
+    """``python -m moewm`` as the README shows it (W&B offline), its terminal output recorded verbatim."""
+    info = stamp_info()
+    out_dir = Path("outputs/readme_numbers") / info["date_utc"] / "default_job"
+    proc, wall = run([f"hydra.run.dir={out_dir}"], env)
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+        return 1
+    info.update(command="python -m moewm", run_dir_override=f"hydra.run.dir={out_dir}", wall_seconds=round(wall, 1), stdout=proc.stdout,
+                metrics=json.loads((ROOT / out_dir / "metrics.json").read_text()))
+    info["machine"]["load_average_at_end"] = os.getloadavg()
+    DEFAULT_JOB.write_text(json.dumps(info, indent=1) + "\n")
+    print(proc.stdout, f"({wall:.0f} s) -> {DEFAULT_JOB}", sep="\n")
+    return 0
+
+
+def run_sweep(seeds: int, out: Path, env: dict) -> int:
+    """The README's key sweep on the shipped tiny_moe (W&B off), then the round trip on its first job: ``mode=detect``
+    on its ``samples.jsonl`` (verdicts by token ids against the run's, and detection from the text alone)."""
+    info = stamp_info()
+    sweep = Path("outputs/readme_numbers") / info["date_utc"]
+    sweep_args = ["-m", f"seed=range({seeds})", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"]
     proc, wall = run(sweep_args, env)
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
@@ -88,13 +221,37 @@ def main(argv: list[str] | None = None) -> int:
                                                          "detection_rate_ids_wm", "detection_rate_text_wm", "text_over_ids",
                                                          "retokenisation_changed_wm", "detection_rate_ids_unwm", "detection_rate_text_unwm")}}
     info["machine"]["load_average_at_end"] = os.getloadavg()
-    args.out.write_text(json.dumps(info, indent=1) + "\n")
+    out.write_text(json.dumps(info, indent=1) + "\n")
     s, r = info["sweep"], info["round_trip"]
     print(f"sweep ({s['jobs_ok']}/{s['jobs']} ok, {s['wall_seconds']:.0f} s): detection {s['mean']['detection_rate']:.3f} "
           f"[{s['min']['detection_rate']:.3f}, {s['max']['detection_rate']:.3f}], ppl {s['mean']['ppl_wm_mean']:.1f} vs "
           f"{s['mean']['ppl_unwm_mean']:.1f}, job {s['mean']['job_seconds']:.0f} s; round trip: {r['agreement_ids']} agreement by ids, "
-          f"text {r['detection_rate_text_wm']} vs ids {r['detection_rate_ids_wm']} -> {args.out}")
+          f"text {r['detection_rate_text_wm']} vs ids {r['detection_rate_ids_wm']} -> {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="rewrite README.md's generated blocks from benchmarks/")
+    parser.add_argument("--run", choices=("default_job", "sweep"), help="run the measurement again and write its benchmarks/ file")
+    parser.add_argument("--seeds", type=int, default=10, help="--run sweep: keys of the sweep (default 10)")
+    parser.add_argument("--out", type=Path, default=BENCH / "readme_sweep_tiny_moe.json", help="--run sweep: where it goes")
+    args = parser.parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    if args.run == "default_job":
+        return run_default_job(env)
+    if args.run == "sweep":
+        return run_sweep(args.seeds, args.out, env)
+    text = README.read_text()
+    if args.write:
+        text = write(text)
+        README.write_text(text)
+    found = problems(text)
+    for line in found:
+        print(line)
+    if not found:
+        print("README.md: every generated block and quoted number matches benchmarks/")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

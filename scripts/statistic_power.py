@@ -1,6 +1,6 @@
 """Power of the calibrated statistics on tiny_moe: share of watermarked texts at p <= 1e-3 (R = 999) per
 statistic (z, llr, green) and per number of exact top tokens in gamma (16, 64, 256), for 4 keys x 64
-prompts x 64 tokens. The README's statistic table comes from one run: python scripts/statistic_power.py
+prompts x 64 tokens. The statistic table of docs/statistics.md comes from one run: python scripts/statistic_power.py
 """
 import torch, numpy as np
 torch.set_num_threads(2)

@@ -23,23 +23,23 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from moewm.config import SHIPPED_WATERMARK, ExtractorConfig, EncoderConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.config import ExtractorConfig, EncoderConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.engine.generation import encode_prompt
 from moewm.engine.keys import WatermarkKey
 from moewm.evaluation.stealing_corpus import CorpusRow, append_rows, attacker_prompts, batches, rows_done, write_meta
 from moewm.models.loading import load_model
-from moewm.schemes.registry import build_watermarker, check_watermark_config
+from moewm.schemes.registry import build_watermarker, check_watermark_config, resolve_statistic
 
 log = logging.getLogger("stealing_corpora")
 MODELS = ("tiny_moe", "tiny_olmoe")
 
 
 def watermark_config(text: str | None) -> WatermarkConfig:
-    fields = SHIPPED_WATERMARK if text is None else {**SHIPPED_WATERMARK, **json.loads(text)}
+    fields = {} if text is None else json.loads(text)  # over WatermarkConfig(), the shipped design
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
     cfg.validate()
     check_watermark_config(cfg, EncoderConfig())
-    return cfg
+    return resolve_statistic(cfg)  # the meta file names the statistic
 
 
 def main(argv: list[str] | None = None) -> None:

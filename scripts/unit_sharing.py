@@ -141,8 +141,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         if design.kind == "ngram":
             units = {o: ngram_units(*texts[o], design.context_tokens) for o in texts}
         else:
-            watermark = WatermarkConfig(kind=design.kind, statistic="green" if design.kind == "moe_tournament" else "llr",
-                                        ignore_repeated=True,
+            watermark = WatermarkConfig(kind=design.kind, ignore_repeated=True,  # each scheme's own statistic
                                         tournament=TournamentConfig(layers=20, block_bits=design.block_bits, skip_repeated=design.skip_repeated,
                                                                     context_tokens=design.context_tokens))
             encoder = EncoderConfig()

@@ -190,7 +190,7 @@ def test_paraphrase_with_the_jobs_model(micro_qwen, tokenizer):
         apply_attack(texts, cfg, tokenizer=tokenizer, model=None)
 
 
-# -- whitespace at the ends, and nothing before an edit changes (issue 19: delete_words stripped the text) ----------
+# -- whitespace at the ends, and nothing before an edit changes (delete_words once stripped the text) ----------
 from pathlib import Path  # noqa: E402
 
 from moewm.evaluation.attacks import _pieces, _rng, _replace_units, _units, copy_paste, delete_words, swap_words, truncate_words  # noqa: E402

@@ -1,5 +1,5 @@
 """The capture's output-head blocks run in place on one reused buffer: the results are bit for bit those of
-the plain out-of-place formula, and so is detection (the speed change of issue 21 changes no output)."""
+the plain out-of-place formula, and so is detection (the capture's speed change changes no output)."""
 
 import dataclasses
 

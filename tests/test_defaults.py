@@ -2,9 +2,10 @@
 
 Every default lives in the config dataclasses (``moewm.config``, ``moewm.app.schema.AppConfig``); the YAML
 files of ``conf/`` carry only what differs from them. Two sources drift: the app once ran
-``watermark.ignore_repeated=false`` while the library, the validity study and the README said ``true``
-(issue 19). These tests fail on a new difference between the app's composed configuration and the
-dataclasses, and on a default group option that writes a dataclass default again.
+``watermark.ignore_repeated=false`` while the library, the validity study and the README said ``true``.
+These tests fail on a new difference between the app's composed configuration and the dataclasses, and on a
+default group option that writes a dataclass default again. ``WatermarkConfig()`` is the shipped design, so
+the app, the validity study and library code agree on it with no list of exceptions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 
 from composing import app_config
 from moewm.app.schema import GROUPS, AppConfig
-from moewm.config import SHIPPED_WATERMARK, EncoderConfig, ExtractorConfig, TournamentConfig, WatermarkConfig, shipped_watermark
+from moewm.config import EncoderConfig, ExtractorConfig, TournamentConfig, WatermarkConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -31,13 +32,6 @@ APP_DIFFERS: dict[str, tuple[Any, str]] = {
         "cannot express; a library call generates what it is asked for (0)",
     ),
 }
-for _field, _value in SHIPPED_WATERMARK.items():
-    APP_DIFFERS[f"watermark.{_field}"] = (
-        _value,
-        "the app's default watermark is the shipped design (moewm.config.SHIPPED_WATERMARK: the routing tournament "
-        "scored by its sum of g-values, the design that passed the per-key validity gate); WatermarkConfig()'s field "
-        "defaults stay those of the MoE-LSH green-list scheme that library code builds with MoELSHWatermark",
-    )
 # Keys a group option may write although they equal the default: they name the option itself.
 IDENTITY_KEYS = {"kind", "name", "source"}
 # Groups whose options are complete records, not overrides: a model card describes one checkpoint whole
@@ -83,20 +77,40 @@ def test_a_new_drift_is_caught(no_secret):
 
 
 def test_the_app_runs_the_design_the_validity_study_measured(no_secret):
-    """The validity study's default design is the shipped one (shipped_watermark() with EncoderConfig /
+    """The validity study's default design is the shipped one (WatermarkConfig() with EncoderConfig /
     ExtractorConfig defaults; reference_keys and alpha aside): the app's default job is that design."""
     import argparse
 
     from moewm.evaluation.validity import study_configs
 
     app = app_config([])
-    assert app.watermark.ignore_repeated is True and app.watermark.tournament == TournamentConfig()
-    assert app.watermark == shipped_watermark() and app.encoder == EncoderConfig() and app.extractor == ExtractorConfig()
+    assert app.watermark == WatermarkConfig() and app.encoder == EncoderConfig() and app.extractor == ExtractorConfig()
+    assert app.watermark.kind == "moe_tournament" and app.watermark.ignore_repeated is True and app.watermark.tournament == TournamentConfig()
     args = argparse.Namespace(encoder="{}", watermark=None, reference_keys=999)
     extractor, encoder, watermark = study_configs(args)
     assert (extractor, encoder, watermark) == (app.extractor, app.encoder, app.watermark)
-    # the green-list scheme keeps WatermarkConfig's own defaults
-    assert app_config(["watermark=moe_lsh"]).watermark == WatermarkConfig()
+    assert dataclasses.replace(watermark, reference_keys=999, alpha=1e-3) == WatermarkConfig()
+    # the green-list scheme is one word away, in the app and in the library alike
+    assert app_config(["watermark=moe_lsh"]).watermark == WatermarkConfig(kind="moe_lsh")
+
+
+def test_each_scheme_scores_its_own_statistic_unless_told(no_secret):
+    """watermark.statistic null means the scheme's own, resolved in one place: the tournament's sum of g-values
+    (the shipped design), MoE-LSH's llr (its power study's choice), in the library and in the app."""
+    from moewm.config import STATISTICS, ConfigError
+    from moewm.schemes.registry import resolve_statistic
+
+    assert WatermarkConfig().statistic is None
+    assert resolve_statistic(WatermarkConfig()).statistic == "green"
+    assert resolve_statistic(WatermarkConfig(kind="moe_lsh")).statistic == "llr"
+    assert resolve_statistic(WatermarkConfig(kind="none")).statistic == "llr"  # scored by MoE-LSH's detector
+    assert resolve_statistic(WatermarkConfig(kind="kgw")).statistic is None  # an n-gram test of its own
+    assert resolve_statistic(WatermarkConfig(kind="moe_lsh", statistic="z")).statistic == "z"
+    assert resolve_statistic(app_config(["watermark=moe_lsh"]).watermark).statistic == "llr"
+    assert resolve_statistic(app_config(["watermark.statistic=llr"]).watermark).statistic == "llr"
+    with pytest.raises(ConfigError, match=r"watermark.statistic='t': allowed values are .*or null \(the scheme's own\)"):
+        WatermarkConfig(statistic="t").validate()
+    assert set(STATISTICS) == {"z", "llr", "green"}
 
 
 def _default_options() -> list[tuple[str, str]]:

@@ -18,7 +18,8 @@ ENTRY_POINTS = {"__init__", "__main__", "report"}  # the public API and `python 
 
 # Inside moewm.models, bottom first.
 MODEL_LAYERS = [
-    {"models.footprint", "models.placement", "models.micro", "models.quantize_bnb"},
+    {"models.footprint", "models.placement", "models.micro", "models.quantized_groups"},
+    {"models.quantize_bnb"},
     {"models.quantize", "models.architecture"},
     {"models.memory", "models.loading"},
 ]

@@ -30,6 +30,9 @@ def test_every_registered_scheme_is_a_watermarker(kind, micro_qwen, tokenizer):
         once = wm.score(wm.capture(texts, prompts))
         assert once.p_value.shape == (1,) and once.num_tokens_scored[0] > 0
         assert set(wm.null_description()) == {"statistic", "reference_keys", "p_value_null"}
+        # statistic null: the scheme scores its own (the tournament its sum of g-values, MoE-LSH and its null control llr)
+        own = {"moe_tournament": "tournament green", "moe_lsh": "llr", "none": "llr"}
+        assert wm.null_description()["statistic"] == own.get(kind, "green count")
     finally:
         wm.close()
 

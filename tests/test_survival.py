@@ -1,4 +1,4 @@
-"""Survival diagnostics: alignment of a text and its edit, and what each scheme's context keeps (issue 19)."""
+"""Survival diagnostics: alignment of a text and its edit, and what each scheme's context keeps."""
 
 import numpy as np
 import pytest

@@ -76,7 +76,7 @@ def test_both_model_cards_are_their_build_logs():
 
 
 def test_router_slices_are_valid_on_tiny_olmoe(olmoe):
-    """The app's extractor (all 8 MoE layers) and the middle slice [2, 6) of the README's API example both hook it."""
+    """The app's extractor (all 8 MoE layers) and the middle slice [2, 6) that the README's API example once used both hook it."""
     from composing import app_config
     from moewm.config import ExtractorConfig
     from moewm.engine.routing import FeatureCapture, check_extractor, feature_layout

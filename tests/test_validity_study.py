@@ -40,7 +40,7 @@ def test_bad_origins_are_refused_before_any_model_loads(capsys):
 
 
 def test_dispersion_ratio_of_the_issue_counts_is_about_twice_the_binomial():
-    """Issue 19: shares 1, 9, 5, 1, 1, 4, 13, 1, 5, 14 of 495 at 0.01 have sd 5.0 counts against 2.2."""
+    """A measured case: shares 1, 9, 5, 1, 1, 4, 13, 1, 5, 14 of 495 at 0.01 have sd 5.0 counts against 2.2."""
     k = np.array([1, 9, 5, 1, 1, 4, 13, 1, 5, 14])
     n = np.full(10, 495)
     ratio = dispersion_ratio(k, n, 0.01)

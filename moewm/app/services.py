@@ -12,6 +12,7 @@ from moewm.app.schema import AppConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.models.loading import load_model
 from moewm.schemes.base import Watermarker
+from moewm.schemes.registry import resolve_statistic
 
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
@@ -81,7 +82,7 @@ def run_settings(app: AppConfig, key: WatermarkKey) -> dict[str, Any]:
         "margin_scale": app.watermark.margin_scale,
         "delta": app.watermark.delta,
         "alpha": app.watermark.alpha,
-        "statistic": app.watermark.statistic,
+        "statistic": resolve_statistic(app.watermark).statistic,  # null: the scheme's own, recorded by name
         "memory_profile": app.memory.name,
     }
 

@@ -3,7 +3,7 @@
 Field names follow transformers' ``WatermarkDetectorOutput`` where they fit. ``p_value`` is always
 the valid one (calibrated by reference keys for MoE-LSH, an exact test for the baselines) and
 ``prediction`` is ``p_value <= alpha``; ``z_score`` and ``p_value_model_null`` are diagnostics whose
-null is a model of the text (see the README's Statistics section).
+null is a model of the text (docs/statistics.md).
 """
 
 from __future__ import annotations

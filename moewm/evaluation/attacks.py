@@ -29,7 +29,7 @@ retokenisation the generated token ids decoded to text (as every output shows it
 Word-level attacks keep the text's own whitespace: its leading and trailing runs, and between two kept words
 the run that followed the left one (copy_paste: every copied span and run verbatim, with the run before it;
 paraphrase: every sentence it does not rewrite verbatim). So an edit changes no token before it, and a
-continuation keeps its first token (``Ġline`` stays ``Ġline``; until issue 19 deletion stripped the text, and
+continuation keeps its first token (``Ġline`` stays ``Ġline``; deletion once stripped the text, and
 copy_paste and paraphrase joined words with single spaces). Substitution and insertion work on token ids and
 decode the result; retokenisation works on token ids (text in, the same text out).
 """

@@ -5,7 +5,7 @@ and ``tokens_to_detect_alpha_censored`` (median tokens to detect over a key's te
 them are never detected; :mod:`moewm.evaluation.attack_suite`), else ``tokens_to_detect_alpha``.
 
 Per design (encoder kind x pool design): the median key's tokens to detect, the worst-decile key's
-(:func:`moewm.evaluation.tradeoff.key_spread`) and their ratio against the target (``TARGET_RATIO``, issue 13:
+(:func:`moewm.evaluation.tradeoff.key_spread`) and their ratio against the target (``TARGET_RATIO``, the trade-off study's target:
 the worst-decile key needs at most 1.5x the median key's tokens).
 
 Does the pool design fix bad keys? The key seed draws the hyperplanes and the pools separately, so one

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import binom, chi2
 
-from moewm.config import SHIPPED_WATERMARK, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.config import EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
 from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 from moewm.evaluation.nulls import null_generation
@@ -159,7 +159,7 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
     from moewm.schemes.registry import check_watermark_config
 
     encoder = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncoderConfig), json.loads(args.encoder)))
-    design = SHIPPED_WATERMARK if args.watermark is None else json.loads(args.watermark)
+    design = {} if args.watermark is None else json.loads(args.watermark)
     fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **design}
     watermark = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
     if watermark.kind == "none":
@@ -172,7 +172,7 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from moewm.schemes.registry import build_watermarker
+    from moewm.schemes.registry import build_watermarker, resolve_statistic
     from moewm.models.loading import load_model
 
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
             "model": args.model,
-            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(watermark),
+            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(resolve_statistic(watermark)),
             "held_out": [o for o in texts if o in HELD_OUT_CORPORA],
             "keys": args.keys, "rows": rows, "summary": summarize(rows), "seconds": time.perf_counter() - t0}
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watermark", default=None,
                         help='the deployed design: watermark fields as JSON over WatermarkConfig\'s defaults, any scheme, e.g. '
                              '\'{"kind": "synthid", "synthid": {"ngram_len": 3}}\', \'{"tournament": {"routing_layers": 0}}\' '
-                             '(default: the shipped design, moewm.config.SHIPPED_WATERMARK)')
+                             '(default: {}, the shipped design)')
     parser.add_argument("--model", default="tiny_moe", choices=STUDY_MODELS, help="the embedded model that writes and scores (default tiny_moe)")
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from moewm.config import ConfigError, MemoryConfig
 from moewm.models.footprint import model_nbytes
 from moewm.models.quantize_bnb import BnbTensor, availability, bnb_nbytes, int8_kernel
+from moewm.models.quantized_groups import QuantizedGroups, group_shape, quantize_device
 from moewm.engine.routing import find_router_modules
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,6 @@ def check_scheme(scheme: str) -> None:
         raise ConfigError(f"memory.quantization={scheme!r}: allowed values are none, {', '.join(SCHEMES)}")
 
 
-def _group_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    """(groups, rows, cols): a 2-D weight is one group, a 3-D expert tensor has one group per expert."""
-    if len(shape) == 2:
-        return 1, int(shape[0]), int(shape[1])
-    if len(shape) == 3:
-        return int(shape[0]), int(shape[1]), int(shape[2])
-    raise ValueError(f"can only quantize 2-D or 3-D weights, got shape {tuple(shape)}")
-
-
 def resolve_backend(memory: MemoryConfig, device: torch.device | str = "cpu") -> str:
     """``bitsandbytes`` or ``moewm``: ``memory.backend``, with ``auto`` decided by whether bitsandbytes works on ``device``.
 
@@ -129,7 +121,7 @@ def quantized_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = Tru
     check_scheme(scheme)
     if backend == "bitsandbytes":
         return bnb_nbytes(shape, scheme, double_quant, transposed)
-    groups, rows, cols = _group_shape(shape)
+    groups, rows, cols = group_shape(shape)
     if scheme == "int8":
         return groups * rows * cols + groups * rows * 4
     nblocks = math.ceil(rows * cols / blocksize)
@@ -137,17 +129,13 @@ def quantized_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = Tru
     return groups * (nblocks * blocksize // 2 + scales)
 
 
-class QuantizedTensor(nn.Module):
+class QuantizedTensor(QuantizedGroups):
     """A 2-D or 3-D weight stored in int8 or NF4; ``dequantize(g)`` rebuilds group ``g`` (one expert)."""
 
     def __init__(self, shape: Sequence[int], scheme: str, double_quant: bool, device: torch.device, blocksize: int = NF4_BLOCKSIZE) -> None:
-        super().__init__()
         check_scheme(scheme)
-        self.shape = tuple(int(s) for s in shape)
-        self.scheme = scheme
-        self.double_quant = bool(double_quant) and scheme == "nf4"
+        super().__init__(shape, scheme, double_quant)
         self.blocksize = int(blocksize)
-        self.groups, self.rows, self.cols = _group_shape(shape)
         g, r, c = self.groups, self.rows, self.cols
         if scheme == "int8":
             self.register_buffer("qweight", torch.empty(g, r, c, dtype=torch.int8, device=device))
@@ -170,9 +158,7 @@ class QuantizedTensor(nn.Module):
         cls, weight: torch.Tensor, scheme: str, double_quant: bool = True, device: Optional[torch.device] = None
     ) -> "QuantizedTensor":
         """Quantize ``weight`` (any float dtype) chunk by chunk on ``device`` (default: the weight's device)."""
-        if weight.device.type == "meta":
-            raise ValueError("cannot quantize a weight on the meta device (load or initialise the weights first)")
-        device = torch.device(device) if device is not None else weight.device
+        device = quantize_device(weight, device)
         q = cls(weight.shape, scheme, double_quant, device)
         w3 = weight.reshape(q.groups, q.rows, q.cols)
         for g in range(q.groups):
@@ -256,17 +242,6 @@ class QuantizedTensor(nn.Module):
         weight = self.dequantize(g, dtype)
         x = x.to(dtype)
         return x @ weight if transposed else F.linear(x, weight, bias)
-
-    def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole dequantized tensor in its original shape (tests and diagnostics; allocates it all)."""
-        return torch.stack([self.dequantize(g, dtype) for g in range(self.groups)]).view(self.shape)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def extra_repr(self) -> str:
-        dq = ", double_quant" if self.double_quant else ""
-        return f"{self.scheme}, shape={self.shape}{dq}"
 
 
 class QuantizedLinear(nn.Module):

@@ -28,7 +28,8 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
+
+from moewm.models.quantized_groups import QuantizedGroups, group_shape, quantize_device
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,9 @@ def int8_kernel(device: torch.device | str = "cpu") -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def _group_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    if len(shape) == 2:
-        return 1, int(shape[0]), int(shape[1])
-    if len(shape) == 3:
-        return int(shape[0]), int(shape[1]), int(shape[2])
-    raise ValueError(f"can only quantize 2-D or 3-D weights, got shape {tuple(shape)}")
-
-
 def bnb_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = True, transposed: bool = False) -> int:
     """Bytes of the buffers that :class:`BnbTensor` keeps for a weight of ``shape`` (exact)."""
-    groups, rows, cols = _group_shape(shape)
+    groups, rows, cols = group_shape(shape)
     n = rows * cols
     if scheme == "int8":  # one float32 absmax per output row
         return groups * (n + 4 * (cols if transposed else rows))
@@ -109,22 +102,21 @@ def bnb_nbytes(shape: Sequence[int], scheme: str, double_quant: bool = True, tra
     return groups * ((n + 1) // 2 + stats)
 
 
-class BnbTensor(nn.Module):
+class BnbTensor(QuantizedGroups):
     """Groups (experts) of (out, in) matrices in bitsandbytes' NF4 or int8 layout; ``linear(x, g)`` = x @ W_g^T.
 
     ``transposed``: the source tensor is (groups, in, out) and is used as ``x @ W`` (gpt-oss layout); it
     is stored as W^T so that bitsandbytes' ``x @ B^T`` matmuls apply unchanged.
     """
 
+    repr_prefix = "bitsandbytes "
+
     def __init__(self, shape: Sequence[int], scheme: str, double_quant: bool, device: torch.device, transposed: bool = False) -> None:
-        super().__init__()
         if scheme not in ("int8", "nf4"):
             raise ValueError(f"scheme {scheme!r}: allowed values are int8, nf4")
-        self.shape = tuple(int(s) for s in shape)
-        self.scheme = scheme
-        self.double_quant = bool(double_quant) and scheme == "nf4"
+        super().__init__(shape, scheme, double_quant)
         self.transposed = bool(transposed)
-        self.groups, r, c = _group_shape(shape)
+        r, c = self.rows, self.cols
         self.out_features, self.in_features = (c, r) if self.transposed else (r, c)
         g, n = self.groups, r * c
         if scheme == "int8":
@@ -144,9 +136,7 @@ class BnbTensor(nn.Module):
     @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor, scheme: str, double_quant: bool = True, device: Optional[torch.device] = None,
                     transposed: bool = False) -> "BnbTensor":
-        if weight.device.type == "meta":
-            raise ValueError("cannot quantize a weight on the meta device (load or initialise the weights first)")
-        device = torch.device(device) if device is not None else weight.device
+        device = quantize_device(weight, device)
         q = cls(weight.shape, scheme, double_quant, device, transposed)
         F = _bnb().functional
         w3 = weight.reshape(q.groups, *q.shape[-2:])
@@ -212,15 +202,8 @@ class BnbTensor(nn.Module):
             w = F.dequantize_4bit(self.qweight[g].view(-1, 1), quant_state=self._state(g, torch.float32))
         return (w.t() if self.transposed else w).to(dtype)
 
-    def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.stack([self.dequantize(g, dtype) for g in range(self.groups)]).view(self.shape)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self) -> str:
-        dq = ", double_quant" if self.double_quant else ""
-        return f"bitsandbytes {self.scheme}, shape={self.shape}{dq}{', transposed' if self.transposed else ''}"
+        return super().extra_repr() + (", transposed" if self.transposed else "")
 
 
 _CODES: dict[torch.device, dict[str, torch.Tensor]] = {}

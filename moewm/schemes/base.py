@@ -11,6 +11,7 @@ names it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
@@ -76,6 +77,17 @@ class TextGeneration:
     capture_runs_model: ClassVar[bool] = False
     # Does the scheme bias green lists of the encoder's pools (what eval.geometry measures)?
     green_list_geometry: ClassVar[bool] = False
+    # What ``watermark.statistic=null`` means for this scheme: its own statistic, the one its validity study
+    # measured (None: the scheme scores one fixed statistic and ignores ``watermark.statistic``).
+    default_statistic: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def resolve_statistic(cls, watermark: WatermarkConfig) -> WatermarkConfig:
+        """``watermark`` with a null ``statistic`` replaced by this scheme's own (:attr:`default_statistic`): the one
+        place that resolves it. The same object when there is nothing to resolve."""
+        if watermark.statistic is not None or cls.default_statistic is None:
+            return watermark
+        return dataclasses.replace(watermark, statistic=cls.default_statistic)
 
     @classmethod
     def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,

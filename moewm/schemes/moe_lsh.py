@@ -91,8 +91,10 @@ class MoELSHWatermark(TextGeneration):
     ~/.cache/moewm; None: memory only).
     """
 
+    name = "moe_lsh"
     capture_runs_model: ClassVar[bool] = True
     green_list_geometry: ClassVar[bool] = True
+    default_statistic: ClassVar[Optional[str]] = "llr"  # the power study's choice (docs/statistics.md)
 
     @classmethod
     def build(cls, model: nn.Module, tokenizer: Any, watermark: WatermarkConfig, key: WatermarkKey, *,
@@ -122,7 +124,7 @@ class MoELSHWatermark(TextGeneration):
         self.tokenizer = tokenizer
         self.extractor_cfg = extractor or ExtractorConfig()
         self.encoder_cfg = encoder or EncoderConfig()
-        self.watermark_cfg = watermark or WatermarkConfig()
+        self.watermark_cfg = self.resolve_statistic(watermark or WatermarkConfig(kind=self.name))
         self.watermark_cfg.validate()
         self.check_config(self.watermark_cfg)
         self.check_encoder(self.watermark_cfg, self.encoder_cfg)
@@ -256,28 +258,37 @@ class MoELSHWatermark(TextGeneration):
         num_green = green.sum(-1)
         diag = scoring.statistic(scoring.KeyDraws(draws.green, gamma.unsqueeze(0), draws.scored), StatisticSpec(kind="z"))[0]
         model_null_p = upper_tail(gamma, scored, num_green)
-        n_np = n.cpu().numpy()
-        p, prediction, notes = decide(result.p_value, n_np, cfg.min_tokens, cfg.alpha)
-        z = diag.cpu().numpy()
-        if cfg.z_threshold is not None:  # legacy rule, kept for comparison only
-            prediction = np.nan_to_num(np.where(n_np < cfg.min_tokens, np.nan, z), nan=-np.inf) > cfg.z_threshold
-        window_p = None
-        if result.window_p_value is not None:
-            window_p = np.where(n_np < cfg.min_tokens, np.nan, result.window_p_value)
+        return self._detector_output(captures, ref, result, n.cpu().numpy(), num_green, n, gamma.sum(-1), diag.cpu().numpy(), model_null_p,
+                                     z_rule=True)
+
+    def _detector_output(self, captures: list[TextCapture], ref: BankTables, result: Any, n_scored: np.ndarray, num_green: torch.Tensor,
+                         units: torch.Tensor, expected: torch.Tensor, z: np.ndarray, model_null_p: torch.Tensor,
+                         z_rule: bool = False) -> DetectorOutput:
+        """One batch's output from its calibrated ``result`` (:func:`moewm.engine.scoring.calibrated`) and the deployed
+        key's diagnostics, for every routing scheme: ``n_scored`` positions scored per text, ``num_green`` green draws
+        among ``units`` scored draws whose null probabilities sum to ``expected``, the diagnostic ``z`` and
+        ``model_null_p``. The p-values are decided at alpha; below ``watermark.min_tokens`` scored positions a text gets
+        no verdict and NaN diagnostics. ``z_rule``: apply the legacy ``watermark.z_threshold`` decision when it is set."""
+        cfg = self.watermark_cfg
+        p, prediction, notes = decide(result.p_value, n_scored, cfg.min_tokens, cfg.alpha)
+        short = n_scored < cfg.min_tokens
+        if z_rule and cfg.z_threshold is not None:  # legacy rule, kept for comparison only
+            prediction = np.nan_to_num(np.where(short, np.nan, z), nan=-np.inf) > cfg.z_threshold
+        window_p = None if result.window_p_value is None else np.where(short, np.nan, result.window_p_value)
         prefix = None
         if result.prefix_p_value is not None:
             prefix = [row[: int(c.num_scored)] for row, c in zip(result.prefix_p_value, captures)]
         return DetectorOutput(
-            num_tokens_scored=n_np.astype(np.int64),
+            num_tokens_scored=n_scored.astype(np.int64),
             num_green_tokens=num_green.cpu().numpy().astype(np.int64),
-            green_fraction=(num_green.double() / n.clamp(min=1)).cpu().numpy(),
-            gamma_mean=(gamma.sum(-1) / n.clamp(min=1)).cpu().numpy(),
+            green_fraction=(num_green.double() / units.clamp(min=1)).cpu().numpy(),
+            gamma_mean=(expected / units.clamp(min=1)).cpu().numpy(),
             statistic=result.statistic,
-            z_score=np.where(n_np < cfg.min_tokens, np.nan, z),
+            z_score=np.where(short, np.nan, z),
             p_value=p,
             p_value_floor=np.full(len(captures), 1.0 / (ref.num_keys + 1)),
             num_reference_keys=result.keys_scored.astype(np.int64),
-            p_value_model_null=np.where(n_np < cfg.min_tokens, np.nan, model_null_p.cpu().numpy()),
+            p_value_model_null=np.where(short, np.nan, model_null_p.cpu().numpy()),
             prediction=prediction,
             window_statistic=result.window_statistic,
             window_p_value=window_p,

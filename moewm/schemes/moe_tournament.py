@@ -7,7 +7,8 @@ output distribution (:class:`moewm.engine.tournament.TournamentKey`). Detection:
 forward per text, key-free), the g-values of the observed tokens under every key
 (:class:`moewm.engine.tournament.TournamentScorer`), and the same rank calibration among the public
 reference keys (:func:`moewm.engine.scoring.calibrated`), so p-values are exact for text of any origin.
-``watermark.delta`` is unused; ``watermark.statistic`` picks green / z / llr (see the engine module).
+``watermark.delta`` is unused; ``watermark.statistic`` picks green (the sum of g-values, its own: null means it) / z / llr
+(see the engine module).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from moewm.config import ConfigError, EncoderConfig, GenerationConfig, WatermarkConfig
 from moewm.engine.capture import TextCapture
-from moewm.engine.detection import DetectorOutput, decide
+from moewm.engine.detection import DetectorOutput
 from moewm.engine.poisson_binomial import upper_tail
 from moewm.engine.positions import PositionContexts
 from moewm.engine.routing import FeatureCapture
@@ -77,6 +78,7 @@ class MoETournamentWatermark(MoELSHWatermark):
 
     name = "moe_tournament"
     green_list_geometry: ClassVar[bool] = False  # g-values per layer, no green lists of pools
+    default_statistic: ClassVar[Optional[str]] = "green"  # the sum of g-values, the statistic its validity study measured
 
     @classmethod
     def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
@@ -162,27 +164,5 @@ class MoETournamentWatermark(MoELSHWatermark):
         var = (expected * (1 - expected) * scored).sum((-2, -1))
         z = ((num_green.double() - mean) / var.clamp(min=1e-300).sqrt()).where(var > 0, torch.full_like(var, float("nan")))
         model_null_p = upper_tail(expected.reshape(b, -1), scored.reshape(b, -1), num_green)
-        n_np = scored.any(-1).sum(-1).cpu().numpy()
-        p, prediction, notes = decide(result.p_value, n_np, cfg.min_tokens, cfg.alpha)
-        short = n_np < cfg.min_tokens
-        window_p = None if result.window_p_value is None else np.where(short, np.nan, result.window_p_value)
-        prefix = None
-        if result.prefix_p_value is not None:
-            prefix = [row[: int(c.num_scored)] for row, c in zip(result.prefix_p_value, captures)]
-        return DetectorOutput(
-            num_tokens_scored=n_np.astype(np.int64),
-            num_green_tokens=num_green.cpu().numpy().astype(np.int64),
-            green_fraction=(num_green.double() / count.clamp(min=1)).cpu().numpy(),
-            gamma_mean=(mean / count.clamp(min=1)).cpu().numpy(),
-            statistic=result.statistic,
-            z_score=np.where(short, np.nan, z.cpu().numpy()),
-            p_value=p,
-            p_value_floor=np.full(len(captures), 1.0 / (ref.num_keys + 1)),
-            num_reference_keys=result.keys_scored.astype(np.int64),
-            p_value_model_null=np.where(short, np.nan, model_null_p.cpu().numpy()),
-            prediction=prediction,
-            window_statistic=result.window_statistic,
-            window_p_value=window_p,
-            notes=[note or (f"scored in {c.windows} windows of the model's context" if c.windows > 1 else "") for note, c in zip(notes, captures)],
-            prefix_p_value=prefix,
-        )
+        n_np = scored.any(-1).sum(-1).cpu().numpy()  # positions with at least one scored layer
+        return self._detector_output(captures, ref, result, n_np, num_green, count, mean, z.cpu().numpy(), model_null_p)

@@ -19,6 +19,7 @@ class NoWatermark(TextGeneration):
 
     name = "none"
     generation_label = "plain"
+    default_statistic: ClassVar[Optional[str]] = MoELSHWatermark.default_statistic  # scored by MoE-LSH's detector
 
     capture_runs_model: ClassVar[bool] = True
 

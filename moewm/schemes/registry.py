@@ -47,6 +47,12 @@ def check_watermark_config(watermark: WatermarkConfig, encoder: Optional[Encoder
         scheme.check_encoder(watermark, encoder)
 
 
+def resolve_statistic(watermark: WatermarkConfig) -> WatermarkConfig:
+    """``watermark`` with a null ``statistic`` replaced by the statistic of its scheme (``watermark.kind``): what a job
+    records and what the scheme it builds scores (``WatermarkConfig()``: green; ``kind="moe_lsh"``: llr)."""
+    return scheme_class(watermark.kind).resolve_statistic(watermark)
+
+
 def build_watermarker(
     kind: str,
     model: nn.Module,
