@@ -362,3 +362,9 @@ class StealingProcessor(LogitsProcessor):
         out = scores.clone()
         out[:, :v] = out[:, :v] + self.delta * s[:, :v].to(scores.dtype)
         return out
+
+
+if __name__ == "__main__":  # python -m moewm.evaluation.stealing: the study (moewm.evaluation.stealing_study)
+    from moewm.evaluation.stealing_study import main
+
+    main()
