@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moewm.config import ConfigError
-from moewm.evaluation.stealing import (NO_TOKEN, ContextCoder, StealingConfig, StealingProcessor, context_masks, estimate_scores,
+from moewm.evaluation.stealing_scores import (NO_TOKEN, ContextCoder, StealingConfig, StealingProcessor, context_masks, estimate_scores,
                                        positions_of)
 
 V = 64
@@ -195,7 +195,7 @@ def _no_weights(monkeypatch):
 
 def test_a_corpus_written_under_another_key_is_refused(tmp_path, monkeypatch):
     from moewm.engine.keys import WatermarkKey
-    from moewm.evaluation.stealing_study import StudyConfig
+    from moewm.evaluation.stealing import StudyConfig
 
     _no_weights(monkeypatch)
     _write_corpus(tmp_path, "plain", None, None)
@@ -222,7 +222,7 @@ def test_a_corpus_written_under_another_key_is_refused(tmp_path, monkeypatch):
 ])
 def test_the_command_line_refuses_bad_arguments_before_weights_load(tmp_path, monkeypatch, capsys, args, message):
     from moewm.engine.keys import WatermarkKey
-    from moewm.evaluation.stealing_study import DEFAULT_SECRET, main
+    from moewm.evaluation.stealing import DEFAULT_SECRET, main
 
     _no_weights(monkeypatch)
     _write_corpus(tmp_path, "plain", None, None)
@@ -244,7 +244,7 @@ def test_a_tiny_run_writes_the_csv_and_markdown(tmp_path):
     common = ["--model", "tiny_moe", "--count", "12", "--new-tokens", "12", "--batch-size", "12", "--out", str(corpora)]
     script.main(["--name", "plain", *common])
     script.main(["--name", "kgw_h1", "--watermark", json.dumps({"kind": "kgw", "kgw": {"context_width": 1}}), *common])
-    from moewm.evaluation.stealing_study import main
+    from moewm.evaluation.stealing import main
 
     out = tmp_path / "out"
     main(["--corpora", str(corpora), "--schemes", "kgw_h1", "--counts", "6,12", "--attackers", "text_only,weights_holder",

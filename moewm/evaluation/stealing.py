@@ -1,370 +1,397 @@
-"""Watermark stealing (after Jovanović, Staab and Vechev, 2024): what an attacker learns of a watermark from
-text alone, and the logits processor that spoofs (or scrubs) with what it learned.
+"""The watermark-stealing study: spoofing and scrubbing success over schemes, attackers and corpus sizes.
 
-The attacker holds N responses of the deployed (watermarked) model and N responses of its own plain model to
-the same prompts (:mod:`moewm.evaluation.stealing_corpus`). For every position of a response it looks at the
-``h`` tokens before it and at every subset of them (a positional mask: "the token 2 back and the token 4 back",
-..., and the empty context), and, as the ``weights_holder`` attacker, at a key-free discretisation of the
-previous position's routing (k-means clusters of the open weights' router probabilities, fitted on its own
-plain corpus; never the key's hyperplanes). Per context c and next token t it compares the conditional
-frequencies under the watermark (p_w) and under its own model (p_b):
+    python -m moewm.evaluation.stealing --model tiny_moe --corpora outputs/stealing/corpora \\
+        --schemes shipped,twin,kgw_h1 --counts 250,1000,4000 --out outputs/stealing/tiny_moe
 
-    s(t, c) = 1/2 * min(p_w / p_b, 2)  when p_w / p_b >= 1, else 0
+For every scheme (a corpus ``CORPORA/<model>/<scheme>.jsonl`` of the deployed model's watermarked responses,
+whose ``.meta.json`` gives the scheme's WatermarkConfig and key fingerprint), every attacker (``text_only``,
+``weights_holder``) and every corpus size N (the corpus's first N rows, against the first N rows of the
+attacker model's ``plain`` corpus), the attacker estimates its scores (:mod:`moewm.evaluation.stealing_scores`), then
 
-the paper's score, for every context the watermarked corpus shows at least ``min_count`` times (trusted) and
-every token it shows after it. p_b is smoothed toward the plain corpus's unigram frequency (a Dirichlet prior
-of weight ``base_prior``), so a token the plain corpus never wrote after c counts as strongly boosted but a
-context the plain corpus never saw does not divide by zero. At generation time the scores of the contexts of
-the current position are combined, each trusted context weighing ``log(1 + its count)`` (evidence with
-diminishing returns) and the sum divided by the total weight, so the combined score lies in [0, 1]:
+* spoofs: its model writes answers to :func:`~moewm.evaluation.stealing_corpus.spoof_prompts` with
+  ``+delta_att * score`` for every delta_att of the grid; the deployed key's detector (``detect_ids``) decides
+  at the scheme's alpha (1e-3), and both embedded models judge perplexity. The null beside every row: the same
+  detector on the attacker model's plain answers to the same prompts (delta_att = 0);
+* scrubs: the deployed model's watermarked answers to the first ``scrub_count`` spoof prompts, paraphrased
+  (:func:`moewm.evaluation.attacks.paraphrase`) with ``-delta_att * score``, against the unsteered paraphrase.
 
-    score(t | position) = sum_c w_c s(t, c) / sum_c w_c  over the position's trusted contexts c
-
-:class:`StolenScores` keeps the scores as one sorted array of context codes (every context is an exact integer
-code: token fields of ``ceil(log2(V + 2))`` bits, 0 where the mask leaves a token out, so masks never collide)
-with a CSR list of (token, score) entries per context; :class:`StealingProcessor` looks up a whole batch's
-contexts with ``torch.searchsorted`` and adds ``delta * score`` to the logits (negative delta: the scrubbing
-direction) with one scatter, no Python loop over rows, contexts or tokens.
-
-The study that runs spoofing and scrubbing over schemes and corpus sizes is :mod:`moewm.evaluation.stealing_study`
-(``python -m moewm.evaluation.stealing``).
+Every row carries its wall time; all sampling is seeded (``--sampling-seed``), so a rerun repeats the table.
+The deployed key is ``WatermarkKey(--secret, seed)``, seed from the corpus's meta (else ``--seed``); a corpus
+whose fingerprint differs is refused, and only fingerprints are written. Arguments are checked before any
+weights load. Output: ``OUT/stealing.csv``, ``OUT/stealing.md`` and ``OUT/stealing.png``
+(:mod:`moewm.evaluation.stealing_report`).
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
-from moewm.config import ConfigError
+from moewm.config import AttackConfig, ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, WatermarkConfig
+from moewm.engine.keys import WatermarkKey
+from moewm.evaluation.stealing_scores import (ATTACKERS, RoutingClusters, StealingConfig, StealingProcessor, estimate_scores,
+                                       previous_clusters, routing_features)
+from moewm.evaluation.stealing_corpus import CorpusRow, read_corpus, read_meta, rows_done, spoof_prompts
 
-ATTACKERS = ("text_only", "weights_holder")
-NO_TOKEN = -1  # a context position before the sequence's first token
-MAX_CODE_BITS = 63
-WEIGHTINGS = ("equal", "log_count", "size")
-
-
-@dataclass(frozen=True)
-class StealingConfig:
-    """What the attacker conditions on and how much evidence it trusts."""
-
-    context_tokens: int = 4  # h: tokens before the scored one (all their subsets are contexts)
-    min_count: int = 2  # a context is trusted when the watermarked corpus shows it this many times
-    routing_clusters: int = 0  # weights_holder: k-means clusters of the previous position's routing (0: text only)
-    ratio_cap: float = 2.0  # the paper's cap of p_w / p_b (a score is min(ratio, cap) / cap)
-    base_prior: float = 1.0  # Dirichlet weight of the plain unigram prior in p_b
-    # How a trusted context weighs in the combined score: equal (1), log_count (log(1 + its count)), or
-    # size (the number of fields it keeps, so the empty context drops out and specific ones lead).
-    weighting: str = "equal"
-
-    def validate(self, vocab_size: Optional[int] = None) -> None:
-        if not 0 <= self.context_tokens <= 4:
-            raise ConfigError(f"stealing.context_tokens={self.context_tokens}: allowed range is [0, 4]")
-        if self.min_count < 1:
-            raise ConfigError(f"stealing.min_count={self.min_count}: must be >= 1")
-        if not 0 <= self.routing_clusters <= 127:
-            raise ConfigError(f"stealing.routing_clusters={self.routing_clusters}: allowed range is [0, 127] (0: text only)")
-        if self.ratio_cap <= 1:
-            raise ConfigError(f"stealing.ratio_cap={self.ratio_cap}: must be > 1")
-        if self.base_prior <= 0:
-            raise ConfigError(f"stealing.base_prior={self.base_prior}: must be > 0")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"stealing.weighting={self.weighting!r}: allowed values are {WEIGHTINGS}")
-        if vocab_size is not None:
-            bits = self.context_tokens * token_bits(vocab_size) + cluster_bits(self.routing_clusters)
-            if bits > MAX_CODE_BITS:
-                raise ConfigError(f"stealing.context_tokens={self.context_tokens} with {self.routing_clusters} routing clusters needs "
-                                  f"{bits} bits per context code for a vocabulary of {vocab_size}: allowed at most {MAX_CODE_BITS}")
-
-    @property
-    def fields(self) -> int:
-        """Context fields: the h tokens, and the routing cluster when there is one."""
-        return self.context_tokens + (1 if self.routing_clusters else 0)
-
-
-def token_bits(vocab_size: int) -> int:
-    """Bits of one token field: values 0 (masked out), 1 (no token) and id + 2."""
-    return int(vocab_size + 1).bit_length()
-
-
-def cluster_bits(clusters: int) -> int:
-    return int(clusters).bit_length() if clusters else 0
-
-
-def context_masks(fields: int) -> np.ndarray:
-    """(2^fields, fields) bool: every subset of the context fields, the empty one first."""
-    return np.array(list(itertools.product([False, True], repeat=fields)), dtype=bool).reshape(2**fields, fields)
-
-
-class ContextCoder:
-    """Exact integer codes of (mask, context) pairs, the same in numpy (estimation) and torch (generation).
-
-    Field j (0 = the token just before) holds ``id + 2`` (1 for :data:`NO_TOKEN`) when the mask keeps it, else 0;
-    the routing field (last, weights_holder only) holds ``cluster + 1``. Distinct (mask, context) pairs get
-    distinct codes, so one sorted array holds every mask's contexts.
-    """
-
-    def __init__(self, cfg: StealingConfig, vocab_size: int) -> None:
-        cfg.validate(vocab_size)
-        self.cfg = cfg
-        tb = token_bits(vocab_size)
-        shifts = [tb * j for j in range(cfg.context_tokens)]
-        if cfg.routing_clusters:
-            shifts.append(tb * cfg.context_tokens)
-        self.shifts = np.array(shifts, dtype=np.int64)
-        self.masks = context_masks(cfg.fields)  # (M, F)
-
-    def values(self, before: np.ndarray, clusters: Optional[np.ndarray]) -> np.ndarray:
-        """(T, F) field values: ``before`` (T, h) the tokens before, nearest first, NO_TOKEN where none."""
-        parts = [before.astype(np.int64) + 2]
-        if self.cfg.routing_clusters:
-            if clusters is None:
-                raise ValueError("this attacker conditions on routing clusters: pass clusters (T,)")
-            parts.append(clusters.astype(np.int64).reshape(-1, 1) + 1)
-        return np.concatenate(parts, axis=1)
-
-    def codes(self, values: np.ndarray) -> np.ndarray:
-        """(T, M) codes of every mask's context."""
-        shifted = values << self.shifts  # (T, F); fields occupy disjoint bits, so a sum is their OR
-        return shifted @ self.masks.T.astype(np.int64)
-
-    def torch_codes(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, M) codes (torch), the same as :meth:`codes`."""
-        shifts = torch.as_tensor(self.shifts, device=values.device)
-        masks = torch.as_tensor(self.masks, device=values.device).long()
-        return ((values << shifts).unsqueeze(1) * masks.unsqueeze(0)).sum(-1)
-
-
-def positions_of(rows: Sequence[Any], h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every response position of a corpus: (T, h) the tokens before it (prompt included, nearest first,
-    NO_TOKEN before the sequence), (T,) the token itself, and (T,) its index in its row's prompt + response."""
-    before, target, index = [], [], []
-    for r in rows:
-        seq = np.asarray(list(r.prompt_ids) + list(r.ids), dtype=np.int64)
-        n_prompt = len(r.prompt_ids)
-        padded = np.concatenate([np.full(h, NO_TOKEN, np.int64), seq])
-        pos = np.arange(n_prompt, len(seq))
-        if not len(pos):
-            continue
-        # padded[pos + h - j] is the token j back from position pos (j = 1..h)
-        before.append(np.stack([padded[pos + h - j] for j in range(1, h + 1)], axis=1) if h else np.zeros((len(pos), 0), np.int64))
-        target.append(seq[pos])
-        index.append(pos)
-    if not target:
-        return np.zeros((0, h), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(before), np.concatenate(target), np.concatenate(index)
-
-
-def context_weights(keys: np.ndarray, counts: np.ndarray, coder: ContextCoder) -> np.ndarray:
-    """(C,) float32 weight of every trusted context (:attr:`StealingConfig.weighting`)."""
-    kind = coder.cfg.weighting
-    if kind == "equal":
-        return np.ones(len(keys), np.float32)
-    if kind == "log_count":
-        return np.log1p(counts).astype(np.float32)
-    width = np.diff(np.r_[coder.shifts, MAX_CODE_BITS + 1])  # bits of every field
-    kept = ((keys[:, None] >> coder.shifts[None, :]) & ((1 << width[None, :]) - 1)) > 0
-    return kept.sum(-1).astype(np.float32)
-
-
-def _group(keys: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct (key, token) pairs sorted by key then token, and the inverse index of every input pair."""
-    order = np.lexsort((tokens, keys))
-    k, t = keys[order], tokens[order]
-    new = np.ones(len(k), dtype=bool)
-    new[1:] = (k[1:] != k[:-1]) | (t[1:] != t[:-1])
-    group = np.cumsum(new) - 1
-    inverse = np.empty(len(k), dtype=np.int64)
-    inverse[order] = group
-    return k[new], t[new], inverse
+log = logging.getLogger("moewm.stealing")
+MODELS = ("tiny_moe", "tiny_olmoe")  # the embedded models (one tokenizer: each judges the other's ids)
+DEFAULT_SECRET = "stealing-study-secret"
 
 
 @dataclass
-class StolenScores:
-    """The attacker's estimate: trusted context codes (sorted), their weights, and per context the boosted
-    tokens and their scores (CSR: ``offsets[i]:offsets[i + 1]``)."""
+class StudyConfig:
+    """One run of the study (the CLI's arguments)."""
 
-    coder: ContextCoder
-    keys: torch.Tensor  # (C,) int64, sorted
-    weights: torch.Tensor  # (C,) float32
-    offsets: torch.Tensor  # (C + 1,) int64
-    tokens: torch.Tensor  # (E,) int64
-    scores: torch.Tensor  # (E,) float32
-    vocab_size: int
+    model: str = "tiny_moe"
+    corpora: str = "outputs/stealing/corpora"
+    schemes: tuple[str, ...] = ("shipped",)
+    counts: tuple[int, ...] = (250, 1000, 4000)
+    attackers: tuple[str, ...] = ATTACKERS
+    deltas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    scrub_deltas: tuple[float, ...] = (8.0,)
+    out: str = "outputs/stealing"
+    attacker_model: Optional[str] = None  # None: the deployed model's own (open) weights
+    spoof_count: int = 64
+    scrub_count: int = 32
+    scrub_strength: float = 1.0
+    new_tokens: int = 64
+    seed: int = 0
+    secret: str = DEFAULT_SECRET
+    sampling_seed: int = 1234
+    context_tokens: int = 4
+    min_count: int = 2
+    routing_clusters: int = 32
+    weighting: str = "equal"
+    ppl_factor: float = 3.0
+    batch_size: int = 32
+    threads: int = 1
+    cache_dir: Optional[str] = "outputs/cache/reference_keys"
 
     @property
-    def num_contexts(self) -> int:
-        return int(self.keys.numel())
+    def attacker_model_name(self) -> str:
+        return self.attacker_model or self.model
 
     @property
-    def num_entries(self) -> int:
-        return int(self.tokens.numel())
+    def other_model(self) -> str:
+        return next(m for m in MODELS if m != self.model)
 
-    def to(self, device: torch.device | str) -> "StolenScores":
-        for name in ("keys", "weights", "offsets", "tokens", "scores"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    def corpus_path(self, model: str, name: str) -> Path:
+        return Path(self.corpora) / model / f"{name}.jsonl"
 
-    def score_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, V) combined scores in [0, 1] for (B, F) context field values (:meth:`ContextCoder.values` layout)."""
-        batch = values.shape[0]
-        out = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=values.device)
-        if not self.num_contexts:
-            return out
-        codes = self.coder.torch_codes(values.long())  # (B, M)
-        idx = torch.searchsorted(self.keys, codes).clamp(max=self.num_contexts - 1)
-        found = self.keys[idx] == codes
-        weight = torch.where(found, self.weights[idx], torch.zeros((), device=values.device))  # (B, M)
-        total = weight.sum(-1, keepdim=True)
-        starts = torch.where(found, self.offsets[idx], torch.zeros_like(idx)).flatten()
-        lengths = torch.where(found, self.offsets[idx + 1] - self.offsets[idx], torch.zeros_like(idx)).flatten()
-        n = int(lengths.sum())
-        if n:
-            row = torch.arange(batch, device=values.device).repeat_interleave(codes.shape[1]).repeat_interleave(lengths)
-            first = torch.cumsum(lengths, 0) - lengths
-            entry = torch.arange(n, device=values.device) - first.repeat_interleave(lengths) + starts.repeat_interleave(lengths)
-            contrib = self.scores[entry] * weight.flatten().repeat_interleave(lengths)
-            out.index_put_((row, self.tokens[entry]), contrib, accumulate=True)
-        return out / total.clamp(min=1e-12)
+    def stealing(self, attacker: str) -> StealingConfig:
+        return StealingConfig(context_tokens=self.context_tokens, min_count=self.min_count, weighting=self.weighting,
+                              routing_clusters=self.routing_clusters if attacker == "weights_holder" else 0)
 
-
-def estimate_scores(watermarked: Sequence[Any], plain: Sequence[Any], cfg: StealingConfig, vocab_size: int,
-                    clusters_w: Optional[np.ndarray] = None, clusters_b: Optional[np.ndarray] = None) -> StolenScores:
-    """The attacker's scores from its two corpora (rows with ``prompt_ids`` and ``ids``).
-
-    ``clusters_w`` / ``clusters_b`` (weights_holder): the routing cluster of the position before every response
-    position, in :func:`positions_of` order.
-    """
-    coder = ContextCoder(cfg, vocab_size)
-    h = cfg.context_tokens
-    bw, tw, _ = positions_of(watermarked, h)
-    bb, tb, _ = positions_of(plain, h)
-    codes_w = coder.codes(coder.values(bw, clusters_w))  # (Tw, M)
-    codes_b = coder.codes(coder.values(bb, clusters_b))  # (Tb, M)
-    m = codes_w.shape[1]
-    # the plain corpus's unigram frequencies: the prior of p_b (add-half, so every token has mass)
-    unigram = (np.bincount(tb, minlength=vocab_size)[:vocab_size] + 0.5) / (len(tb) + 0.5 * vocab_size)
-    # (context, token) pairs of both corpora, every mask at once; counts per corpus over their union
-    keys = np.concatenate([codes_w.reshape(-1), codes_b.reshape(-1)])
-    toks = np.concatenate([np.repeat(tw, m), np.repeat(tb, m)])
-    in_w = np.arange(len(keys)) < codes_w.size
-    pk, pt, inv = _group(keys, toks)
-    c_w = np.bincount(inv[in_w], minlength=len(pk))
-    c_b = np.bincount(inv[~in_w], minlength=len(pk))
-    ctx, ctx_inv = np.unique(pk, return_inverse=True)  # contexts of the union, and each pair's context
-    n_w_ctx = np.bincount(ctx_inv, weights=c_w, minlength=len(ctx))
-    n_b_ctx = np.bincount(ctx_inv, weights=c_b, minlength=len(ctx))
-    n_w, n_b = n_w_ctx[ctx_inv], n_b_ctx[ctx_inv]
-    seen = c_w > 0
-    p_w = np.where(seen, c_w / np.maximum(n_w, 1), 0.0)
-    p_b = (c_b + cfg.base_prior * unigram[pt]) / (n_b + cfg.base_prior)
-    ratio = p_w / p_b
-    score = np.where(ratio >= 1, np.minimum(ratio, cfg.ratio_cap) / cfg.ratio_cap, 0.0)
-    keep = seen & (n_w >= cfg.min_count) & (score > 0)
-    trusted = n_w_ctx >= cfg.min_count
-    keys_t = ctx[trusted]
-    weights = context_weights(keys_t, n_w_ctx[trusted], coder)
-    # CSR over the trusted contexts (pairs are sorted by context then token, so entries arrive grouped)
-    ek, et, es = pk[keep], pt[keep], score[keep]
-    counts = np.bincount(np.searchsorted(keys_t, ek), minlength=len(keys_t)) if len(keys_t) else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return StolenScores(coder, torch.as_tensor(keys_t, dtype=torch.long), torch.as_tensor(weights), torch.as_tensor(offsets),
-                        torch.as_tensor(et, dtype=torch.long), torch.as_tensor(es, dtype=torch.float32), vocab_size)
+    def validate(self) -> None:
+        """Every argument, and the corpora's presence, size and key fingerprints, before any weights load."""
+        if self.model not in MODELS:
+            raise ConfigError(f"--model={self.model!r}: allowed values are {MODELS}")
+        if self.attacker_model is not None and self.attacker_model not in MODELS:
+            raise ConfigError(f"--attacker-model={self.attacker_model!r}: allowed values are {MODELS} (default: --model)")
+        if not self.schemes or "plain" in self.schemes:
+            raise ConfigError(f"--schemes={','.join(self.schemes)}: give one or more watermarked corpora of CORPORA/{self.model}/ "
+                              "(not 'plain', the attacker's own corpus)")
+        bad = [a for a in self.attackers if a not in ATTACKERS]
+        if not self.attackers or bad:
+            raise ConfigError(f"--attackers={','.join(self.attackers)}: allowed values are {ATTACKERS}")
+        if "weights_holder" in self.attackers and self.attacker_model not in (None, self.model):
+            raise ConfigError(f"--attackers weights_holder with --attacker-model={self.attacker_model}: allowed only with the deployed "
+                              f"model's own weights ({self.model}): the attacker reads the routing from its generating model's routers")
+        if not self.counts or min(self.counts) < 1:
+            raise ConfigError(f"--counts={self.counts}: allowed values are integers >= 1 (corpus prefixes)")
+        if not self.deltas or min(self.deltas) <= 0:
+            raise ConfigError(f"--deltas={self.deltas}: allowed values are numbers > 0 (delta_att; the null, 0, is always run)")
+        if any(d <= 0 for d in self.scrub_deltas):
+            raise ConfigError(f"--scrub-deltas={self.scrub_deltas}: allowed values are numbers > 0 (steered away by -delta), or none")
+        spoof_prompts(self.spoof_count)  # range error names the count
+        if not 0 <= self.scrub_count <= self.spoof_count:
+            raise ConfigError(f"--scrub-count={self.scrub_count}: allowed range is [0, {self.spoof_count}] (--spoof-count; 0: no scrubbing)")
+        if not 0 < self.scrub_strength <= 1:
+            raise ConfigError(f"--scrub-strength={self.scrub_strength}: allowed range is (0, 1]")
+        if self.new_tokens < 1 or self.batch_size < 1 or self.threads < 1:
+            raise ConfigError(f"--new-tokens={self.new_tokens}, --batch-size={self.batch_size}, --threads={self.threads}: allowed range is [1, inf)")
+        if self.ppl_factor <= 1:
+            raise ConfigError(f"--ppl-factor={self.ppl_factor}: must be > 1 (the perplexity cap relative to the plain answers')")
+        for attacker in self.attackers:
+            self.stealing(attacker).validate(8192)
+        plain = self.corpus_path(self.attacker_model_name, "plain")
+        for path in [plain] + [self.corpus_path(self.model, s) for s in self.schemes]:
+            if not path.exists():
+                raise ConfigError(f"corpus {path} does not exist (--corpora={self.corpora}, --model / --schemes; write it with "
+                                  "scripts/stealing_corpora.py)")
+            have = rows_done(path)
+            if max(self.counts) > have:
+                raise ConfigError(f"--counts={','.join(map(str, self.counts))}: allowed range is [1, {have}] ({path} holds {have} responses)")
+        for scheme in self.schemes:
+            scheme_setup(self, scheme)  # fingerprint and config checks
 
 
-class RoutingClusters:
-    """The weights_holder's key-free discretisation of routing: k-means centroids of router-probability vectors
-    (the previous position's, all MoE layers of the extractor's slice) fitted on the attacker's own corpus."""
-
-    def __init__(self, centroids: np.ndarray) -> None:
-        self.centroids = torch.as_tensor(centroids, dtype=torch.float32)
-
-    @classmethod
-    def fit(cls, features: np.ndarray, clusters: int, seed: int = 0, max_points: int = 50_000) -> "RoutingClusters":
-        from scipy.cluster.vq import kmeans2
-
-        rng = np.random.default_rng(seed)
-        data = features if len(features) <= max_points else features[rng.choice(len(features), max_points, replace=False)]
-        centroids, _ = kmeans2(data.astype(np.float64), clusters, seed=seed, minit="++", iter=20)
-        return cls(centroids)
-
-    def assign(self, features: torch.Tensor) -> torch.Tensor:
-        """(N,) nearest centroid of every (N, D) feature vector."""
-        c = self.centroids.to(features.device)
-        dist = (features.float() ** 2).sum(-1, keepdim=True) - 2 * features.float() @ c.T + (c**2).sum(-1)
-        return dist.argmin(-1)
-
-
-@torch.no_grad()
-def routing_features(model: Any, capture: Any, rows: Sequence[Any], batch_size: int = 32, pad: int = 0) -> list[np.ndarray]:
-    """Per row, (len(prompt) + len(ids), D) router probabilities at every position of prompt + response: one
-    forward per batch with ``capture`` (a :class:`moewm.engine.routing.FeatureCapture` on ``model``) attached."""
-    from moewm.engine.padding import pad_rows
-
-    device = model.get_input_embeddings().weight.device
-    out: list[np.ndarray] = []
-    for s in range(0, len(rows), batch_size):
-        seqs = [list(r.prompt_ids) + list(r.ids) for r in rows[s : s + batch_size]]
-        ids, mask = pad_rows(seqs, pad, side="right")
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        feats = capture.features(len(seqs)).cpu().numpy()
-        out += [feats[i, : len(q)] for i, q in enumerate(seqs)]
+def _known(cls: Any, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` restricted to the dataclass's fields. A field this version does not know is dropped when it is
+    null (a later version's default) and refused otherwise: the scheme would not be the one that wrote the corpus."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        if k not in names:
+            if v is not None:
+                raise ConfigError(f"{where}.{k}={v!r}: this moewm does not know the field, so it cannot rebuild the scheme that "
+                                  "wrote the corpus (update moewm)")
+            continue
+        sub = names[k].default_factory
+        if isinstance(v, dict) and isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            out[k] = sub(**_known(sub, v, f"{where}.{k}"))
+        else:
+            out[k] = v
     return out
 
 
-def previous_clusters(features: list[np.ndarray], rows: Sequence[Any], clusters: RoutingClusters) -> np.ndarray:
-    """(T,) the routing cluster of the position before every response position, in :func:`positions_of` order."""
-    prev = [f[len(r.prompt_ids) - 1 : len(r.prompt_ids) - 1 + len(r.ids)] for f, r in zip(features, rows) if len(r.ids)]
-    if not prev:
-        return np.zeros(0, np.int64)
-    return clusters.assign(torch.as_tensor(np.concatenate(prev))).numpy().astype(np.int64)
+def watermark_from_meta(meta: dict[str, Any], path: Path) -> WatermarkConfig:
+    if not meta.get("watermarked") or not isinstance(meta.get("watermark"), dict):
+        raise ConfigError(f"{path}: not a watermarked corpus (its meta names no watermark); --schemes takes watermarked corpora")
+    cfg = WatermarkConfig(**_known(WatermarkConfig, meta["watermark"], "watermark"))
+    cfg.validate()
+    return cfg
 
 
-class StealingProcessor(LogitsProcessor):
-    """Adds ``delta * score(t | current context)`` to the logits (delta < 0 steers away: scrubbing).
-
-    The context is the last h ids of each row (the prompt's when the response is shorter) and, for the
-    weights_holder, the routing cluster of the last position read from ``capture`` (hooks on the generating
-    model, which must be the deployed model's open weights).
-    """
-
-    def __init__(self, table: StolenScores, delta: float, capture: Any = None, clusters: Optional[RoutingClusters] = None) -> None:
-        cfg = table.coder.cfg
-        if cfg.routing_clusters and (capture is None or clusters is None):
-            raise ValueError("a routing-conditioned table needs capture= (router hooks on the generating model) and clusters=")
-        self.table = table
-        self.delta = float(delta)
-        self.capture = capture
-        self.clusters = clusters
-
-    def values(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """(B, F) the current context's field values."""
-        h = self.table.coder.cfg.context_tokens
-        batch, length = input_ids.shape
-        take = input_ids[:, max(0, length - h) :].flip(-1)  # nearest first
-        if take.shape[1] < h:
-            take = torch.cat([take, torch.full((batch, h - take.shape[1]), NO_TOKEN, dtype=take.dtype, device=take.device)], 1)
-        parts = [take.long() + 2]
-        if self.table.coder.cfg.routing_clusters:
-            feats = self.capture.features(batch, positions=slice(-1, None))[:, -1]
-            parts.append(self.clusters.assign(feats).to(take.device).long().view(-1, 1) + 1)
-        return torch.cat(parts, 1)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.delta == 0:
-            return scores
-        s = self.table.score_matrix(self.values(input_ids))
-        v = min(scores.shape[-1], s.shape[-1])
-        out = scores.clone()
-        out[:, :v] = out[:, :v] + self.delta * s[:, :v].to(scores.dtype)
-        return out
+def scheme_setup(cfg: StudyConfig, scheme: str) -> tuple[WatermarkConfig, WatermarkKey]:
+    """The deployed scheme's WatermarkConfig and key for a corpus; a ConfigError when the fingerprint differs."""
+    path = cfg.corpus_path(cfg.model, scheme)
+    meta = read_meta(path)
+    if meta.get("model") not in (None, cfg.model):
+        raise ConfigError(f"{path}: written by model {meta.get('model')!r}, not --model={cfg.model}")
+    wm_cfg = watermark_from_meta(meta, path)
+    seed = int(meta.get("seed", cfg.seed)) if meta.get("seed") is not None else cfg.seed
+    key = WatermarkKey(cfg.secret, seed)
+    if meta.get("key_fingerprint") != key.fingerprint:
+        raise ConfigError(f"{path}: key fingerprint {meta.get('key_fingerprint')!r} does not match the deployed key's "
+                          f"{key.fingerprint!r} (--secret / --seed): refusing to score a corpus written under another key")
+    return wm_cfg, key
 
 
-if __name__ == "__main__":  # python -m moewm.evaluation.stealing: the study (moewm.evaluation.stealing_study)
-    from moewm.evaluation.stealing_study import main
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class Texts:
+    """Prompt ids and answer ids of one set of texts."""
 
+    prompt_ids: list[list[int]]
+    ids: list[list[int]]
+
+
+@dataclass
+class Models:
+    deployed: Any
+    tokenizer: Any
+    other: Any
+    attacker: Any
+    capture: Any = None  # router hooks on the attacker's model (weights_holder)
+    loaded: dict[str, Any] = field(default_factory=dict)
+
+
+def _generation(cfg: StudyConfig) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, batch_size=cfg.batch_size,
+                            sampling_seed=cfg.sampling_seed)
+
+
+def _detect(wm: Any, texts: Texts) -> np.ndarray:
+    out = wm.detect_ids(texts.ids, texts.prompt_ids)
+    return np.nan_to_num(np.asarray(out.p_value, dtype=float), nan=1.0)
+
+
+def _ppl(model: Any, texts: Texts, pad: int, batch_size: int) -> float:
+    from moewm.evaluation.quality import perplexity
+
+    return float(np.nanmean(perplexity(model, texts.prompt_ids, texts.ids, batch_size, pad)))
+
+
+def _row(cfg: StudyConfig, scheme: str, wm_cfg: WatermarkConfig, key: WatermarkKey, mode: str, attacker: str, count: int,
+         delta: float, p: np.ndarray, start: float, **extra: Any) -> dict[str, Any]:
+    return {"model": cfg.model, "attacker_model": cfg.attacker_model_name, "scheme": scheme, "kind": wm_cfg.kind,
+            "key_fingerprint": key.fingerprint, "attacker": attacker, "count": count, "mode": mode, "delta_att": delta,
+            "texts": len(p), "detected": float(np.mean(p <= wm_cfg.alpha)) if len(p) else float("nan"),
+            "median_p": float(np.median(p)) if len(p) else float("nan"), **extra, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """All rows of the study (spoof, null, scrub); see the module docstring."""
+    from moewm.engine.generation import encode_prompt, generate_batched
+    from moewm.engine.padding import pad_id
+    from moewm.engine.routing import FeatureCapture
+    from moewm.evaluation.attacks import paraphrase
+    from moewm.models.loading import load_model
+    from moewm.schemes.registry import build_watermarker
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    loaded = {m: load_model(ModelConfig(name=m, path=f"builtin:{m}")) for m in MODELS}
+    tokenizer = loaded[cfg.model][1]
+    pad = pad_id(tokenizer)
+    deployed, other = loaded[cfg.model][0], loaded[cfg.other_model][0]
+    attacker_model = loaded[cfg.attacker_model_name][0]
+    vocab = int(deployed.get_output_embeddings().weight.shape[0])
+    gen = _generation(cfg)
+    prompts = [encode_prompt(tokenizer, p) for p in spoof_prompts(cfg.spoof_count)]
+    plain_rows = read_corpus(cfg.corpus_path(cfg.attacker_model_name, "plain"), max(cfg.counts))
+    rows: list[dict[str, Any]] = []
+
+    def judge(texts: Texts) -> dict[str, float]:
+        return {f"ppl_{cfg.model}": _ppl(deployed, texts, pad, cfg.batch_size), f"ppl_{cfg.other_model}": _ppl(other, texts, pad, cfg.batch_size)}
+
+    start = time.perf_counter()
+    null = Texts(prompts, generate_batched(attacker_model, tokenizer, prompts, gen, []))
+    null_quality = judge(null)
+    null_s = time.perf_counter() - start
+    capture = clusters = None
+    plain_clusters = None
+    if "weights_holder" in cfg.attackers:
+        start = time.perf_counter()
+        capture = FeatureCapture(attacker_model, ExtractorConfig())
+        plain_feats = routing_features(attacker_model, capture, plain_rows, cfg.batch_size, pad)
+        prev = [f[max(len(r.prompt_ids) - 1, 0) : len(r.prompt_ids) - 1 + len(r.ids)] for f, r in zip(plain_feats, plain_rows)]
+        clusters = RoutingClusters.fit(np.concatenate(prev), cfg.routing_clusters, seed=cfg.sampling_seed)
+        plain_clusters = previous_clusters(plain_feats, plain_rows, clusters)
+        del plain_feats, prev
+        log.info("weights_holder: %d routing clusters fitted on the attacker's plain corpus (%.0f s)", cfg.routing_clusters,
+                 time.perf_counter() - start)
+    for scheme in cfg.schemes:
+        wm_cfg, key = scheme_setup(cfg, scheme)
+        wm_rows = read_corpus(cfg.corpus_path(cfg.model, scheme), max(cfg.counts))
+        with build_watermarker(wm_cfg.kind, deployed, tokenizer, wm_cfg, key, extractor=ExtractorConfig(), encoder=EncoderConfig(),
+                               cache_dir=cfg.cache_dir) as wm:
+            start = time.perf_counter()
+            p_null = _detect(wm, null)
+            rows.append(_row(cfg, scheme, wm_cfg, key, "null", "none", 0, 0.0, p_null, start - null_s, **null_quality))
+            fpr = rows[-1]["detected"]
+            log.info("%s: null (plain answers) detected %.3f", scheme, fpr)
+            scrub_texts = None
+            if cfg.scrub_count and cfg.scrub_deltas:
+                start = time.perf_counter()
+                sp = prompts[: cfg.scrub_count]
+                marked = Texts(sp, wm.generate_from_ids(sp, gen))
+                rows.append(_row(cfg, scheme, wm_cfg, key, "watermarked", "none", 0, 0.0, _detect(wm, marked), start, **judge(marked)))
+                scrub_texts = [tokenizer.decode(x, skip_special_tokens=True) for x in marked.ids]
+                start = time.perf_counter()
+                para = _paraphrased(paraphrase(scrub_texts, _attack(cfg), attacker_model, tokenizer, cfg.sampling_seed, cfg.batch_size), sp, tokenizer)
+                rows.append(_row(cfg, scheme, wm_cfg, key, "paraphrase", "none", 0, 0.0, _detect(wm, para), start, **judge(para)))
+            wm_clusters = None
+            if capture is not None:
+                start = time.perf_counter()
+                wm_clusters = previous_clusters(routing_features(attacker_model, capture, wm_rows, cfg.batch_size, pad), wm_rows, clusters)
+                log.info("%s: routing of %d watermarked responses (%.0f s)", scheme, len(wm_rows), time.perf_counter() - start)
+            for attacker in cfg.attackers:
+                for count in sorted(cfg.counts):
+                    start = time.perf_counter()
+                    steal = cfg.stealing(attacker)
+                    cw = cb = None
+                    if steal.routing_clusters:
+                        cw = wm_clusters[: sum(len(r.ids) for r in wm_rows[:count])]
+                        cb = plain_clusters[: sum(len(r.ids) for r in plain_rows[:count])]
+                    table = estimate_scores(wm_rows[:count], plain_rows[:count], steal, vocab, cw, cb)
+                    estimate_s = time.perf_counter() - start
+                    extra = {"contexts": table.num_contexts, "entries": table.num_entries, "estimate_s": round(estimate_s, 1), "fpr": fpr}
+                    use_capture = capture if steal.routing_clusters else None
+                    use_clusters = clusters if steal.routing_clusters else None
+                    for delta in cfg.deltas:
+                        start = time.perf_counter()
+                        proc = StealingProcessor(table, delta, use_capture, use_clusters)
+                        spoof = Texts(prompts, generate_batched(attacker_model, tokenizer, prompts, gen, [proc]))
+                        rows.append(_row(cfg, scheme, wm_cfg, key, "spoof", attacker, count, delta, _detect(wm, spoof), start, **extra, **judge(spoof)))
+                        log.info("%s %s N=%d delta=%g: spoof detected %.3f (null %.3f), ppl %.1f (%.0f s)", scheme, attacker, count, delta,
+                                 rows[-1]["detected"], fpr, rows[-1][f"ppl_{cfg.model}"], rows[-1]["wall_s"])
+                    for delta in cfg.scrub_deltas if scrub_texts is not None else ():
+                        start = time.perf_counter()
+                        proc = StealingProcessor(table, -delta, use_capture, use_clusters)
+                        para = _paraphrased(paraphrase(scrub_texts, _attack(cfg), attacker_model, tokenizer, cfg.sampling_seed, cfg.batch_size, processors=[proc]),
+                                            prompts[: cfg.scrub_count], tokenizer)
+                        rows.append(_row(cfg, scheme, wm_cfg, key, "scrub", attacker, count, delta, _detect(wm, para), start, **extra, **judge(para)))
+                        log.info("%s %s N=%d scrub delta=%g: still detected %.3f (%.0f s)", scheme, attacker, count, delta,
+                                 rows[-1]["detected"], rows[-1]["wall_s"])
+    if capture is not None:
+        capture.detach()
+    return rows
+
+
+def _attack(cfg: StudyConfig) -> AttackConfig:
+    return AttackConfig(name="paraphrase", strength=cfg.scrub_strength, seed=cfg.sampling_seed)
+
+
+def _paraphrased(texts: Sequence[str], prompts: list[list[int]], tokenizer: Any) -> Texts:
+    """Paraphrased texts as the detector sees them (encoded again); an empty rewrite keeps one eos-free token."""
+    ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return Texts(prompts, [x if x else [int(tokenizer.eos_token_id or 0) + 1] for x in ids])
+
+
+# -- command line --------------------------------------------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Optional[list[str]] = None) -> StudyConfig:
+    d = StudyConfig()
+    parser = argparse.ArgumentParser(prog="python -m moewm.evaluation.stealing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=d.model, help=f"the deployed model, one of {MODELS}")
+    parser.add_argument("--corpora", default=d.corpora, help="folder of CORPORA/<model>/<name>.jsonl (scripts/stealing_corpora.py)")
+    parser.add_argument("--schemes", default=",".join(d.schemes), help="watermarked corpora (their file names), comma-separated")
+    parser.add_argument("--counts", default=",".join(map(str, d.counts)), help="corpus sizes N (prefixes), comma-separated")
+    parser.add_argument("--attackers", default=",".join(d.attackers), help=f"comma-separated, of {ATTACKERS}")
+    parser.add_argument("--deltas", default=",".join(map(str, d.deltas)), help="delta_att grid of spoofing")
+    parser.add_argument("--scrub-deltas", default=",".join(map(str, d.scrub_deltas)), help="delta_att grid of scrubbing ('' for none)")
+    parser.add_argument("--attacker-model", default=None, help=f"the attacker's own model, one of {MODELS} (default: --model's open weights)")
+    parser.add_argument("--spoof-count", type=int, default=d.spoof_count)
+    parser.add_argument("--scrub-count", type=int, default=d.scrub_count)
+    parser.add_argument("--scrub-strength", type=float, default=d.scrub_strength)
+    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--seed", type=int, default=d.seed, help="the deployed key's seed when the corpus meta has none")
+    parser.add_argument("--secret", default=d.secret, help="the deployed key's secret (a study key; never written)")
+    parser.add_argument("--sampling-seed", type=int, default=d.sampling_seed)
+    parser.add_argument("--context-tokens", type=int, default=d.context_tokens, help="h: tokens before (all subsets are contexts)")
+    parser.add_argument("--min-count", type=int, default=d.min_count)
+    parser.add_argument("--routing-clusters", type=int, default=d.routing_clusters, help="weights_holder's k-means clusters")
+    parser.add_argument("--weighting", default=d.weighting)
+    parser.add_argument("--ppl-factor", type=float, default=d.ppl_factor, help="best delta: perplexity at most this times the plain answers'")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--cache-dir", default=d.cache_dir, help="reference-key bank cache ('none': memory only)")
+    parser.add_argument("--out", default=d.out)
+    a = parser.parse_args(argv)
+    try:
+        cfg = StudyConfig(model=a.model, corpora=a.corpora, schemes=_names(a.schemes), counts=_ints(a.counts), attackers=_names(a.attackers),
+                          deltas=_floats(a.deltas), scrub_deltas=_floats(a.scrub_deltas), out=a.out, attacker_model=a.attacker_model,
+                          spoof_count=a.spoof_count, scrub_count=a.scrub_count, scrub_strength=a.scrub_strength, new_tokens=a.new_tokens,
+                          seed=a.seed, secret=a.secret, sampling_seed=a.sampling_seed, context_tokens=a.context_tokens, min_count=a.min_count,
+                          routing_clusters=a.routing_clusters, weighting=a.weighting, ppl_factor=a.ppl_factor, batch_size=a.batch_size,
+                          threads=a.threads, cache_dir=None if a.cache_dir == "none" else a.cache_dir)
+        cfg.validate()
+    except ValueError as err:  # ConfigError included: named before any weights load
+        parser.error(str(err))
+    return cfg
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from moewm.evaluation.stealing_report import write_report
+
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    start = time.perf_counter()
+    rows = run_study(cfg)
+    paths = write_report(rows, cfg, Path(cfg.out))
+    log.info("wrote %s in %.0f s", ", ".join(map(str, paths)), time.perf_counter() - start)
+
+
+if __name__ == "__main__":
     main()
