@@ -74,6 +74,7 @@ class StudyConfig:
     batch_size: int = 32
     threads: int = 1
     cache_dir: Optional[str] = "outputs/cache/reference_keys"
+    append: bool = False  # keep the rows of OUT/stealing.csv (runs split by scheme, attacker or N make one report)
 
     @property
     def attacker_model_name(self) -> str:
@@ -219,12 +220,41 @@ def _row(cfg: StudyConfig, scheme: str, wm_cfg: WatermarkConfig, key: WatermarkK
             "median_p": float(np.median(p)) if len(p) else float("nan"), **extra, "wall_s": round(time.perf_counter() - start, 1)}
 
 
-def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """All rows of the study (spoof, null, scrub); see the module docstring."""
+class Cache:
+    """Arrays that a rerun with the same settings would compute again (the null answers, routing clusters), kept
+    as ``.npz`` files under ``OUT/cache`` and named by the settings they depend on; None: no cache."""
+
+    def __init__(self, folder: Optional[Path]) -> None:
+        self.folder = folder
+
+    def get(self, name: str, compute: Any) -> dict[str, np.ndarray]:
+        path = None if self.folder is None else self.folder / f"{name}.npz"
+        if path is not None and path.exists():
+            with np.load(path) as f:
+                return dict(f)
+        value = compute()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **value)
+        return value
+
+
+def _ragged(ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    return {"flat": np.asarray([t for x in ids for t in x], np.int64), "lengths": np.asarray([len(x) for x in ids], np.int64)}
+
+
+def _unragged(d: dict[str, np.ndarray]) -> list[list[int]]:
+    return [x.tolist() for x in np.split(d["flat"], np.cumsum(d["lengths"])[:-1])] if len(d["lengths"]) else []
+
+
+def run_study(cfg: StudyConfig, on_row: Any = None, cache: Optional[Cache] = None) -> list[dict[str, Any]]:
+    """All rows of the study (spoof, null, scrub); see the module docstring. ``on_row(rows)`` runs after every
+    new row (the CLI writes the CSV as it goes)."""
     from moewm.engine.generation import encode_prompt, generate_batched
     from moewm.engine.padding import pad_id
     from moewm.engine.routing import FeatureCapture
     from moewm.evaluation.attacks import paraphrase
+    from moewm.evaluation.quality import distinct_n
     from moewm.models.loading import load_model
     from moewm.schemes.registry import build_watermarker
 
@@ -241,11 +271,21 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
     plain_rows = read_corpus(cfg.corpus_path(cfg.attacker_model_name, "plain"), max(cfg.counts))
     rows: list[dict[str, Any]] = []
 
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+
     def judge(texts: Texts) -> dict[str, float]:
-        return {f"ppl_{cfg.model}": _ppl(deployed, texts, pad, cfg.batch_size), f"ppl_{cfg.other_model}": _ppl(other, texts, pad, cfg.batch_size)}
+        """Perplexity under both embedded models, and distinct bigrams (a spoof that loops would have low perplexity too)."""
+        d2 = [distinct_n(np.asarray(x, np.int64), 2) for x in texts.ids]
+        return {f"ppl_{cfg.model}": _ppl(deployed, texts, pad, cfg.batch_size), f"ppl_{cfg.other_model}": _ppl(other, texts, pad, cfg.batch_size),
+                "distinct_2": float(np.nanmean(d2)) if len(d2) else float("nan")}
 
     start = time.perf_counter()
-    null = Texts(prompts, generate_batched(attacker_model, tokenizer, prompts, gen, []))
+    cache = cache or Cache(None)
+    tag = f"{cfg.attacker_model_name}_n{cfg.spoof_count}_t{cfg.new_tokens}_s{cfg.sampling_seed}"
+    null = Texts(prompts, _unragged(cache.get(f"null_{tag}", lambda: _ragged(generate_batched(attacker_model, tokenizer, prompts, gen, [])))))
     null_quality = judge(null)
     null_s = time.perf_counter() - start
     capture = clusters = None
@@ -253,11 +293,15 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
     if "weights_holder" in cfg.attackers:
         start = time.perf_counter()
         capture = FeatureCapture(attacker_model, ExtractorConfig())
-        plain_feats = routing_features(attacker_model, capture, plain_rows, cfg.batch_size, pad)
-        prev = [f[max(len(r.prompt_ids) - 1, 0) : len(r.prompt_ids) - 1 + len(r.ids)] for f, r in zip(plain_feats, plain_rows)]
-        clusters = RoutingClusters.fit(np.concatenate(prev), cfg.routing_clusters, seed=cfg.sampling_seed)
-        plain_clusters = previous_clusters(plain_feats, plain_rows, clusters)
-        del plain_feats, prev
+
+        def fit() -> dict[str, np.ndarray]:
+            feats = routing_features(attacker_model, capture, plain_rows, cfg.batch_size, pad)
+            prev = [f[len(r.prompt_ids) - 1 : len(r.prompt_ids) - 1 + len(r.ids)] for f, r in zip(feats, plain_rows)]
+            fitted = RoutingClusters.fit(np.concatenate(prev), cfg.routing_clusters, seed=cfg.sampling_seed)
+            return {"centroids": fitted.centroids.numpy(), "assigned": previous_clusters(feats, plain_rows, fitted)}
+
+        fitted = cache.get(f"clusters_{cfg.attacker_model_name}_plain{len(plain_rows)}_k{cfg.routing_clusters}_s{cfg.sampling_seed}", fit)
+        clusters, plain_clusters = RoutingClusters(fitted["centroids"]), fitted["assigned"]
         log.info("weights_holder: %d routing clusters fitted on the attacker's plain corpus (%.0f s)", cfg.routing_clusters,
                  time.perf_counter() - start)
     for scheme in cfg.schemes:
@@ -267,7 +311,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
                                cache_dir=cfg.cache_dir) as wm:
             start = time.perf_counter()
             p_null = _detect(wm, null)
-            rows.append(_row(cfg, scheme, wm_cfg, key, "null", "none", 0, 0.0, p_null, start - null_s, **null_quality))
+            add(_row(cfg, scheme, wm_cfg, key, "null", "none", 0, 0.0, p_null, start - null_s, **null_quality))
             fpr = rows[-1]["detected"]
             log.info("%s: null (plain answers) detected %.3f", scheme, fpr)
             scrub_texts = None
@@ -275,15 +319,18 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 sp = prompts[: cfg.scrub_count]
                 marked = Texts(sp, wm.generate_from_ids(sp, gen))
-                rows.append(_row(cfg, scheme, wm_cfg, key, "watermarked", "none", 0, 0.0, _detect(wm, marked), start, **judge(marked)))
+                add(_row(cfg, scheme, wm_cfg, key, "watermarked", "none", 0, 0.0, _detect(wm, marked), start, **judge(marked)))
                 scrub_texts = [tokenizer.decode(x, skip_special_tokens=True) for x in marked.ids]
                 start = time.perf_counter()
                 para = _paraphrased(paraphrase(scrub_texts, _attack(cfg), attacker_model, tokenizer, cfg.sampling_seed, cfg.batch_size), sp, tokenizer)
-                rows.append(_row(cfg, scheme, wm_cfg, key, "paraphrase", "none", 0, 0.0, _detect(wm, para), start, **judge(para)))
+                add(_row(cfg, scheme, wm_cfg, key, "paraphrase", "none", 0, 0.0, _detect(wm, para), start, **judge(para)))
             wm_clusters = None
             if capture is not None:
                 start = time.perf_counter()
-                wm_clusters = previous_clusters(routing_features(attacker_model, capture, wm_rows, cfg.batch_size, pad), wm_rows, clusters)
+                wm_clusters = cache.get(
+                    f"clusters_{cfg.model}_{scheme}{len(wm_rows)}_on_plain{len(plain_rows)}_k{cfg.routing_clusters}_s{cfg.sampling_seed}",
+                    lambda: {"assigned": previous_clusters(routing_features(attacker_model, capture, wm_rows, cfg.batch_size, pad), wm_rows, clusters)},
+                )["assigned"]
                 log.info("%s: routing of %d watermarked responses (%.0f s)", scheme, len(wm_rows), time.perf_counter() - start)
             for attacker in cfg.attackers:
                 for count in sorted(cfg.counts):
@@ -302,7 +349,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
                         start = time.perf_counter()
                         proc = StealingProcessor(table, delta, use_capture, use_clusters)
                         spoof = Texts(prompts, generate_batched(attacker_model, tokenizer, prompts, gen, [proc]))
-                        rows.append(_row(cfg, scheme, wm_cfg, key, "spoof", attacker, count, delta, _detect(wm, spoof), start, **extra, **judge(spoof)))
+                        add(_row(cfg, scheme, wm_cfg, key, "spoof", attacker, count, delta, _detect(wm, spoof), start, **extra, **judge(spoof)))
                         log.info("%s %s N=%d delta=%g: spoof detected %.3f (null %.3f), ppl %.1f (%.0f s)", scheme, attacker, count, delta,
                                  rows[-1]["detected"], fpr, rows[-1][f"ppl_{cfg.model}"], rows[-1]["wall_s"])
                     for delta in cfg.scrub_deltas if scrub_texts is not None else ():
@@ -310,7 +357,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
                         proc = StealingProcessor(table, -delta, use_capture, use_clusters)
                         para = _paraphrased(paraphrase(scrub_texts, _attack(cfg), attacker_model, tokenizer, cfg.sampling_seed, cfg.batch_size, processors=[proc]),
                                             prompts[: cfg.scrub_count], tokenizer)
-                        rows.append(_row(cfg, scheme, wm_cfg, key, "scrub", attacker, count, delta, _detect(wm, para), start, **extra, **judge(para)))
+                        add(_row(cfg, scheme, wm_cfg, key, "scrub", attacker, count, delta, _detect(wm, para), start, **extra, **judge(para)))
                         log.info("%s %s N=%d scrub delta=%g: still detected %.3f (%.0f s)", scheme, attacker, count, delta,
                                  rows[-1]["detected"], rows[-1]["wall_s"])
     if capture is not None:
@@ -368,6 +415,7 @@ def parse_args(argv: Optional[list[str]] = None) -> StudyConfig:
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--cache-dir", default=d.cache_dir, help="reference-key bank cache ('none': memory only)")
     parser.add_argument("--out", default=d.out)
+    parser.add_argument("--append", action="store_true", help="keep OUT/stealing.csv's rows (a rerun of the same row replaces it)")
     a = parser.parse_args(argv)
     try:
         cfg = StudyConfig(model=a.model, corpora=a.corpora, schemes=_names(a.schemes), counts=_ints(a.counts), attackers=_names(a.attackers),
@@ -375,7 +423,7 @@ def parse_args(argv: Optional[list[str]] = None) -> StudyConfig:
                           spoof_count=a.spoof_count, scrub_count=a.scrub_count, scrub_strength=a.scrub_strength, new_tokens=a.new_tokens,
                           seed=a.seed, secret=a.secret, sampling_seed=a.sampling_seed, context_tokens=a.context_tokens, min_count=a.min_count,
                           routing_clusters=a.routing_clusters, weighting=a.weighting, ppl_factor=a.ppl_factor, batch_size=a.batch_size,
-                          threads=a.threads, cache_dir=None if a.cache_dir == "none" else a.cache_dir)
+                          threads=a.threads, cache_dir=None if a.cache_dir == "none" else a.cache_dir, append=a.append)
         cfg.validate()
     except ValueError as err:  # ConfigError included: named before any weights load
         parser.error(str(err))
@@ -383,13 +431,15 @@ def parse_args(argv: Optional[list[str]] = None) -> StudyConfig:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from moewm.evaluation.stealing_report import write_report
+    from moewm.evaluation.stealing_report import merge_rows, read_rows, write_report
 
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
-    rows = run_study(cfg)
-    paths = write_report(rows, cfg, Path(cfg.out))
+    out = Path(cfg.out)
+    earlier = read_rows(out / "stealing.csv") if cfg.append else []
+    rows = run_study(cfg, on_row=lambda new: write_report(merge_rows(earlier, new), cfg, out, plot=False), cache=Cache(out / "cache"))
+    paths = write_report(merge_rows(earlier, rows), cfg, out)
     log.info("wrote %s in %.0f s", ", ".join(map(str, paths)), time.perf_counter() - start)
 
 

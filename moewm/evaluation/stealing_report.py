@@ -73,7 +73,21 @@ def _plot(best: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> list[Path]:
+ROW_KEY = ("model", "attacker_model", "scheme", "attacker", "count", "mode", "delta_att")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier run's CSV (none when it does not exist)."""
+    return pd.read_csv(path).to_dict("records") if Path(path).exists() else []
+
+
+def merge_rows(earlier: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier rows, then the new ones; a new row replaces an earlier row with the same :data:`ROW_KEY`."""
+    fresh = {tuple(str(r[k]) for k in ROW_KEY) for r in new}
+    return [r for r in earlier if tuple(str(r[k]) for k in ROW_KEY) not in fresh] + list(new)
+
+
+def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path, plot: bool = True) -> list[Path]:
     """``stealing.csv`` (every row), ``stealing.md`` (best spoofs, scrubbing, all rows) and ``stealing.png``."""
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(list(rows))
@@ -93,7 +107,7 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> list[Pa
     text += ["## All rows", "", _markdown(frame.drop(columns=["key_fingerprint"])), ""]
     md.write_text("\n".join(text), encoding="utf-8")
     paths = [csv, md]
-    if len(best):
+    if len(best) and plot:
         png = out / "stealing.png"
         _plot(best, png)
         paths.append(png)
