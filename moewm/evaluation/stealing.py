@@ -108,8 +108,9 @@ class StudyConfig:
                               f"model's own weights ({self.model}): the attacker reads the routing from its generating model's routers")
         if not self.counts or min(self.counts) < 1:
             raise ConfigError(f"--counts={self.counts}: allowed values are integers >= 1 (corpus prefixes)")
-        if not self.deltas or min(self.deltas) <= 0:
-            raise ConfigError(f"--deltas={self.deltas}: allowed values are numbers > 0 (delta_att; the null, 0, is always run)")
+        if any(d <= 0 for d in self.deltas) or not (self.deltas or (self.scrub_count and self.scrub_deltas)):
+            raise ConfigError(f"--deltas={self.deltas}: allowed values are numbers > 0 (delta_att; the null, 0, is always run); "
+                              "empty only when the run scrubs (--scrub-count and --scrub-deltas)")
         if any(d <= 0 for d in self.scrub_deltas):
             raise ConfigError(f"--scrub-deltas={self.scrub_deltas}: allowed values are numbers > 0 (steered away by -delta), or none")
         spoof_prompts(self.spoof_count)  # range error names the count
