@@ -191,9 +191,25 @@ class TournamentConfig:
     # (generation), and detection scores only those. Without it a few block codes recur all through a text,
     # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
     skip_repeated: bool = True
+    # How many layers (the first ones) have the routing block in their context; the others are keyed by the
+    # tokens before alone. null: all of them. 0 is the design's routing-free twin (SynthID's tournament keyed by
+    # the same token context), the ablation every routing design is measured against (routing_free_twin).
+    routing_layers: Optional[int] = None
+
+    @property
+    def routed_layers(self) -> int:
+        """How many layers' contexts hold the routing block."""
+        return self.layers if self.routing_layers is None else int(self.routing_layers)
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")
+        if self.routing_layers is not None:
+            _require(0 <= self.routing_layers <= self.layers,
+                     f"watermark.tournament.routing_layers={self.routing_layers}: allowed range is [0, {self.layers}] "
+                     f"(at most watermark.tournament.layers), or null for all")
+            _require(self.routing_layers == self.layers or self.context_tokens >= 1,
+                     f"watermark.tournament.routing_layers={self.routing_layers} needs watermark.tournament.context_tokens >= 1 "
+                     "(a layer keyed by neither routing nor tokens would play one fixed context everywhere)")
         _require(self.context_tokens in (0, 1, 2), f"watermark.tournament.context_tokens={self.context_tokens}: allowed values are 0, 1, 2")
         top = TOURNAMENT_MAX_BLOCK_BITS if num_bits is None else min(TOURNAMENT_MAX_BLOCK_BITS, num_bits)
         where = "" if num_bits is None else f" (at most encoder.num_bits={num_bits}, and {TOURNAMENT_MAX_BLOCK_BITS})"
@@ -304,6 +320,21 @@ class WatermarkConfig:
         _require(self.alpha >= floor - 1e-15,
                  f"watermark.alpha={self.alpha}: allowed range is [{floor:.3g}, 1) with watermark.reference_keys={self.reference_keys} "
                  f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
+
+
+def routing_free_twin(watermark: "WatermarkConfig") -> "WatermarkConfig":
+    """The design with the routing taken out of its key and everything else equal: the ablation of what routing
+    adds. For the routing tournament, every layer keyed by its token context alone (``routing_layers=0``: SynthID's
+    tournament on the same tokens, through the same capture and calibration)."""
+    from dataclasses import replace
+
+    if watermark.kind != "moe_tournament":
+        raise ConfigError(f"watermark.kind={watermark.kind!r}: a routing-free twin exists for the routing tournament "
+                          "(watermark.kind=moe_tournament); KGW and SynthID hold no routing to take out")
+    if watermark.tournament.context_tokens < 1:
+        raise ConfigError("watermark.tournament.context_tokens=0: a tournament keyed by routing alone has no token context "
+                          "left for its twin (allowed values for a twin: 1, 2)")
+    return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0))
 
 
 # The shipped default design: the app's default ``watermark`` option (conf/watermark/moe_tournament.yaml) and the

@@ -21,10 +21,10 @@ SECRET = "tournament-test-secret"
 
 
 def _key(num_bits: int = 32, layers: int = 20, block_bits: int = 4, vocab: int = 300, special: tuple[int, ...] = (),
-         context_tokens: int = 0) -> TournamentKey:
+         context_tokens: int = 0, routing_layers: Optional[int] = None) -> TournamentKey:
     usable = torch.ones(vocab, dtype=torch.bool)
     usable[list(special)] = False
-    return TournamentKey(torch.tensor(0x1234567), num_bits, layers, block_bits, usable, context_tokens)
+    return TournamentKey(torch.tensor(0x1234567), num_bits, layers, block_bits, usable, context_tokens, routing_layers)
 
 
 def test_a_flipped_signature_bit_changes_only_the_layers_whose_block_holds_it():
@@ -81,6 +81,39 @@ def test_with_two_tokens_before_each_layer_moves_with_either_token_and_one_token
     assert torch.equal(tokens_before(torch.tensor([[7], [8]]), 2), torch.tensor([[NO_TOKEN, 7], [NO_TOKEN, 8]]))
     with pytest.raises(ValueError, match=r"context_tokens=2\): pass them as a \(B, 2\) tensor"):
         key2.contexts(bits, before[:, 1:])
+
+
+def test_only_the_routed_layers_move_with_the_routing_and_the_twin_is_keyed_by_the_tokens_alone():
+    """routing_layers=r: the first r layers' contexts hold the routing block, the others only the tokens before;
+    r = 0 (the routing-free twin) makes every layer blind to the signature, r = layers is the routing design."""
+    bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(3)) > 0.5
+    other = torch.rand(64, 32, generator=torch.Generator().manual_seed(8)) > 0.5
+    before = torch.randint(0, 300, (64, 2), generator=torch.Generator().manual_seed(5))
+    full, none = _key(block_bits=8, context_tokens=2), _key(block_bits=8, context_tokens=2, routing_layers=20)
+    assert torch.equal(full.contexts(bits, before), none.contexts(bits, before))
+    twin = _key(block_bits=8, context_tokens=2, routing_layers=0)
+    assert torch.equal(twin.contexts(bits, before), twin.contexts(other, before))
+    assert (twin.contexts(bits, before) != full.contexts(bits, before)).all()
+    moved = before.clone()
+    moved[:, 1] = (moved[:, 1] + 1) % 300
+    assert (twin.contexts(bits, moved) != twin.contexts(bits, before)).all()  # still keyed by the tokens
+    assert _key(block_bits=4, context_tokens=2, routing_layers=0).contexts(bits, before).equal(twin.contexts(bits, before))  # b is moot
+    half = _key(block_bits=8, context_tokens=2, routing_layers=7)
+    same = half.contexts(bits, before) == half.contexts(other, before)  # (B, m)
+    assert same[:, 7:].all() and not same[:, :7].all(0).any()
+    assert torch.equal(half.contexts(bits, before)[:, :7], full.contexts(bits, before)[:, :7])
+    assert torch.equal(half.contexts(bits, before)[:, 7:], twin.contexts(bits, before)[:, 7:])
+
+
+def test_routing_layers_are_checked_before_weights_load():
+    with pytest.raises(ConfigError, match=r"watermark.tournament.routing_layers=21: allowed range is \[0, 20\]"):
+        validate_app(app_config(["watermark.tournament.routing_layers=21"]))
+    with pytest.raises(ConfigError, match=r"watermark.tournament.routing_layers=-1: allowed range is \[0, 20\]"):
+        validate_app(app_config(["watermark.tournament.routing_layers=-1"]))
+    with pytest.raises(ConfigError, match=r"routing_layers=0 needs watermark.tournament.context_tokens >= 1"):
+        validate_app(app_config(["watermark.tournament.routing_layers=0", "watermark.tournament.context_tokens=0"]))
+    for r in ("0", "10", "20", "null"):
+        validate_app(app_config([f"watermark.tournament.routing_layers={r}"]))
 
 
 def test_the_tournaments_token_context_is_its_own_setting_checked_before_weights_load():
@@ -200,13 +233,13 @@ def _wm(tiny, seed: int, encoder: Optional[EncoderConfig] = None, **watermark):
     return MoETournamentWatermark(model, tok, ExtractorConfig(), encoder or EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
 
 
-@pytest.mark.parametrize("context_tokens", [0, 1, 2])
-def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens):
+@pytest.mark.parametrize("context_tokens,routing_layers", [(0, None), (1, None), (2, None), (2, 0), (2, 7)])
+def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens, routing_layers):
     """The detector's contexts (bank signatures of the captured features, and the captured tokens before) are
     the processor's (the encoder's signature of the same features, and input_ids[:, -c:] at that step): a drift
     between the two would silently halve the evidence."""
     prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
-    with _wm(tiny, 1, tournament=TournamentConfig(block_bits=4, context_tokens=context_tokens)) as wm:
+    with _wm(tiny, 1, tournament=TournamentConfig(block_bits=4, context_tokens=context_tokens, routing_layers=routing_layers)) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=12, min_new_tokens=12))
         caps = wm.capture(ids, prompt_ids)
         from moewm.engine.scoring import CaptureBatch

@@ -13,11 +13,13 @@ import yaml
 
 from composing import app_config, compose_config
 from moewm.app.main import CONF_DIR
-from moewm.config import AttackSpec, parse_attack_specs
+from moewm.config import AttackSpec, parse_attack_specs, routing_free_twin
 from moewm.evaluation.attack_suite import censored_tokens_to_detect
 from moewm.config import ATTACK_KINDS, ConfigError
 from moewm.app.schema import register, to_app_config, validate_app
-from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, objectives, pareto_front, tradeoff_report
+from moewm.evaluation.routing_adds import markdown as routing_adds_markdown
+from moewm.evaluation.routing_adds import routing_adds, twin_pairs
+from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, objectives, pareto_front, ties, tradeoff_report
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "tradeoff-test-secret")
 register()
@@ -66,11 +68,25 @@ def test_every_tradeoff_point_composes_and_validates(point):
             assert app.encoder.context_tokens == 1
         if "margin2" in point:
             assert app.watermark.margin_bits == 2
-    if kind == "tournament":  # tournament_m20_b4[_noskip] -> 20 layers of 4 bits, repeated-context rule unless noskip
-        layers, bits = point.split("_")[1:3]
+    if kind == "kgw":  # kgw_g025_d2[_h<w> | _self<w>] -> lefthash / selfhash over w tokens (lefthash 1 without a suffix)
+        suffix = point.split("_")[3] if point.count("_") > 2 else "h1"
+        scheme, width = ("selfhash", suffix[4:]) if suffix.startswith("self") else ("lefthash", suffix[1:])
+        assert (app.watermark.kgw.seeding_scheme, app.watermark.kgw.context_width) == (scheme, int(width))
+    if kind == "synthid":  # synthid[_n<n>]_k<layers> -> ngram_len n (5 without it), layers tournament layers
+        parts = point.split("_")[1:]
+        assert app.watermark.synthid.ngram_len == (int(parts[0][1:]) if len(parts) > 1 else 5)
+        assert app.watermark.synthid.num_keys == int(parts[-1][1:])
+    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k>] -> 20 layers of 4 bits, ...
+        base, routed = point, None
+        if point.endswith("_twin"):  # the routing-free twin: no layer keyed by routing
+            base, routed = point[: -len("_twin")], 0
+        elif "_r" in point:  # _r<k>: the first k layers keyed by routing, the others by the tokens alone
+            base, routed = point.rsplit("_r", 1)[0], int(point.rsplit("_r", 1)[1])
+        assert app.watermark.tournament.routing_layers == routed
+        layers, bits = base.split("_")[1:3]
         assert (app.watermark.tournament.layers, app.watermark.tournament.block_bits) == (int(layers[1:]), int(bits[1:]))
-        assert app.watermark.tournament.skip_repeated == (not point.endswith("_noskip"))
-        context = point.rsplit("_ctx", 1)[1] if "_ctx" in point else None  # _ctx: the token before; _ctx2: the two before
+        assert app.watermark.tournament.skip_repeated == (not base.endswith("_noskip"))
+        context = base.rsplit("_ctx", 1)[1] if "_ctx" in base else None  # _ctx: the token before; _ctx2: the two before
         assert app.watermark.tournament.context_tokens == (0 if context is None else int(context or 1))
         assert app.encoder.context_tokens == 0  # the tournament's token context is its own setting
 
@@ -81,6 +97,26 @@ def test_the_routing_presets_sweep_existing_points_over_keys(preset):
     points = params["tradeoff"].split(",")
     assert set(points) <= set(POINTS) and {"kgw_g025_d2", "synthid_k20", "tournament_m20_b8_ctx2"} <= set(points)
     assert params["seed"].startswith("range(")
+
+
+@pytest.mark.parametrize("preset", ["design_search", "routing_study", "tradeoff"])
+def test_the_presets_run_every_routing_point_beside_its_routing_free_twin(preset):
+    """What routing adds is measured against the same design without routing: a routing tournament with a token
+    context is never swept without its twin (routing_free_twin of its config), and the baselines span their settings."""
+    params = compose_config([f"experiment={preset}"], hydra_config=True).hydra.sweeper.params
+    points = POINTS if params["tradeoff"] == "glob(*)" else params["tradeoff"].split(",")
+    configs = {p: to_app_config(compose_config([f"experiment={preset}", f"tradeoff={p}"])).watermark for p in points}
+    twins = {p: c for p, c in configs.items() if c.kind == "moe_tournament" and c.tournament.routed_layers == 0}
+    for point, cfg in configs.items():
+        if cfg.kind == "moe_tournament" and cfg.tournament.routed_layers > 0 and cfg.tournament.context_tokens >= 1:
+            want = routing_free_twin(cfg)
+            assert any(t.tournament.context_tokens == want.tournament.context_tokens and t.tournament.layers == want.tournament.layers
+                       and t.tournament.skip_repeated == want.tournament.skip_repeated and t.statistic == want.statistic
+                       for t in twins.values()), f"{preset}: {point} runs without its routing-free twin"
+    assert {3, 5} <= {c.synthid.ngram_len for c in configs.values() if c.kind == "synthid"}
+    assert {1, 4} <= {c.kgw.context_width for c in configs.values() if c.kind == "kgw"}
+    if preset == "routing_study":
+        assert params["seed"] == "range(3)"
 
 
 def test_the_reference_point_of_the_headline_exists():
@@ -236,6 +272,59 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
     rate = np.array([0.1, 0.5, 0.5, 0.9, 0.9, 0.1, 1.0])  # higher is better; a tie in both keeps both
     assert pareto_front(cost, rate, higher_is_better=True).tolist() == [True, True, True, True, False, False, False]
     assert pareto_front(np.array([0.0, 0.0]), np.array([np.inf, 3.0]), False).tolist() == [False, True]
+
+
+def test_a_difference_inside_the_standard_error_is_a_tie_not_a_domination():
+    cost, value = np.array([0.10, 0.12, 0.30]), np.array([0.90, 0.85, 1.00])  # higher is better
+    assert pareto_front(cost, value, True).tolist() == [True, False, True]  # without errors: 0 dominates 1
+    se_cost, se_value = np.array([0.05, 0.05, 0.0]), np.array([0.06, 0.06, 0.0])
+    assert pareto_front(cost, value, True, se_cost, se_value).tolist() == [True, True, True]  # inside the noise: a tie
+    far = np.array([0.90, 0.60, 1.00])  # 0.30 apart: beyond sqrt(2) x 0.06, so 0 dominates 1 again
+    assert pareto_front(cost, far, True, se_cost, se_value).tolist() == [True, False, True]
+    table = pd.DataFrame({"ppl_cost": cost, "ppl_cost_sem": se_cost, "rate": value, "rate_sem": se_value}, index=["a", "b", "c"])
+    assert ties(table, "rate", True) == [("a", "b")]
+    close = np.array([0.90, 0.85, 0.95])  # c's 0.05 more is inside a's error, a's 0.2 lower cost is not: a dominates c
+    assert pareto_front(cost, close, True, se_cost, se_value).tolist() == [True, True, False]
+
+
+def _tournament_table(extra_twin_rows: bool = True) -> pd.DataFrame:
+    """Aggregated points: a routing tournament (b = 8), a mixed one, their twin, and SynthID."""
+    base = {"scheme": "moe_tournament", "tournament_layers": 20, "tournament_context_tokens": 2, "tournament_skip_repeated": True}
+    rows = {
+        "tournament_m20_b8_ctx2": {**base, "tournament_block_bits": 8, "tournament_routing_layers": 20, "tokens_to_detect": 5.8,
+                                   "tokens_to_detect_sem": 0.4, "ppl_cost": -0.19, "ppl_cost_sem": 0.08,
+                                   "attacked_substitution_0p3": 0.59, "attacked_substitution_0p3_sem": 0.04},
+        "tournament_m20_b8_ctx2_r10": {**base, "tournament_block_bits": 8, "tournament_routing_layers": 10, "tokens_to_detect": 4.0,
+                                       "tokens_to_detect_sem": 0.3, "ppl_cost": -0.17, "ppl_cost_sem": 0.08,
+                                       "attacked_substitution_0p3": 0.80, "attacked_substitution_0p3_sem": 0.05},
+        "synthid_k20": {"scheme": "synthid", "tokens_to_detect": 5.0, "ppl_cost": 0.0, "attacked_substitution_0p3": 0.4},
+    }
+    if extra_twin_rows:
+        rows["tournament_m20_b8_ctx2_twin"] = {**base, "tournament_block_bits": 8, "tournament_routing_layers": 0, "tokens_to_detect": 3.8,
+                                               "tokens_to_detect_sem": 0.2, "ppl_cost": -0.17, "ppl_cost_sem": 0.06,
+                                               "attacked_substitution_0p3": 0.97, "attacked_substitution_0p3_sem": 0.02}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def test_each_routing_point_is_paired_with_its_twin_and_small_differences_are_ties():
+    table = _tournament_table()
+    assert twin_pairs(table) == [("tournament_m20_b8_ctx2", "tournament_m20_b8_ctx2_twin"),
+                                 ("tournament_m20_b8_ctx2_r10", "tournament_m20_b8_ctx2_twin")]
+    adds = routing_adds(table).set_index(["point", "column"])
+    shipped = adds.loc["tournament_m20_b8_ctx2"]
+    assert shipped.loc["attacked_substitution_0p3", "difference"] == pytest.approx(0.59 - 0.97)
+    assert shipped.loc["attacked_substitution_0p3", "se"] == pytest.approx(np.hypot(0.04, 0.02))
+    assert shipped.loc["attacked_substitution_0p3", "verdict"] == "twin better"
+    assert shipped.loc["tokens_to_detect", "verdict"] == "twin better"  # 2.0 more tokens, s.e. 0.45
+    assert shipped.loc["ppl_cost", "verdict"] == "tie"  # -2 points, s.e. 10
+    extras = pd.DataFrame({"spoof_success": [0.02, 0.9], "spoof_success_sem": [0.01, 0.03]},
+                          index=["tournament_m20_b8_ctx2", "tournament_m20_b8_ctx2_twin"])
+    spoof = routing_adds(table, extras).set_index(["point", "column"]).loc[("tournament_m20_b8_ctx2", "spoof_success")]
+    assert spoof["difference"] == pytest.approx(-0.88) and spoof["verdict"] == "routing better"  # less spoofing is better
+    md = "\n".join(routing_adds_markdown(routing_adds(table)))
+    assert "`tournament_m20_b8_ctx2` against `tournament_m20_b8_ctx2_twin`" in md and "twin better" in md
+    assert twin_pairs(_tournament_table(extra_twin_rows=False)) == []
+    assert "No routing point of this sweep has its routing-free twin" in "\n".join(routing_adds_markdown(routing_adds(_tournament_table(False))))
 
 
 def test_fronts_per_attack_from_the_table():

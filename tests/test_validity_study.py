@@ -96,3 +96,25 @@ def test_summary_counts_keys_inside_and_reports_dispersion_per_origin():
     assert summary["all"]["dispersion_ratio"] == pytest.approx(0.0, abs=1e-12)
     table = markdown({"rows": rows, "n_texts": n, "texts": {"greedy": n, held: n}, "keys": 10, "reference_keys": 999})
     assert f"| moe_lsh | 0.01 | {held} (held out) | 495 | 8/10 (2) | [0, {hi}] | 1, 9, 5, 1, 1, 4, 13, 1, 5, 14 | 2.26" in table
+
+
+def test_any_scheme_can_be_the_deployed_design_and_none_is_refused_before_weights_load(capsys):
+    import argparse
+
+    from moewm.evaluation.validity import study_configs
+
+    def args(watermark):
+        return argparse.Namespace(encoder="{}", watermark=watermark, reference_keys=999)
+
+    _, _, synthid = study_configs(args('{"kind": "synthid", "synthid": {"ngram_len": 3}}'))
+    assert (synthid.kind, synthid.synthid.ngram_len) == ("synthid", 3)
+    _, _, twin = study_configs(args('{"kind": "moe_tournament", "statistic": "green", "tournament": {"routing_layers": 0}}'))
+    assert twin.tournament.routed_layers == 0 and twin.tournament.context_tokens == 2
+    _, _, kgw = study_configs(args('{"kind": "kgw", "kgw": {"context_width": 4}}'))
+    assert kgw.kgw.context_width == 4
+    with pytest.raises(SystemExit):
+        main(["--watermark", '{"kind": "none"}'])
+    assert "allowed values are the watermarking schemes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--watermark", '{"kind": "moe_tournament", "tournament": {"routing_layers": 0, "context_tokens": 0}}'])
+    assert "routing_layers=0 needs watermark.tournament.context_tokens >= 1" in capsys.readouterr().err

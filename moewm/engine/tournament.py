@@ -86,6 +86,17 @@ def context_codes(codes: torch.Tensor, before: Optional[torch.Tensor] = None) ->
     return _mix32((codes ^ token.unsqueeze(-1)) & _MASK32)
 
 
+def layer_codes(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., m) each layer's context code: its routing block (the first ``routing_layers`` layers; the others'
+    blocks are 0, so their context is the tokens before alone) with the tokens before hashed in (:func:`context_codes`).
+    ``routing_layers=0`` is the design's routing-free twin: SynthID's tournament keyed by the token context only."""
+    codes = block_codes(bits, blocks)
+    if routing_layers < codes.shape[-1]:
+        routed = torch.arange(codes.shape[-1], device=codes.device) < routing_layers
+        codes = codes * routed
+    return context_codes(codes, before)
+
+
 def tokens_before(input_ids: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) the last ``count`` ids of every row, oldest first, :data:`NO_TOKEN` before a row's start."""
     width = input_ids.shape[1]
@@ -134,8 +145,9 @@ class TournamentKey:
     """One key's tournament at generation time: g-values of the whole vocabulary and the tournament itself."""
 
     def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor,
-                 context_tokens: int = 0) -> None:
+                 context_tokens: int = 0, routing_layers: Optional[int] = None) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.routing_layers = layers if routing_layers is None else int(routing_layers)
         self.block_bits = block_bits
         self.context_tokens = int(context_tokens)
         # Bits of a context code (what ``repeat_slot`` sees): the block's, or a 32-bit hash with the token.
@@ -155,7 +167,7 @@ class TournamentKey:
                 raise ValueError(f"this tournament keys its layers by the {self.context_tokens} token(s) before too "
                                  f"(watermark.tournament.context_tokens={self.context_tokens}): pass them as a (B, {self.context_tokens}) tensor")
             before = before[:, before.shape[1] - self.context_tokens :]
-        return context_codes(block_codes(bits.to(self.salts.device), self.blocks), before if self.context_tokens else None)
+        return layer_codes(bits.to(self.salts.device), self.blocks, self.routing_layers, before if self.context_tokens else None)
 
     def contexts(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, m) keyed layer contexts for signatures (B, nb) (and the tokens before, (B, c))."""
@@ -212,8 +224,9 @@ class TournamentScorer:
     """
 
     def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int,
-                 skip_repeated: bool = False, context_tokens: int = 0) -> None:
+                 skip_repeated: bool = False, context_tokens: int = 0, routing_layers: Optional[int] = None) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
+        self.routing_layers = layers if routing_layers is None else int(routing_layers)
         self.block_bits = block_bits
         self.context_tokens = int(context_tokens)
         self.code_bits = 32 if self.context_tokens else block_bits
@@ -228,7 +241,7 @@ class TournamentScorer:
         bank = tables.bank
         bits = signatures(batch.features, bank)  # (R, B, n, nb)
         before = batch.tokens_before(self.context_tokens) if self.context_tokens else None
-        codes = context_codes(block_codes(bits, self.blocks), before)
+        codes = layer_codes(bits, self.blocks, self.routing_layers, before)
         return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from moewm.evaluation.routing_adds import markdown as routing_adds_markdown
+from moewm.evaluation.routing_adds import routing_adds
+
 log = logging.getLogger(__name__)
 
 POINT_COLUMN = "override.tradeoff"
@@ -45,11 +48,14 @@ ATTACK_PREFIX = "detection_rate_attacked_"
 OK = "ok"
 REFERENCE = {"watermark_kind": "kgw", "kgw_gamma": 0.25, "delta": 2.0}
 HEADLINE_ATTACK = "substitution_0p3"
-ROUTING_SCHEMES = ("moe_lsh", "moe_tournament")  # the routing-keyed family the headline asks about
+ROUTING_SCHEMES = ("moe_lsh", "moe_tournament")
+# The tournament's settings as the jobs report them (MoETournamentWatermark.settings_metrics): what pairs a routing point with its twin.
+TOURNAMENT_COLUMNS = ("tournament_layers", "tournament_block_bits", "tournament_context_tokens", "tournament_skip_repeated",
+                      "tournament_routing_layers")  # the routing-keyed family the headline asks about
 SCHEME_COLOURS = {"moe_lsh": "tab:blue", "moe_tournament": "tab:purple", "kgw": "tab:orange", "synthid": "tab:green", "none": "tab:gray"}
 RETOKENISATION = "retokenisation_1"  # the suite's text-level detection: the generated ids decoded and encoded again
 NULL_SETS = ("plain", "greedy", "top_p", "human_docstrings", "devils_dictionary", "kjv_narrative")
-OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md")
+OUTPUT_FILES = ("tradeoff.csv", "tradeoff.md", "routing_adds.csv")
 DISTANCES = (("2", "2"), ("3to4", "3-4"), ("5to8", "5-8"), ("9to16", "9-16"), ("17up", "17+"), ("before", "before"))
 SURVIVAL_COLUMNS = ("survival_positions", "survival_signature", "survival_greenlist", "survival_bitflip", "survival_green",
                     "evidence_per_token_attacked", "evidence_aligned_clean", "evidence_aligned_attacked",
@@ -152,14 +158,14 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
         "keys": g["seed"].nunique() if "seed" in jobs else g.size(),
     })
     lsh_columns = ("pools", "green_lists", "green_bits", "vote_lists", "context_tokens", "margin_bits", "start_layer_idx", "end_layer_idx")
-    for col in ("delta",) + lsh_columns + ("kgw_gamma", "synthid_num_keys"):
+    for col in ("delta",) + lsh_columns + ("kgw_gamma", "kgw_seeding_scheme", "kgw_context_width", "synthid_num_keys", "synthid_ngram_len") + TOURNAMENT_COLUMNS:
         if col in jobs:
             out[col] = g[col].agg(_first)
     out.loc[out["scheme"] != "moe_lsh", [c for c in lsh_columns if c in out]] = np.nan
     if "synthid_num_keys" in out:
         out.loc[out["scheme"] == "synthid", "delta"] = np.nan  # SynthID has no delta
     stats = {
-        "tokens_to_detect": ("ttd", ["median", "min", "max"]),
+        "tokens_to_detect": ("ttd", ["median", "min", "max", "sem"]),
         "tokens_to_detect_uncensored": ("tokens_to_detect_alpha", ["median"]),
         "never_detected": ("never_detected_alpha", ["mean"]),
         "detection_rate": ("detection_rate", ["mean"]),
@@ -172,7 +178,7 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
     }
     stats["evidence_per_token_clean"] = ("evidence_per_token_clean", ["mean"])
     for a in attack_suffixes(jobs):
-        stats[f"attacked_{a}"] = (f"{ATTACK_PREFIX}{a}", ["mean", "min", "max"])
+        stats[f"attacked_{a}"] = (f"{ATTACK_PREFIX}{a}", ["mean", "min", "max", "sem"])
         if f"fpr_attacked_{a}" in jobs:
             stats[f"fpr_attacked_{a}"] = (f"fpr_attacked_{a}", ["max"])
         for m in SURVIVAL_COLUMNS:  # the survival diagnostics (moewm.evaluation.survival), mean over keys
@@ -193,16 +199,46 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
     return out
 
 
-def pareto_front(cost: np.ndarray, value: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """Boolean mask: points no other point dominates (cost no higher and value no worse, one strictly)."""
+def pareto_front(cost: np.ndarray, value: np.ndarray, higher_is_better: bool, cost_se: Optional[np.ndarray] = None,
+                 value_se: Optional[np.ndarray] = None) -> np.ndarray:
+    """Boolean mask: points no other point dominates.
+
+    Without standard errors: j dominates i when its cost is no higher and its value no worse, one strictly. With
+    them (the standard error over keys of each point, NaN read as 0), a difference counts only beyond the combined
+    standard error sqrt(se_i^2 + se_j^2): j dominates i when it is as good on both axes within that error and better
+    than it on one by more, so two points inside each other's noise are tied and neither leaves the front.
+    """
     c = np.asarray(cost, dtype=np.float64)
     v = np.asarray(value, dtype=np.float64)
     v = -v if higher_is_better else v  # both objectives: lower is better
     valid = np.isfinite(c) & ~np.isnan(v)
-    le = (c[None, :] <= c[:, None]) & (v[None, :] <= v[:, None])  # [i, j]: j at least as good as i
-    lt = (c[None, :] < c[:, None]) | (v[None, :] < v[:, None])
+    sc = np.zeros_like(c) if cost_se is None else np.nan_to_num(np.asarray(cost_se, dtype=np.float64))
+    sv = np.zeros_like(v) if value_se is None else np.nan_to_num(np.asarray(value_se, dtype=np.float64))
+    ec = np.sqrt(sc[:, None] ** 2 + sc[None, :] ** 2)  # [i, j]: the noise of the difference
+    ev = np.sqrt(sv[:, None] ** 2 + sv[None, :] ** 2)
+    with np.errstate(invalid="ignore"):  # inf - inf (never-detected points) compares as not better
+        dc = c[None, :] - c[:, None]  # [i, j]: j's cost minus i's
+        dv = v[None, :] - v[:, None]
+        le = (dc <= ec) & (dv <= ev)
+        lt = (dc < -ec) | (dv < -ev)
     dominated = (le & lt & valid[None, :]).any(axis=1)
     return valid & ~dominated
+
+
+def ties(table: pd.DataFrame, column: str, higher_is_better: bool) -> list[tuple[str, str]]:
+    """Pairs of points within one combined standard error of each other on both cost and ``column``: neither
+    dominates the other whatever their means say."""
+    c, v = table["ppl_cost"].to_numpy(float), table[column].to_numpy(float)
+    sc = np.nan_to_num(_col(table, "ppl_cost_sem").to_numpy(float))
+    sv = np.nan_to_num(_col(table, f"{column}_sem").to_numpy(float))
+    out = []
+    for i in range(len(table)):
+        for j in range(i + 1, len(table)):
+            if not (np.isfinite(c[[i, j]]).all() and np.isfinite(v[[i, j]]).all()):
+                continue
+            if abs(c[i] - c[j]) <= np.hypot(sc[i], sc[j]) and abs(v[i] - v[j]) <= np.hypot(sv[i], sv[j]):
+                out.append((str(table.index[i]), str(table.index[j])))
+    return out
 
 
 def objectives(table: pd.DataFrame) -> list[tuple[str, str, bool, str]]:
@@ -210,16 +246,18 @@ def objectives(table: pd.DataFrame) -> list[tuple[str, str, bool, str]]:
     views = [("none", "tokens_to_detect", False, "tokens to detect at alpha (median over keys)")]
     for col in table.columns:
         m = re.fullmatch(r"attacked_(.+)", col)
-        if m and not col.endswith(("_min", "_max")):
+        if m and not col.endswith(("_min", "_max", "_sem")):
             views.append((m.group(1), col, True, f"detection rate after {m.group(1).replace('_', ' ').replace('0p', '0.')}"))
     return views
 
 
 def fronts(table: pd.DataFrame) -> dict[str, list[str]]:
-    """Per view, the points on its Pareto front (cost = ppl_cost)."""
+    """Per view, the points on its Pareto front (cost = ppl_cost), differences inside the standard error over keys
+    counting as ties (:func:`pareto_front`)."""
     out = {}
     for name, col, higher, _ in objectives(table):
-        mask = pareto_front(table["ppl_cost"].to_numpy(), table[col].to_numpy(), higher)
+        mask = pareto_front(table["ppl_cost"].to_numpy(), table[col].to_numpy(), higher,
+                            _col(table, "ppl_cost_sem").to_numpy(), _col(table, f"{col}_sem").to_numpy())
         out[name] = list(table.index[mask])
     return out
 
@@ -298,7 +336,8 @@ def _span(lo: float, hi: float, digits: int = 2) -> str:
     return f"[{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
 
 
-def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dict[str, list[str]], alpha: float) -> str:
+def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dict[str, list[str]], alpha: float,
+             adds: Optional[pd.DataFrame] = None) -> str:
     judges = sorted(set(",".join(table["perplexity_judge"]).split(","))) if len(table) else []
     lines = ["# Trade-off study: detection strength against quality cost", ""]
     lines.append(f"{len(jobs)} successful jobs, {len(table)} configurations, {int(table['keys'].min()) if len(table) else 0}–"
@@ -309,7 +348,8 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
                      "generator's view of its own watermarked text, not an independent judgement.")
     else:
         lines.append(f"**Perplexity judge:** {', '.join(judges)}.")
-    lines += ["", "## Headline", ""]
+    lines += [""] + routing_adds_markdown(routing_adds(table) if adds is None else adds)
+    lines += ["## Headline", ""]
     attack = HEADLINE_ATTACK.replace("_", " ").replace("0p", "0.")
     q = (f"Does any MoE-LSH configuration, at no more perplexity cost than KGW (gamma 0.25, delta 2), need fewer tokens to detect "
          f"at p <= {alpha:g} and keep more detection under {attack}?")
@@ -342,11 +382,16 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
             x = table.loc[p]
             lines.append(f"  - `{p}`: cost {_pct(x['ppl_cost'])}, tokens to detect {_fmt(x['tokens_to_detect'], 1)}, "
                          f"detection after {attack} {_fmt(x[col])} (keys {_span(x[col + '_min'], x[col + '_max'])})")
-    lines += ["", "## Pareto fronts (cost = perplexity cost)", ""]
+    lines += ["", "## Pareto fronts (cost = perplexity cost)", "",
+              "A point is dominated when another is as good on both axes within the standard error over keys and better on one "
+              "by more; points inside each other's error are tied (listed per view).", ""]
+    views = {name: (col, higher) for name, col, higher, _ in objectives(table)}
     for name, members in front.items():
-        lines.append(f"- {'no attack (tokens to detect)' if name == 'none' else name}: {', '.join(f'`{m}`' for m in members) or 'none'}")
+        tied = [f"`{a}` ~ `{b}`" for a, b in ties(table, *views[name]) if a in members or b in members] if name in views else []
+        lines.append(f"- {'no attack (tokens to detect)' if name == 'none' else name}: {', '.join(f'`{m}`' for m in members) or 'none'}"
+                     + (f" (ties on the front: {', '.join(tied)})" if tied else ""))
     lines += ["", "## All configurations (mean over keys; [min, max] over keys)", ""]
-    atk = [c for c in table.columns if c.startswith("attacked_") and not c.endswith(("_min", "_max"))]
+    atk = [c for c in table.columns if c.startswith("attacked_") and not c.endswith(("_min", "_max", "_sem"))]
     header = ["point", "keys", "ppl cost ± s.e.", "tokens to detect", "never det.", "det. @64", "distinct-2", *[a[9:] for a in atk], "null FP"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -444,13 +489,17 @@ def plot_fronts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def tradeoff_report(df: pd.DataFrame, out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Write tradeoff.csv, tradeoff.md and the Pareto plots; return the table and the plot paths."""
+def tradeoff_report(df: pd.DataFrame, out_dir: str | Path, extras: Optional[pd.DataFrame] = None) -> tuple[pd.DataFrame, list[Path]]:
+    """Write tradeoff.csv, tradeoff.md (opening with what routing adds: routing_adds.csv) and the Pareto plots; return
+    the table and the plot paths. ``extras``: per-point measures of other studies (spoofing success, ...), see
+    :mod:`moewm.evaluation.routing_adds`."""
     out_dir = Path(out_dir)
     table = aggregate(df, out_dir)
     if not len(table):
         raise ValueError("tradeoff_report: no successful job in the summary")
     table.to_csv(out_dir / "tradeoff.csv")
+    adds = routing_adds(table, extras)
+    adds.to_csv(out_dir / "routing_adds.csv", index=False)
     alpha = float(df["alpha"].dropna().iloc[0]) if "alpha" in df and df["alpha"].notna().any() else float("nan")
-    (out_dir / "tradeoff.md").write_text(markdown(table, job_table(df), headline(table), fronts(table), alpha))
+    (out_dir / "tradeoff.md").write_text(markdown(table, job_table(df), headline(table), fronts(table), alpha, adds))
     return table, plot_fronts(table, out_dir)

@@ -162,9 +162,9 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
     design = SHIPPED_WATERMARK if args.watermark is None else json.loads(args.watermark)
     fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **design}
     watermark = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WatermarkConfig), fields))
-    if watermark.kind not in ("moe_lsh", "moe_tournament"):
-        raise ValueError(f"--watermark kind={watermark.kind!r}: the study ranks routing-keyed schemes (moe_lsh, moe_tournament); "
-                         "KGW and SynthID are tested alongside (--baseline-keys)")
+    if watermark.kind == "none":
+        raise ValueError("--watermark kind='none': allowed values are the watermarking schemes moe_tournament, moe_lsh, kgw, synthid "
+                         "(none writes no watermark to test)")
     encoder.validate()
     watermark.validate()
     check_watermark_config(watermark, encoder)
@@ -200,10 +200,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out = wm.score(captures)
             log.info("key %d: scored in %.0f s (mean reference keys %.0f)", seed, time.perf_counter() - t1, out.num_reference_keys.mean())
         results = {watermark.kind: out.p_value}
-        if out.p_value_model_null is not None and np.isfinite(np.asarray(out.p_value_model_null, dtype=float)).any():
+        calibrated = int(np.max(out.num_reference_keys, initial=0)) > 0  # a routing scheme: its model-null p is a separate diagnostic
+        if calibrated and out.p_value_model_null is not None and np.isfinite(np.asarray(out.p_value_model_null, dtype=float)).any():
             results[f"{watermark.kind}_model_null"] = out.p_value_model_null
         if seed < args.baseline_keys:
             for kind in ("kgw", "synthid"):
+                if kind == watermark.kind:  # the deployed design is a baseline itself: its own row already scores it
+                    continue
                 results[kind] = build_watermarker(kind, model, tokenizer, WatermarkConfig(kind=kind), key).detect_ids(all_texts, all_prompts).p_value
         for detector, p in results.items():
             for name in ["all", *texts]:
@@ -260,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-keys", type=int, default=999)
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
     parser.add_argument("--watermark", default=None,
-                        help='watermark fields as JSON over WatermarkConfig\'s defaults (MoE-LSH), e.g. \'{"margin_bits": 2}\' or '
-                             '\'{"kind": "moe_tournament", "statistic": "green"}\' (default: the shipped design, moewm.config.SHIPPED_WATERMARK)')
+                        help='the deployed design: watermark fields as JSON over WatermarkConfig\'s defaults, any scheme, e.g. '
+                             '\'{"kind": "synthid", "synthid": {"ngram_len": 3}}\', \'{"tournament": {"routing_layers": 0}}\' '
+                             '(default: the shipped design, moewm.config.SHIPPED_WATERMARK)')
     parser.add_argument("--model", default="tiny_moe", choices=STUDY_MODELS, help="the embedded model that writes and scores (default tiny_moe)")
     parser.add_argument("--secret", default="validity-study-secret", help="the deployed keys' secret (a study key, never a real one)")
     parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,

@@ -92,15 +92,15 @@ class MoETournamentWatermark(MoELSHWatermark):
         t = cfg.tournament
         bank = self._true_tables.bank
         context_tokens = t.context_tokens
-        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens).to(self.device)
+        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens, t.routed_layers).to(self.device)
         self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
         self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
-                                       t.skip_repeated, context_tokens)
+                                       t.skip_repeated, context_tokens, t.routed_layers)
 
     def settings_metrics(self) -> dict[str, Any]:
         t = self.watermark_cfg.tournament
         return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated),
-                "tournament_context_tokens": int(t.context_tokens)}
+                "tournament_context_tokens": int(t.context_tokens), "tournament_routing_layers": t.routed_layers}
 
     def null_description(self) -> dict[str, Any]:
         out = super().null_description()
