@@ -438,9 +438,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
     out = Path(cfg.out)
-    earlier = read_rows(out / "stealing.csv") if cfg.append else []
-    rows = run_study(cfg, on_row=lambda new: write_report(merge_rows(earlier, new), cfg, out, plot=False), cache=Cache(out / "cache"))
-    paths = write_report(merge_rows(earlier, rows), cfg, out)
+
+    def merged(new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # read again at every write: another run appending to the same folder meanwhile keeps its rows
+        return merge_rows(read_rows(out / "stealing.csv") if cfg.append else [], new)
+
+    rows = run_study(cfg, on_row=lambda new: write_report(merged(new), cfg, out, plot=False), cache=Cache(out / "cache"))
+    paths = write_report(merged(rows), cfg, out)
     log.info("wrote %s in %.0f s", ", ".join(map(str, paths)), time.perf_counter() - start)
 
 
