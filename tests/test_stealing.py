@@ -252,8 +252,8 @@ def test_a_tiny_run_writes_the_csv_and_markdown(tmp_path):
           "--routing-clusters", "4", "--cache-dir", "none", "--out", str(out)])
     import pandas as pd
 
-    frame = pd.read_csv(out / "stealing.csv")
-    assert set(frame["mode"]) == {"null", "watermarked", "paraphrase", "spoof", "scrub"}
+    frame = pd.read_csv(out / "stealing.csv", keep_default_na=False, na_values=[""])
+    assert set(frame["mode"]) == {"plain", "watermarked", "paraphrase", "spoof", "scrub"}
     assert len(frame[frame["mode"] == "spoof"]) == 2 * 2 and (frame["wall_s"] >= 0).all()
     assert "stealing-study-secret" not in (out / "stealing.csv").read_text() + (out / "stealing.md").read_text()
     assert "Best spoofing attack" in (out / "stealing.md").read_text() and (out / "stealing.png").exists()

@@ -312,7 +312,7 @@ def run_study(cfg: StudyConfig, on_row: Any = None, cache: Optional[Cache] = Non
                                cache_dir=cfg.cache_dir) as wm:
             start = time.perf_counter()
             p_null = _detect(wm, null)
-            add(_row(cfg, scheme, wm_cfg, key, "null", "none", 0, 0.0, p_null, start - null_s, **null_quality))
+            add(_row(cfg, scheme, wm_cfg, key, "plain", "none", 0, 0.0, p_null, start - null_s, **null_quality))
             fpr = rows[-1]["detected"]
             log.info("%s: null (plain answers) detected %.3f", scheme, fpr)
             scrub_texts = None

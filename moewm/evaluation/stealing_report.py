@@ -20,7 +20,7 @@ def best_spoofs(frame: pd.DataFrame, model: str, ppl_factor: float) -> pd.DataFr
     """Per (scheme, attacker, count): the spoof row with the highest detected share within the perplexity cap
     (ties: the smaller delta); NaN success when no delta stays within it."""
     spoof = frame[frame["mode"] == "spoof"]
-    null = frame[frame["mode"] == "null"].set_index("scheme")
+    null = frame[frame["mode"] == "plain"].drop_duplicates("scheme", keep="last").set_index("scheme")
     col = f"ppl_{model}"
     out = []
     for (scheme, attacker, count), g in spoof.groupby(["scheme", "attacker", "count"], sort=True):
@@ -78,7 +78,12 @@ ROW_KEY = ("model", "attacker_model", "scheme", "attacker", "count", "mode", "de
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of an earlier run's CSV (none when it does not exist)."""
-    return pd.read_csv(path).to_dict("records") if Path(path).exists() else []
+    if not Path(path).exists():
+        return []
+    # keep_default_na=False: a word such as "none" or "null" stays a word (pandas would read it as NaN)
+    frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    frame["mode"] = frame["mode"].replace({"null": "plain"})  # the plain answers' rows of earlier runs
+    return frame.to_dict("records")
 
 
 def merge_rows(earlier: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
