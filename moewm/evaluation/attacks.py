@@ -279,9 +279,13 @@ def _paraphraser(cfg: AttackConfig, model: Any, tokenizer: Any) -> tuple[Any, An
 
 
 def paraphrase(
-    texts: Sequence[str], cfg: AttackConfig, model: Any, tokenizer: Any, seed: int, batch_size: int = 8
+    texts: Sequence[str], cfg: AttackConfig, model: Any, tokenizer: Any, seed: int, batch_size: int = 8,
+    processors: Sequence[Any] = (),
 ) -> list[str]:
-    """Rewrite a ``cfg.strength`` share of each text's sentences with an LLM (sampling, seeded)."""
+    """Rewrite a ``cfg.strength`` share of each text's sentences with an LLM (sampling, seeded).
+
+    ``processors``: logits processors that steer the rewrite (the stealing attacker's scrubbing,
+    :class:`moewm.evaluation.stealing.StealingProcessor` with a negative delta); none by default."""
     from moewm.engine.generation import encode_prompt, generate_batched
 
     para_model, para_tok = _paraphraser(cfg, model, tokenizer)
@@ -299,7 +303,7 @@ def paraphrase(
     gen = GenerationConfig(
         max_new_tokens=cfg.paraphrase_max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95, batch_size=batch_size, sampling_seed=seed
     )
-    new_ids = generate_batched(para_model, para_tok, prompt_ids, gen, [])
+    new_ids = generate_batched(para_model, para_tok, prompt_ids, gen, list(processors))
     empty = 0
     rewrites: list[dict[int, str]] = [{} for _ in texts]
     for (i, j), ids in zip(jobs, new_ids):
