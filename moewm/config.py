@@ -191,9 +191,15 @@ class TournamentConfig:
     # (generation), and detection scores only those. Without it a few block codes recur all through a text,
     # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
     skip_repeated: bool = True
+    # Generation plays the tournament exactly on the tokens above sample_tolerance * 2^-layers / V of the usable
+    # mass and treats the rest as one tail at g = 1/2, as detection does: the sampled distribution is then within
+    # this total variation of the whole-vocabulary tournament (0: only tokens of probability exactly zero are left out).
+    sample_tolerance: float = 1e-6
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")
+        _require(0.0 <= self.sample_tolerance <= 1e-2,
+                 f"watermark.tournament.sample_tolerance={self.sample_tolerance}: allowed range is [0, 0.01] (total variation from the exact tournament)")
         _require(self.context_tokens in (0, 1, 2), f"watermark.tournament.context_tokens={self.context_tokens}: allowed values are 0, 1, 2")
         top = TOURNAMENT_MAX_BLOCK_BITS if num_bits is None else min(TOURNAMENT_MAX_BLOCK_BITS, num_bits)
         where = "" if num_bits is None else f" (at most encoder.num_bits={num_bits}, and {TOURNAMENT_MAX_BLOCK_BITS})"
