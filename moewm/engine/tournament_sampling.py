@@ -159,12 +159,11 @@ def _gather(rows: torch.Tensor, cols: torch.Tensor, b: int) -> tuple[torch.Tenso
 def _pairs(mask: torch.Tensor, usable: torch.Tensor, everywhere: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The usable (row, col) pairs of ``mask``, or None when some row has more than :data:`CANDIDATE_SHARE` of the vocabulary."""
     b, v = mask.shape
+    if not everywhere:
+        mask = mask & usable
     rows, cols = mask.nonzero(as_tuple=True)
     if rows.numel() and int(torch.bincount(rows, minlength=b).max()) > CANDIDATE_SHARE * v:
         return None
-    if not everywhere:
-        ok = usable[cols]
-        rows, cols = rows[ok], cols[ok]
     return rows, cols
 
 
@@ -191,10 +190,7 @@ def candidates(log_mass: torch.Tensor, usable: torch.Tensor, layers: int, tolera
         keep = log_mass > cut
         pairs = _pairs(keep, usable, everywhere)
         if pairs is not None:
-            rows, cols = (near & ~keep).nonzero(as_tuple=True)
-            if not everywhere:
-                ok = usable[cols]
-                rows, cols = rows[ok], cols[ok]
+            rows, cols = (near & ~keep & usable).nonzero(as_tuple=True)
             tail.index_add_(0, rows, torch.exp(log_mass[rows, cols].double() - top[rows, 0].double()))
     if pairs is None or pairs[0].numel() == 0:
         return Candidates(None, None, None, top)
