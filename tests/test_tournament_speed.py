@@ -192,6 +192,15 @@ def test_packed_block_codes_are_the_gathered_bits():
         assert torch.equal(block_codes(bits, blocks), (bits[..., blocks].long() << torch.arange(b)).sum(-1)), (nb, m, b)
 
 
+def test_the_int32_mixer_gives_the_int64_mixers_bits():
+    from moewm.engine import lsh
+
+    x = torch.cat([torch.randint(0, 2**32, (1 << 17,), generator=torch.Generator().manual_seed(4)),
+                   torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])])
+    small = torch.cat([lsh._mix32(part) for part in x.split(1000)])  # below the int32 threshold: the int64 formula
+    assert torch.equal(lsh._mix32(x), small)
+
+
 def test_first_slots_are_first_occurrences():
     gen = torch.Generator().manual_seed(3)
     for n, bits in ((1, 16), (9, 3), (130, 16), (700, 4)):
