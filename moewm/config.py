@@ -191,6 +191,11 @@ class TournamentConfig:
     # (generation), and detection scores only those. Without it a few block codes recur all through a text,
     # the same tokens win again and again, and text repeats itself (tiny_moe, b = 4: distinct-2 0.74 against 0.94 plain).
     skip_repeated: bool = True
+    # Generation plays the tournament exactly on the tokens above sample_tolerance * 2^-layers / V of the usable
+    # mass and treats the rest as one tail at g = 1/2, as detection does: the sampled distribution is then within
+    # this total variation of the whole-vocabulary tournament (0: only tokens of probability exactly zero are left out).
+    sample_tolerance: float = 1e-6
+
     # How many layers (the first ones) have the routing block in their context; the others are keyed by the
     # tokens before alone. null: all of them. 0 is the design's routing-free twin (SynthID's tournament keyed by
     # the same token context), the ablation every routing design is measured against (routing_free_twin).
@@ -203,6 +208,8 @@ class TournamentConfig:
 
     def validate(self, num_bits: Optional[int] = None) -> None:
         _require(1 <= self.layers <= 64, f"watermark.tournament.layers={self.layers}: allowed range is [1, 64]")
+        _require(0.0 <= self.sample_tolerance <= 1e-2,
+                 f"watermark.tournament.sample_tolerance={self.sample_tolerance}: allowed range is [0, 0.01] (total variation from the exact tournament)")
         if self.routing_layers is not None:
             _require(0 <= self.routing_layers <= self.layers,
                      f"watermark.tournament.routing_layers={self.routing_layers}: allowed range is [0, {self.layers}] "

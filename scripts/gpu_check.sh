@@ -5,7 +5,11 @@
 #   CUDA memory, estimator vs measured weights, signature flip rate bf16 -> NF4, 3. python -m moewm.bench
 #   on the GPU for tiny_moe (every section) and full-size random-init Qwen1.5-MoE in bf16 (generation,
 #   detection, calibrated detection at R=999 with half the texts watermarked -- its 1.2x target --,
-#   memory): the GPU tables of BENCHMARKS.md (bench_*.json / bench_*.md).
+#   memory, and the schemes section: every registered scheme's sampling against plain sampling and its detection
+#   against one forward, the shipped tournament's 1.03x and 1.2x targets), then the schemes section on tiny_olmoe
+#   and full-size random-init OLMoE: the GPU tables of BENCHMARKS.md (bench_*.json / bench_*.md).
+# The GPU image lacks hydra-core, omegaconf, wandb and submitit: run scripts/gpu_wheels.sh here first (it fills .whl/)
+# and name .whl in the device call's carry; this script installs them into /tmp/site when .whl/ is there.
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (default: $OUT, else ./gpu_check_out). Exit status: 0 when all pass.
 # GPU_CHECK_STEPS (default "tests check bench") picks steps, e.g. GPU_CHECK_STEPS=bench to rerun only the
 # benchmark within one 10-minute call.
@@ -15,8 +19,12 @@ OUTDIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
 PYTHON="${PYTHON:-python}"
 mkdir -p "$OUTDIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
+if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \
+    || { echo "gpu_check: installing the wheels of .whl/ failed" >&2; exit 2; }
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PYTHON" - <<'PY' || { echo "gpu_check: no CUDA device visible to torch" >&2; exit 2; }
 import torch, sys
@@ -45,10 +53,17 @@ if has_step bench; then
     --markdown "$OUTDIR/bench_tiny_moe.md" 2>&1 | tee "$OUTDIR/bench_tiny_moe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
   timeout 300 "$PYTHON" -m moewm.bench --model-config conf/model/qwen_moe.yaml --random-init --dtype bfloat16 \
-    --device cuda --sections generation,detection,calibrated,memory --cal-reference-keys 249,999 --cal-texts-grid 32 \
+    --device cuda --sections generation,detection,calibrated,schemes,memory --cal-reference-keys 249,999 --cal-texts-grid 32 \
     --repeats 3 --out "$OUTDIR/bench_qwen_moe.json" \
     --markdown "$OUTDIR/bench_qwen_moe.md" 2>&1 | tee "$OUTDIR/bench_qwen_moe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+  for spec in "tiny_olmoe:--model-config conf/model/tiny_olmoe.yaml" "olmoe:--model-config conf/model/olmoe.yaml --random-init --dtype bfloat16"; do
+    name="${spec%%:*}"
+    # shellcheck disable=SC2086
+    timeout 240 "$PYTHON" -m moewm.bench ${spec#*:} --device cuda --sections schemes --repeats 3 --out "$OUTDIR/bench_$name.json" \
+      --markdown "$OUTDIR/bench_$name.md" 2>&1 | tee "$OUTDIR/bench_$name.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+  done
   [ "$bench_rc" -eq 0 ] || status=1
 fi
 echo "gpu_check: steps [$STEPS]: pytest rc=$pytest_rc, gpu_check.py rc=$check_rc, bench rc=$bench_rc, $(( $(date +%s) - start )) s; results in $OUTDIR"

@@ -11,7 +11,7 @@ from moewm.bench import cli, harness, sections
 from moewm.config import ModelConfig
 from moewm.models.micro import MICRO_ARCHITECTURES
 
-SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory", "quantization")
+SECTIONS = ("generation", "detection", "calibrated", "schemes", "reference", "capture", "scaling", "memory", "quantization")
 POSITIVE_SUFFIXES = ("median_s", "min_s", "tokens_per_s", "_s_per_text")
 
 
@@ -123,6 +123,27 @@ def test_smoke_calibrated_detection_section(smoke):
     assert "### Calibrated detection" in md and "Scaling with the number of reference keys" in md and "Scaling with the number of texts" in md
 
 
+def test_smoke_schemes_section_covers_every_registered_scheme_shipped_first(smoke):
+    from moewm.schemes.registry import scheme_kinds
+
+    result, md = smoke
+    sch = result["schemes"]
+    s = result["settings"]
+    assert sch["batch_size"] == s["scheme_batch"] and sch["new_tokens"] == s["scheme_new_tokens"]
+    kinds = [r["kind"] for r in sch["rows"]]
+    assert kinds[0] == "moe_tournament" and sorted(kinds) == sorted(scheme_kinds())
+    for r in sch["rows"]:
+        # Paired rounds: plain and watermarked sampling once per repeat, detection beside one forward.
+        assert set(r["generation_timings"]) == {"plain", "watermarked"} and set(r["detection_timings"]) == {"detect", "forward_full_logits"}
+        assert {len(t["times_s"]) for t in r["generation_timings"].values()} == {s["repeats"]}
+        assert r["ratio_generation_over_plain"] > 0 and r["ratio_detect_over_forward_full_logits"] > 0
+        assert sum(r["forward_batches"]) == s["scheme_batch"]
+        if r["routing"]:  # calibrated among the run's reference keys
+            assert 1 <= r["mean_keys_watermarked"] <= sch["reference_keys"]
+    assert next(r for r in sch["rows"] if r["kind"] == "moe_tournament")["statistic"] == "green"  # the shipped design
+    assert "### Every scheme" in md and "| moe_tournament | green |" in md
+
+
 def test_smoke_numbers_are_finite_and_positive(smoke):
     result, _ = smoke
     found = list(_positive_numbers(result))
@@ -145,11 +166,13 @@ def test_smoke_targets_and_markdown(smoke):
     assert any(n.startswith("calibrated detection (R=") for n in names)
     assert any(n.startswith("batched detection / reference") for n in names)
     assert any(n.startswith("watermark tensors") for n in names)
+    assert any(n.startswith("shipped tournament generation / plain sampling") for n in names)
+    assert any(n.startswith("shipped tournament calibrated detection") for n in names)
     for t in result["targets"]:
         value = t["value"]
         assert t["met"] == (value >= t["limit"] if t["higher_is_better"] else value <= t["limit"])
     for heading in ("### Generation", "### Detection (", "### Calibrated detection", "### Batched detector", "### Routing capture",
-                    "### Detection scaling", "### Memory", "### Targets"):
+                    "### Detection scaling", "### Memory", "### Every scheme", "### Targets"):
         assert heading in md, heading
     assert "| KGW (transformers WatermarkingConfig) |" in md
 
@@ -190,6 +213,20 @@ def test_calibrated_target_depends_on_the_model():
     assert limit("tiny_moe") == (5.0, True)
     assert limit("qwen_moe") == (1.2, False)
     assert limit("micro-qwen2_moe") == (sections.CALIBRATED_TARGET_DEFAULT, True)
+
+
+def test_the_shipped_tournaments_targets_depend_on_the_model():
+    def judged(name, gen, det):
+        row = {"kind": "moe_tournament", "ratio_generation_over_plain": gen, "ratio_detect_over_forward_full_logits": det}
+        result = {"model": {"name": name}, "schemes": {"batch_size": 16, "new_tokens": 64, "reference_keys": 999, "rows": [row]}}
+        return {t["target"].split(" (")[0]: (t["limit"], t["met"]) for t in sections.targets(result)}
+
+    assert judged("tiny_moe", 1.08, 4.9) == {"shipped tournament generation / plain sampling": (1.10, True),
+                                             "shipped tournament calibrated detection": (5.0, True)}
+    assert judged("qwen_moe", 1.05, 1.1) == {"shipped tournament generation / plain sampling": (1.03, False),
+                                             "shipped tournament calibrated detection": (1.2, True)}
+    assert judged("tiny_moe", 1.2, 6.0) == {"shipped tournament generation / plain sampling": (1.10, False),
+                                            "shipped tournament calibrated detection": (5.0, False)}
 
 
 def test_sections_are_chosen_and_skipped_in_order():

@@ -1,4 +1,4 @@
-"""Benchmarks: generation, detection, calibrated detection, routing capture, scaling and memory, timed in one process and one run.
+"""Benchmarks: generation, detection, calibrated detection, every scheme, routing capture, scaling and memory, timed in one process and one run.
 
 ``python -m moewm.bench`` (tiny_moe on the best device) writes ``bench.json`` and prints Markdown tables;
 ``--smoke`` shrinks every size so a run takes seconds; ``--sections`` / ``--skip`` pick sections.
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cal-lengths", type=_ints, default=[64, 128], metavar="MIN,MAX", help="calibrated detection: text tokens, drawn per text in [MIN, MAX]")
     s.add_argument("--cal-reference-keys", type=_ints, default=[99, 249, 999, 2499], help="calibrated detection scaling: reference keys R")
     s.add_argument("--cal-texts-grid", type=_ints, default=[8, 32, 128], help="calibrated detection scaling: number of texts")
+    s.add_argument("--scheme-batch", type=int, default=16, help="schemes section: prompts sampled per scheme (one batch)")
+    s.add_argument("--scheme-new-tokens", type=int, default=64, help="schemes section: new tokens per prompt (sampling, min = max)")
+    s.add_argument("--schemes", default="", help="schemes section: comma-separated watermark kinds (default: every registered scheme)")
     s.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     s.add_argument("--scale-repeats", type=int, default=3, help="timed repeats per scaling cell (at most)")
     s.add_argument("--cell-budget", type=float, default=20.0, help="seconds of timed repeats per scaling cell: big cells get fewer repeats")
@@ -113,6 +116,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.scale_batches, args.scale_lengths = [1, 2], [8, 16]
     args.gen_scale_batches, args.gen_scale_lengths = [1, 2], [4]
     args.cal_texts, args.cal_lengths, args.cal_texts_grid = 4, [16, 20], [2, 4]
+    args.scheme_batch, args.scheme_new_tokens = 2, 6
     args.reference_keys = min(args.reference_keys, 49)
     args.cal_reference_keys = [19, args.reference_keys]
     if args.stop_after is not None:

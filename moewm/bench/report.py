@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+from moewm.bench.schemes import schemes_markdown
+
 log = logging.getLogger(__name__)
 
 # -- report -----------------------------------------------------------------------------------------
@@ -165,6 +167,9 @@ def markdown(result: dict[str, Any]) -> str:
     cal = result.get("calibrated")
     if cal:
         lines += _calibrated_markdown(cal)
+    sch = result.get("schemes")
+    if sch:
+        lines += schemes_markdown(sch)
     ref = result.get("reference")
     if ref:
         lines += [

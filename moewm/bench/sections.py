@@ -67,7 +67,11 @@ TARGETS = {
 CALIBRATED_TARGETS = {"tiny_moe": 5.0, "qwen_moe": 1.2}
 CALIBRATED_TARGET_DEFAULT = 5.0
 
-SECTIONS = ("generation", "detection", "calibrated", "reference", "capture", "scaling", "memory", "quantization")
+SECTIONS = ("generation", "detection", "calibrated", "schemes", "reference", "capture", "scaling", "memory", "quantization")
+# The shipped design (the routing tournament) in the ``schemes`` section, per model: its sampling against plain
+# sampling (16 prompts x 64 new tokens, one thread), and its calibrated detection against a full-logits forward.
+TOURNAMENT_GENERATION_TARGETS = {"tiny_moe": 1.10, "qwen_moe": 1.03}
+TOURNAMENT_GENERATION_TARGET_DEFAULT = 1.10
 # memory.backend=bitsandbytes: experts at most this fraction of their bf16 bytes (NF4) on the micro checkpoints
 QUANTIZED_EXPERTS_TARGET = 0.30
 
@@ -216,6 +220,7 @@ class Bench:
         watermark = WatermarkConfig(delta=args.delta, kgw=KGWConfig(gamma=args.kgw_gamma), reference_keys=refs, stop_after=args.stop_after,
                                     alpha=max(WatermarkConfig.alpha, 1.0 / (refs + 1)))
         cache_dir = None if str(args.cache_dir).lower() == "none" else args.cache_dir
+        self.cache_dir = cache_dir
         self.wm = MoELSHWatermark(
             model,
             tokenizer,
@@ -516,6 +521,12 @@ class Bench:
             "by_reference_keys": by_keys,
             "by_texts": by_texts,
         }
+
+    def schemes(self) -> dict[str, Any]:
+        """Every scheme of the registry: generation against plain sampling, detection against a forward (moewm.bench.schemes)."""
+        from moewm.bench.schemes import schemes_section
+
+        return schemes_section(self)
 
     def reference(self) -> dict[str, Any]:
         """Token-by-token reference vs the batched detector on the same texts (per scored token)."""
@@ -824,6 +835,18 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             f"no target for {name or 'this model'}: tiny_moe's limit shown"
         add(f"calibrated detection (R={cal['reference_keys']}, stop_after={cal['stop_after']}, half watermarked) / full-logits forward",
             cal["ratio_detect_over_forward_full_logits"], limit, False, note)
+    sch = result.get("schemes")
+    if sch:
+        name = result.get("model", {}).get("name", "")
+        for r in sch["rows"]:
+            if r["kind"] != "moe_tournament":
+                continue
+            gen_limit = TOURNAMENT_GENERATION_TARGETS.get(name, TOURNAMENT_GENERATION_TARGET_DEFAULT)
+            note = "" if name in TOURNAMENT_GENERATION_TARGETS else f"no target for {name or 'this model'}: tiny_moe's limit shown"
+            add(f"shipped tournament generation / plain sampling ({sch['batch_size']} x {sch['new_tokens']})", r["ratio_generation_over_plain"],
+                gen_limit, False, note)
+            add(f"shipped tournament calibrated detection (R={sch['reference_keys']}, half watermarked) / full-logits forward",
+                r["ratio_detect_over_forward_full_logits"], CALIBRATED_TARGETS.get(name, CALIBRATED_TARGET_DEFAULT), False, note)
     ref = result.get("reference")
     if ref and ref["rows"]:
         rows_by_len = sorted(ref["rows"], key=lambda r: r["text_len"])

@@ -48,10 +48,26 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32) (exact on any device)."""
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32) (exact on any device).
+
+    Large tensors are mixed as int32 in place (a product wraps modulo 2^32 there, and a logical shift is an
+    arithmetic one masked): the same bits at half the memory traffic and without int64 multiplies, about twice
+    as fast on a CPU; detection mixes every key, position and layer."""
+    if x.dtype == torch.int64 and x.numel() >= _MIX_INT32_FROM:
+        y = x.to(torch.int32)  # the low 32 bits, two's complement
+        t = torch.empty_like(y)
+        for _ in range(2):
+            torch.bitwise_right_shift(y, 16, out=t).bitwise_and_(0xFFFF)
+            y.bitwise_xor_(t).mul_(_MIX)
+        torch.bitwise_right_shift(y, 16, out=t).bitwise_and_(0xFFFF)
+        return y.bitwise_xor_(t).long().bitwise_and_(_MASK32)
     x = (((x >> 16) ^ x) * _MIX) & _MASK32
     x = (((x >> 16) ^ x) * _MIX) & _MASK32
     return (x >> 16) ^ x
+
+
+# Elements from which :func:`_mix32` works in int32.
+_MIX_INT32_FROM = 1 << 16
 
 
 def hashed_bits(bits: torch.Tensor, salt: torch.Tensor, rounds: int, context: Optional[torch.Tensor] = None,

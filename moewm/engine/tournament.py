@@ -41,6 +41,7 @@ import torch
 
 from moewm.engine.lsh import _MASK32, _ROUND, _mix32
 from moewm.engine.scoring import BankTables, CaptureBatch, KeyDraws, StatisticSpec, first_occurrences, signatures
+from moewm.engine.tournament_sampling import Candidates, TournamentRatios, as_int32, candidates, tournament_ratios
 
 # Domain separation of the tournament's salts from the hashed green lists' (public constant).
 _DOMAIN = 0x7F4A7C15
@@ -54,8 +55,8 @@ _EARLIER = 0x14057B7E
 NO_TOKEN = -1
 # Contexts remembered per text and layer for ``skip_repeated``: 2^16 slots at most.
 REPEAT_TABLE_BITS = 16
-# Probability floor in the generation tournament (log of an exact zero stays -inf).
-_TINY = 1e-30
+# Default total-variation tolerance of the generation tournament's candidate set (TournamentConfig.sample_tolerance).
+SAMPLE_TOLERANCE = 1e-6
 
 
 def layer_blocks(num_bits: int, layers: int, block_bits: int) -> torch.Tensor:
@@ -67,9 +68,47 @@ def layer_blocks(num_bits: int, layers: int, block_bits: int) -> torch.Tensor:
 
 def block_codes(bits: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """(..., m) long in [0, 2^b): each layer's block of signature bits (..., nb) read as an integer."""
+    starts = _cyclic_starts(blocks, bits.shape[-1])
+    if starts is not None and bits.dtype == torch.bool and bits.shape[-1] % 8 == 0 and bits.shape[-1] <= 32:
+        # The blocks are runs of consecutive bits (cyclically): pack each signature into one integer once,
+        # then every layer's block is a shift and a mask of it (doubled, so that a run may wrap around).
+        nb = bits.shape[-1]
+        packed = pack_signatures(bits)
+        doubled = (packed | (packed << nb)).unsqueeze(-1)
+        return (doubled >> starts.to(bits.device)) & ((1 << blocks.shape[1]) - 1)
     picked = bits[..., blocks.to(bits.device)].long()  # (..., m, b)
     shifts = torch.arange(blocks.shape[1], device=bits.device, dtype=torch.long)
     return (picked << shifts).sum(-1)
+
+
+# Gathers the lowest bit of each of a word's 8 bytes into its top byte (no two products share a bit, so no carries).
+_BYTE_GATHER = 0x0102040810204080
+
+
+def pack_signatures(bits: torch.Tensor) -> torch.Tensor:
+    """(...,) long: signature bits (..., nb) bool, nb a multiple of 8 up to 32, as the integer sum of bit i << i.
+
+    A bool is one byte holding 0 or 1: eight of them read as one int64 word, times :data:`_BYTE_GATHER` (modulo
+    2^64), carry those bytes' bits into the top byte, so a signature packs with a few operations per 8 bits
+    instead of one per bit."""
+    nb = bits.shape[-1]
+    words = bits.contiguous().view(torch.uint8).view(*bits.shape[:-1], nb // 8, 8).view(torch.int64).squeeze(-1)  # (..., nb / 8)
+    top = ((words * _signed64(_BYTE_GATHER)) >> 56) & 0xFF
+    shifts = torch.arange(0, nb, 8, device=bits.device, dtype=torch.long)
+    return (top << shifts).sum(-1)
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _cyclic_starts(blocks: torch.Tensor, num_bits: int) -> Optional[torch.Tensor]:
+    """(m,) first bit of each layer's block when every block is consecutive bits (cyclically), else None."""
+    b = blocks.shape[1]
+    start = blocks[:, :1]
+    if not bool((blocks == (start + torch.arange(b, device=blocks.device)) % num_bits).all()):
+        return None
+    return start.view(-1)
 
 
 def context_codes(codes: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -130,6 +169,26 @@ def repeat_slot(codes: torch.Tensor, block_bits: int) -> torch.Tensor:
     return codes if block_bits <= REPEAT_TABLE_BITS else _mix32(codes) & ((1 << REPEAT_TABLE_BITS) - 1)
 
 
+def first_slots(slots: torch.Tensor, scored: torch.Tensor, slot_bits: int) -> torch.Tensor:
+    """(rows, n) bool: scored positions whose slot (< 2^slot_bits) no earlier scored position of the row holds.
+
+    :func:`moewm.engine.scoring.first_occurrences` for small integer keys, with one plain sort: every position
+    sorts by (slot, position), unscored ones under a slot past all others, so the first of each slot's run is
+    its first occurrence; the keys are unique, so the (unstable) sort is deterministic.
+    """
+    n = slots.shape[-1]
+    width = max(1, (n - 1).bit_length())
+    kind = torch.int32 if slot_bits + 1 + width <= 31 else torch.long
+    slot = torch.where(scored, slots, 1 << slot_bits).to(kind)
+    key = (slot << width) | torch.arange(n, device=slots.device, dtype=kind)
+    ordered, order = torch.sort(key, dim=-1)
+    run = ordered >> width
+    first = torch.ones_like(run, dtype=torch.bool)
+    first[..., 1:] = run[..., 1:] != run[..., :-1]
+    first &= run < (1 << slot_bits)
+    return torch.zeros_like(scored).scatter_(-1, order, first)
+
+
 def g_values(context: torch.Tensor, hashed_tokens: torch.Tensor) -> torch.Tensor:
     """0/1 long g-values: bit 31 of context x token hash mod 2^32 (multiply-shift; shapes broadcast).
 
@@ -145,7 +204,7 @@ class TournamentKey:
     """One key's tournament at generation time: g-values of the whole vocabulary and the tournament itself."""
 
     def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor,
-                 context_tokens: int = 0, routing_layers: Optional[int] = None) -> None:
+                 context_tokens: int = 0, routing_layers: Optional[int] = None, tolerance: float = SAMPLE_TOLERANCE) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
         self.routing_layers = layers if routing_layers is None else int(routing_layers)
         self.block_bits = block_bits
@@ -155,9 +214,14 @@ class TournamentKey:
         self.salts = layer_salts(salt.view(1), layers)  # (1, m)
         self.usable = usable.bool()
         self.layers = layers
+        # Total variation allowed between the sampled distribution and the whole-vocabulary tournament.
+        self.tolerance = float(tolerance)
+        self._hashes: Optional[torch.Tensor] = None
+        self._usable_all: Optional[tuple[int, bool]] = None
 
     def to(self, device: torch.device | str) -> "TournamentKey":
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
+        self._hashes = None
         return self
 
     def codes(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -173,6 +237,20 @@ class TournamentKey:
         """(B, m) keyed layer contexts for signatures (B, nb) (and the tokens before, (B, c))."""
         return context_hash(self.salts, self.codes(bits, before).unsqueeze(0))[0]
 
+    def token_hashes(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(1, V) int32 hashes of the whole vocabulary (key-free; computed once per size and device)."""
+        cached = self._hashes
+        if cached is None or cached.shape[1] != vocab or cached.device != device:
+            cached = as_int32(token_hash(torch.arange(vocab, device=device))).view(1, -1)
+            self._hashes = cached
+        return cached
+
+    def ratios(self, masses: torch.Tensor, index: Optional[torch.Tensor], contexts: torch.Tensor, tail: Optional[torch.Tensor],
+               active: Optional[torch.Tensor]) -> TournamentRatios:
+        """The tournament's mass multipliers for candidate masses (B, k) (``index`` their ids; None: the whole vocabulary)."""
+        hashed = self.token_hashes(masses.shape[-1], masses.device) if index is None else as_int32(token_hash(index))
+        return tournament_ratios(masses, hashed, as_int32(contexts), tail, active)
+
     def sample_distribution(self, probs: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor] = None,
                             before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, V): the tournament's output distribution for the model's (B, V) and signatures (B, nb).
@@ -180,30 +258,65 @@ class TournamentKey:
         The tournament runs on the usable tokens' renormalised mass (what a capture records); special and
         unusable tokens keep their probability exactly, so they never gain (or lose) mass. ``active`` (B, m)
         bool: the layers played at each row (a layer not played leaves the distribution as it is);
-        ``before`` (B, c): the tokens before, when the context holds them.
+        ``before`` (B, c): the tokens before, when the context holds them. Tokens below ``tolerance * 2^-m / V``
+        of the usable mass play as one tail at g = 1/2 (:mod:`moewm.engine.tournament_sampling`: total variation
+        from the whole-vocabulary tournament at most ``tolerance``).
         """
         ctx = self.contexts(bits, before)
-        usable = self.usable[: probs.shape[-1]].to(probs.dtype)
-        q = probs * usable
-        mass = q.sum(-1, keepdim=True).clamp(min=_TINY)
-        ids = token_hash(torch.arange(probs.shape[-1], device=probs.device))
-        for layer in range(self.layers):  # the tournament: one closed-form step per layer, vectorised over (B, V)
-            g = g_values(ctx[:, layer : layer + 1], ids).to(probs.dtype)
-            played = (q * g).sum(-1, keepdim=True) / mass
-            step = 1 + g - played
-            q = q * (step if active is None else torch.where(active[:, layer : layer + 1], step, torch.ones_like(step)))
-        return q + probs * (1 - usable)
+        usable = self.usable[: probs.shape[-1]]
+        cand = candidates(torch.log(probs), usable, self.layers, self.tolerance)
+        if not cand.gathered:
+            q = probs * usable
+            return q * self.ratios(q, None, ctx, None, active).candidates + probs * ~usable
+        assert cand.index is not None and cand.valid is not None and cand.tail is not None
+        picked = probs.gather(1, cand.index) * cand.valid
+        r = self.ratios(picked, cand.index, ctx, cand.tail * torch.exp(cand.top.double().view(-1)), active)
+        out = probs * torch.where(usable, r.tail.unsqueeze(-1), 1.0)  # the tail (and zero-mass tokens) scaled alike
+        return _scatter_candidates(out, cand, picked * r.candidates)
 
     def process_scores(self, scores: torch.Tensor, bits: torch.Tensor, temperature: float = 1.0,
-                       active: Optional[torch.Tensor] = None, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       active: Optional[torch.Tensor] = None, before: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
         """Logits whose softmax at ``temperature`` is the tournament of softmax(scores / temperature).
 
-        transformers applies its temperature warper after custom processors, so the output is
-        ``temperature * log p_m``: the warper divides it back to exactly the tournament's distribution.
+        transformers applies its temperature warper after custom processors, so the output is ``scores +
+        temperature * log(tournament mass / model mass)`` up to a constant per row (which softmax drops): the
+        warper divides it back to exactly the tournament's distribution. With gathered candidates only they
+        are handled in float64; the tail is the reference of the row's constant, so its logits stay as they are
+        (``inplace``: written into ``scores``, as a logits processor may, saving a copy of the vocabulary).
         """
-        probs = torch.softmax(scores.double() / temperature, dim=-1)
-        out = self.sample_distribution(probs, bits, active, before)
-        return (torch.log(out) * temperature).to(scores.dtype)
+        ctx = self.contexts(bits, before)
+        usable = self.usable[: scores.shape[-1]]
+        tempered = scores.float() if temperature == 1.0 else scores.float() / temperature
+        cand = candidates(tempered, usable, self.layers, self.tolerance)
+        if not cand.gathered:
+            probs = torch.softmax(scores.double() / temperature, dim=-1)
+            q = probs * usable
+            ratio = self.ratios(q, None, ctx, None, active).candidates
+            shift = torch.where(usable, torch.log(ratio) * temperature, 0.0)
+            return (scores.double() + shift).to(scores.dtype)
+        assert cand.index is not None and cand.valid is not None and cand.tail is not None
+        picked_scores = scores.gather(1, cand.index).double()
+        picked = torch.exp(picked_scores / temperature - cand.top.double()) * cand.valid
+        r = self.ratios(picked, cand.index, ctx, cand.tail, active)
+        # Relative to the tail (left as it is): a candidate moves by its ratio over the tail's, a special token against it.
+        relative = torch.log(r.candidates / r.tail.unsqueeze(-1)) * temperature
+        out = scores if inplace else scores.clone()
+        if not self._all_usable(scores.shape[-1]):
+            out[:, ~usable] -= (torch.log(r.tail) * temperature).to(scores.dtype).unsqueeze(-1)
+        return _scatter_candidates(out, cand, (picked_scores + relative).to(scores.dtype), inplace=True)
+
+    def _all_usable(self, vocab: int) -> bool:
+        if self._usable_all is None or self._usable_all[0] != vocab:
+            self._usable_all = (vocab, bool(self.usable[:vocab].all()))
+        return self._usable_all[1]
+
+
+def _scatter_candidates(out: torch.Tensor, cand: Candidates, values: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``out`` with the candidates' ``values`` written in; a padding slot rewrites its row's first candidate alike."""
+    assert cand.index is not None and cand.valid is not None
+    first = torch.where(cand.valid[:, :1], values[:, :1], out.gather(1, cand.index[:, :1]))
+    values = torch.where(cand.valid, values, first)
+    return out.scatter_(1, cand.index, values) if inplace else out.scatter(1, cand.index, values)
 
 
 @dataclass
@@ -250,8 +363,10 @@ class TournamentScorer:
         r, b, n, m = codes.shape
         scored = batch.valid.view(1, b, n, 1).expand(r, b, n, m)
         if self.skip_repeated:
-            unit = repeat_slot(codes, self.code_bits)
-        elif self.ignore_repeated:
+            slots = repeat_slot(codes, self.code_bits).permute(0, 1, 3, 2).reshape(-1, n)
+            rows = first_slots(slots, scored.permute(0, 1, 3, 2).reshape(-1, n), min(self.code_bits, REPEAT_TABLE_BITS))
+            return rows.view(r, b, m, n).permute(0, 1, 3, 2)
+        if self.ignore_repeated:
             unit = codes * self.vocab_size + batch.tokens.view(1, b, n, 1)
         else:
             return scored
@@ -276,25 +391,26 @@ class TournamentScorer:
         """Per-position evidence of every key in ``tables`` (see the class docstring); layers loop, nothing else."""
         codes, ctx = self.contexts(batch, tables)
         scored = self.scored_units(batch, codes)  # (R, B, n, m)
-        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1)).float()  # (R, B, n, m)
-        if self.statistic == "green":
-            terms = g
-        else:
-            top = token_hash(batch.top_ids).unsqueeze(0)  # (1, B, n, K)
-            if self.statistic == "z":
-                terms = torch.stack([g[..., l] - self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1)
-            else:  # llr: the tournament on the captured distribution, layer by layer
-                r = ctx.shape[0]
-                q = batch.top_probs.float().unsqueeze(0).expand(r, *batch.top_probs.shape)
-                tail = batch.tail.float().unsqueeze(0).expand(r, *batch.tail.shape)
-                parts = []
-                for l in range(self.layers):
-                    hit = g_values(ctx[..., l].unsqueeze(-1), top).float()  # (R, B, n, K)
-                    played = (q * hit).sum(-1) + 0.5 * tail
-                    parts.append(torch.log1p((g[..., l] - played).clamp(min=-1 + 1e-6)))
-                    q = q * (1 + hit - played.unsqueeze(-1))
-                    tail = tail * (1.5 - played)
-                terms = torch.stack(parts, -1)
+        g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1))  # (R, B, n, m) long 0/1
+        if self.statistic == "green":  # an integer count per position: summed as integers, exact as float64
+            evidence = g.masked_fill_(~scored, 0).sum(-1).double()  # (R, B, n)
+            return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-1))
+        g = g.float()
+        top = token_hash(batch.top_ids).unsqueeze(0)  # (1, B, n, K)
+        if self.statistic == "z":
+            terms = torch.stack([g[..., l] - self._expected(batch, ctx[..., l], top) for l in range(self.layers)], -1)
+        else:  # llr: the tournament on the captured distribution, layer by layer
+            r = ctx.shape[0]
+            q = batch.top_probs.float().unsqueeze(0).expand(r, *batch.top_probs.shape)
+            tail = batch.tail.float().unsqueeze(0).expand(r, *batch.tail.shape)
+            parts = []
+            for l in range(self.layers):
+                hit = g_values(ctx[..., l].unsqueeze(-1), top).float()  # (R, B, n, K)
+                played = (q * hit).sum(-1) + 0.5 * tail
+                parts.append(torch.log1p((g[..., l] - played).clamp(min=-1 + 1e-6)))
+                q = q * (1 + hit - played.unsqueeze(-1))
+                tail = tail * (1.5 - played)
+            terms = torch.stack(parts, -1)
         zero = torch.zeros((), dtype=torch.float64, device=terms.device)
         evidence = torch.where(scored, terms.double(), zero).sum(-1)  # (R, B, n)
         return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-1))

@@ -70,7 +70,7 @@ class TournamentProcessor(RoutingWatermarkProcessor):
                 self._seen = torch.zeros(bits.shape[0], key.layers, slots, dtype=torch.bool, device=slot.device)
             active = ~self._seen.gather(2, slot).squeeze(-1)
             self._seen.scatter_(2, slot, True)
-        return self.tournament.process_scores(scores, bits, self.temperature, active, context)
+        return self.tournament.process_scores(scores, bits, self.temperature, active, context, inplace=True)
 
 
 class MoETournamentWatermark(MoELSHWatermark):
@@ -94,7 +94,8 @@ class MoETournamentWatermark(MoELSHWatermark):
         t = cfg.tournament
         bank = self._true_tables.bank
         context_tokens = t.context_tokens
-        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens, t.routed_layers).to(self.device)
+        key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens, t.routed_layers,
+                            t.sample_tolerance).to(self.device)
         self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
         self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
                                        t.skip_repeated, context_tokens, t.routed_layers)
