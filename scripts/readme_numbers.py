@@ -35,16 +35,16 @@ README = ROOT / "README.md"
 COLUMNS = ["seed", "detection_rate", "false_positive_rate", "null_ok", "tokens_to_detect_alpha", "never_detected_alpha", "auc",
            "ppl_wm_mean", "ppl_unwm_mean", "z_wm_mean", "z_unwm_mean", "job_seconds"]
 
-# -- the headline: the routing study on both embedded models (experiment=routing_study, scripts/routing_study.sh) ----
+# -- the headline: what routing adds, on both embedded models (experiment=routing_study, the stealing study) ---------
 HEADLINE_MODELS = ("tiny_moe", "tiny_olmoe")
-HEADLINE_POINTS = {  # routing-study point -> its row label
-    "tournament_m20_b8_ctx2": "**routing tournament + 2 tokens (shipped)**",
-    "kgw_g025_d2": "KGW gamma 0.25, delta 2",
-    "synthid_k20": "SynthID, 20 layers",
-    "lsh_partition_d2": "green lists on the semantic partition (`watermark=moe_lsh`)",
+HEADLINE_POINTS = {  # routing-study point -> (its row label, its corpus in the stealing study or None)
+    "tournament_m20_b8_ctx2": ("**routing tournament + 2 tokens (shipped)**", "shipped"),
+    "tournament_m20_b8_ctx2_twin": ("its routing-free twin: the same tournament keyed by the 2 tokens alone", "twin"),
+    "tournament_m20_b8_ctx2_r10": ("10 of its 20 layers routed, 10 keyed by the tokens alone", None),
+    "synthid_n3_k20": ("SynthID ngram_len 3 (transformers)", "synthid_n3"),
+    "kgw_g025_d2": ("KGW lefthash h = 1, gamma 0.25, delta 2", "kgw_h1"),
 }
-HEADLINE_ATTACKS = {"substitution_0p3": "subst. 0.3", "deletion_0p1": "deletion 0.1", "copy_paste_0p5": "copy-paste 0.5",
-                    "paraphrase_0p5": "paraphrase 0.5", "retokenisation_1": "retokenisation"}
+HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
 
 
@@ -52,15 +52,39 @@ def routing_study(model: str) -> pd.DataFrame:
     return pd.read_csv(BENCH / f"routing_study_{model}.csv").set_index("point")
 
 
+def spoofing(model: str) -> dict[str, tuple[int, float]]:
+    """Per stealing corpus: (the largest N it was attacked with, the text-only attacker's best spoofing success there)."""
+    path = BENCH / f"stealing_{model}.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path, keep_default_na=False)
+    spoof = df[(df["mode"] == "spoof") & (df["attacker"] == "text_only")]
+    out = {}
+    for scheme, rows in spoof.groupby("scheme"):
+        top = int(rows["count"].max())
+        out[str(scheme)] = (top, float(rows[rows["count"] == top]["detected"].max()))
+    return out
+
+
+def _mean_se(r: pd.Series, column: str, digits: int, scale: float = 1.0, suffix: str = "") -> str:
+    se = r.get(f"{column}_sem", float("nan"))
+    body = f"{scale * r[column]:+.0f}" if suffix == " %" else f"{scale * r[column]:.{digits}f}"
+    return body + (f" ± {scale * se:.{digits}f}" if pd.notna(se) else "") + suffix
+
+
 def headline_table() -> str:
-    head = "| model | design | perplexity cost | tokens to detect | " + " | ".join(HEADLINE_ATTACKS.values()) + " |"
-    lines = [head, "|" + "---|" * (4 + len(HEADLINE_ATTACKS))]
+    head = ("| model | design | perplexity cost | tokens to detect | " + " | ".join(HEADLINE_ATTACKS.values())
+            + " | spoofed (text-only attacker, largest N) |")
+    lines = [head, "|" + "---|" * (5 + len(HEADLINE_ATTACKS))]
     for model in HEADLINE_MODELS:
-        df = routing_study(model)
-        for point, label in HEADLINE_POINTS.items():
+        df, spoof = routing_study(model), spoofing(model)
+        for point, (label, corpus) in HEADLINE_POINTS.items():
+            if point not in df.index:
+                continue
             r = df.loc[point]
-            cells = [model, label, f"{100 * r.ppl_cost:+.0f} %", f"{r.tokens_to_detect:.1f}"]
-            cells += [f"{r[f'attacked_{a}']:.2f}" for a in HEADLINE_ATTACKS]
+            cells = [model, label, _mean_se(r, "ppl_cost", 0, 100, " %"), _mean_se(r, "tokens_to_detect", 1)]
+            cells += [_mean_se(r, f"attacked_{a}", 2) for a in HEADLINE_ATTACKS]
+            cells.append(f"{spoof[corpus][1]:.2f} (N = {spoof[corpus][0]:,})" if corpus in spoof else "not run")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -74,17 +98,23 @@ def _validity(model: str) -> dict:
 def headline_phrases() -> list[str]:
     """The headline paragraph's numbers, as the phrases it quotes."""
     out = []
-    first = True
+    for model in HEADLINE_MODELS:
+        df, spoof = routing_study(model), spoofing(model)
+        shipped, twin = df.loc["tournament_m20_b8_ctx2"], df.loc["tournament_m20_b8_ctx2_twin"]
+        out.append(f"{model}: 30 % substitution keeps {shipped.attacked_substitution_0p3:.2f} with routing and "
+                   f"{twin.attacked_substitution_0p3:.2f} without")
+        if {"shipped", "twin", "synthid_n3"} <= set(spoof):
+            out.append(f"spoofed texts pass the shipped design's detector {spoof['shipped'][1]:.2f}, its twin's "
+                       f"{spoof['twin'][1]:.2f} and SynthID ngram_len 3's {spoof['synthid_n3'][1]:.2f}")
+    out.append(f"{routing_study('tiny_moe').loc['tournament_m20_b8_ctx2', 'keys']:.0f} keys per point")
+    pred = pd.read_csv(BENCH / "routing_predictability_tiny_moe.csv").set_index("block_bits").loc[8]
+    out.append(f"the same block in {100 * pred.collision_ctx2:.0f} % of pairs of positions that share the two tokens before "
+               f"({100 * pred.collision_ctx0:.0f} % at random)")
     for model in HEADLINE_MODELS:
         v = _validity(model)
-        r, s = v["result"], v["summary"]
+        s = v["summary"]
         a, b = s[("moe_tournament", 0.01, "all")], s[("moe_tournament", 0.001, "all")]
-        if first:
-            out.append(f"{r['n_texts']:,} unwatermarked texts of {len(r['texts'])} origins")
-            first = False
-        out.append(f"{model}: {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 and {b['keys_inside']}/{b['keys']} at 1e-3, "
-                   f"dispersion {a['dispersion_ratio']:.2f}")
-    out.append(f"{routing_study('tiny_moe').loc['tournament_m20_b8_ctx2', 'keys']:.0f} keys per point")
+        out.append(f"{model}: {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 and {b['keys_inside']}/{b['keys']} at 1e-3")
     return out
 
 
