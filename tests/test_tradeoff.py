@@ -342,7 +342,7 @@ def test_headline_is_yes_when_a_cheaper_moe_lsh_point_detects_faster_and_survive
 @pytest.mark.parametrize(
     "change,reason",
     [
-        (dict(lsh_cost=0.06), "no MoE-LSH point is at or below"),  # costs more than KGW (0.04)
+        (dict(lsh_cost=0.06), "no routing point is at or below"),  # costs more than KGW (0.04)
         (dict(lsh_ttd=13.0), "do not beat it on both"),  # median 14 >= KGW's 13
         (dict(lsh_sub=0.6), "do not beat it on both"),  # a tie under substitution is not "more"
     ],

@@ -22,7 +22,7 @@ Pareto fronts (:func:`pareto_front`): lower cost and lower tokens to detect (no 
 cost and higher detection rate (each attack); a point is on the front when no other point is at least
 as good in both and better in one.
 
-The headline (:func:`headline`): does some MoE-LSH point, at no more perplexity cost than the
+The headline (:func:`headline`): does some routing point (not a routing-free twin), at no more perplexity cost than the
 reference KGW point (gamma 0.25, delta 2), need fewer tokens to detect and keep more detection under 30 %
 substitution? Computed from the key means / medians; the answer and the numbers go into ``tradeoff.md``.
 """
@@ -283,7 +283,7 @@ def reference_point(table: pd.DataFrame) -> Optional[str]:
 
 
 def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK, slack: float = 0.0) -> Headline:
-    """Is some MoE-LSH point at cost <= the reference's (+ ``slack``) both faster to detect and more robust to ``attack``?"""
+    """Is some routing point (twins excluded) at cost <= the reference's (+ ``slack``) both faster to detect and more robust to ``attack``?"""
     ref = reference_point(table)
     col = f"attacked_{attack}"
     if ref is None:
@@ -291,17 +291,18 @@ def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK, slack: float = 
     if col not in table:
         return Headline(None, f"the jobs did not score the attack {attack} (eval.attacks)", ref)
     r = table.loc[ref]
-    lsh = table[table["scheme"].isin(ROUTING_SCHEMES)]
+    routed = _col(table, "tournament_routing_layers").astype(float)
+    lsh = table[table["scheme"].isin(ROUTING_SCHEMES) & ~(routed == 0)]  # a routing-free twin holds no routing
     if not len(lsh):
-        return Headline(None, "the sweep has no MoE-LSH point", ref)
+        return Headline(None, "the sweep has no routing point", ref)
     cheap = lsh[lsh["ppl_cost"] <= r["ppl_cost"] + slack]
     wins = cheap[(cheap["tokens_to_detect"] < r["tokens_to_detect"]) & (cheap[col] > r[col])]
     if len(wins):
-        reason = "MoE-LSH point(s) at no more perplexity cost than KGW detect in fewer tokens and keep more detection"
+        reason = "routing point(s) at no more perplexity cost than KGW detect in fewer tokens and keep more detection"
     elif not len(cheap):
-        reason = "no MoE-LSH point is at or below KGW's perplexity cost"
+        reason = "no routing point is at or below KGW's perplexity cost"
     else:
-        reason = "the MoE-LSH points at or below KGW's perplexity cost do not beat it on both tokens to detect and detection after the attack"
+        reason = "the routing points at or below KGW's perplexity cost do not beat it on both tokens to detect and detection after the attack"
     return Headline(bool(len(wins)), reason, ref, list(wins.index), list(cheap.index))
 
 
@@ -351,7 +352,7 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
     lines += [""] + routing_adds_markdown(routing_adds(table) if adds is None else adds)
     lines += ["## Headline", ""]
     attack = HEADLINE_ATTACK.replace("_", " ").replace("0p", "0.")
-    q = (f"Does any MoE-LSH configuration, at no more perplexity cost than KGW (gamma 0.25, delta 2), need fewer tokens to detect "
+    q = (f"Does any routing configuration (a routing-free twin does not count), at no more perplexity cost than KGW (gamma 0.25, delta 2), need fewer tokens to detect "
          f"at p <= {alpha:g} and keep more detection under {attack}?")
     lines.append(q)
     lines.append("")
@@ -366,18 +367,18 @@ def markdown(table: pd.DataFrame, jobs: pd.DataFrame, head: Headline, front: dic
                      "reference: cost differences smaller than that are not resolved by this run.)")
         if np.isfinite(sem) and sem > 0:
             loose = headline(table, slack=2 * sem)
-            lines.append(f"With the cost bound loosened by two standard errors (MoE-LSH cost <= {_pct(r['ppl_cost'] + 2 * sem)}): "
+            lines.append(f"With the cost bound loosened by two standard errors (routing cost <= {_pct(r['ppl_cost'] + 2 * sem)}): "
                          f"**{'yes' if loose.answer else 'no'}**" + (f" ({', '.join(f'`{w}`' for w in loose.winners)})" if loose.winners else "")
-                         + f", over {len(loose.candidates)} MoE-LSH point(s) within the bound.")
+                         + f", over {len(loose.candidates)} routing point(s) within the bound.")
         lines.append("")
         lines.append(f"- Reference `{head.reference}`: perplexity cost {_pct(r['ppl_cost'])}, tokens to detect {_fmt(r['tokens_to_detect'], 1)}, "
                      f"detection after {attack} {_fmt(r[col])} (keys {_span(r[col + '_min'], r[col + '_max'])}).")
         shown = head.winners or head.candidates
-        if not shown:  # the cheapest MoE-LSH points, to show how far they are
+        if not shown:  # the cheapest routing points, to show how far they are
             shown = list(table[table["scheme"].isin(ROUTING_SCHEMES)].sort_values("ppl_cost").index[:3])
-            lines.append("- Cheapest MoE-LSH points (none is as cheap as the reference):")
+            lines.append("- Cheapest routing points (none is as cheap as the reference):")
         else:
-            lines.append("- MoE-LSH points that win:" if head.winners else "- MoE-LSH points at or below the reference's cost:")
+            lines.append("- routing points that win:" if head.winners else "- routing points at or below the reference's cost:")
         for p in shown:
             x = table.loc[p]
             lines.append(f"  - `{p}`: cost {_pct(x['ppl_cost'])}, tokens to detect {_fmt(x['tokens_to_detect'], 1)}, "
