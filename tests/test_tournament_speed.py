@@ -14,7 +14,6 @@ from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, ModelConfi
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.scoring import CaptureBatch, KeyDraws, calibrated, first_occurrences, signatures
 from moewm.engine.tournament import (
-    REPEAT_TABLE_BITS,
     TournamentKey,
     TournamentScorer,
     block_codes,

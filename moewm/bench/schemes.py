@@ -15,24 +15,20 @@ control with their defaults), on one loaded model and the same seeded prompts:
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from moewm.bench.harness import compare, forward_batches_fn, mean_of, ratio
 from moewm.config import GenerationConfig, WatermarkConfig, shipped_watermark
-from moewm.engine.keys import WatermarkKey
 from moewm.schemes.registry import build_watermarker, scheme_kinds
-
-if TYPE_CHECKING:
-    from moewm.bench.sections import Bench
 
 # Which schemes read the routing (their detection is calibrated among reference keys).
 ROUTING_SCHEMES = ("moe_tournament", "moe_lsh", "none")
 
 
-def scheme_config(kind: str, bench: "Bench") -> WatermarkConfig:
+def scheme_config(kind: str, bench: Any) -> WatermarkConfig:  # bench: moewm.bench.sections.Bench
     """The configuration a scheme is measured with: the shipped design for the tournament, the run's MoE-LSH
     settings for ``moe_lsh`` and ``none``, the defaults otherwise; reference keys and alpha from the run."""
     refs = bench.wm.watermark_cfg.reference_keys
@@ -54,14 +50,12 @@ def _hooks(wm: Any) -> Any:
     return getattr(inner, "capture_hooks", None)
 
 
-def scheme_row(bench: "Bench", kind: str) -> dict[str, Any]:
+def scheme_row(bench: Any, kind: str) -> dict[str, Any]:
     """Generation and detection cost of one scheme (see the module docstring)."""
     a = bench.args
-    from moewm.bench.sections import BENCH_SECRET
-
     cfg = scheme_config(kind, bench)
     t0 = time.perf_counter()
-    wm = build_watermarker(kind, bench.model, bench.tokenizer, cfg, WatermarkKey(BENCH_SECRET, 0), extractor=bench.wm.extractor_cfg,
+    wm = build_watermarker(kind, bench.model, bench.tokenizer, cfg, bench.wm.key, extractor=bench.wm.extractor_cfg,
                            encoder=bench.wm.encoder_cfg, cache_dir=bench.cache_dir)
     hooks = _hooks(wm)
     if hooks is not None:
@@ -127,7 +121,7 @@ def scheme_row(bench: "Bench", kind: str) -> dict[str, Any]:
     }
 
 
-def schemes_section(bench: "Bench") -> dict[str, Any]:
+def schemes_section(bench: Any) -> dict[str, Any]:
     a = bench.args
     kinds = ["moe_tournament"] + [k for k in scheme_kinds() if k != "moe_tournament"]  # the shipped design first
     wanted = [k.strip() for k in getattr(a, "schemes", "").split(",") if k.strip()]
