@@ -40,7 +40,7 @@ HEADLINE_MODELS = ("tiny_moe", "tiny_olmoe")
 HEADLINE_POINTS = {  # routing-study point -> (its row label, its corpus in the stealing study or None)
     "tournament_m20_b8_ctx2": ("**routing tournament + 2 tokens (shipped)**", "shipped"),
     "tournament_m20_b8_ctx2_twin": ("its routing-free twin: the same tournament keyed by the 2 tokens alone", "twin"),
-    "tournament_m20_b8_ctx2_r10": ("10 of its 20 layers routed, 10 keyed by the tokens alone", None),
+    "tournament_m20_b8_ctx2_r10": ("10 of its 20 layers routed, 10 keyed by the tokens alone", "r10"),
     "synthid_n3_k20": ("SynthID ngram_len 3 (transformers)", "synthid_n3"),
     "kgw_g025_d2": ("KGW lefthash h = 1, gamma 0.25, delta 2", "kgw_h1"),
 }
@@ -104,6 +104,7 @@ def headline_phrases() -> list[str]:
         out.append(f"{model}: 30 % substitution keeps {shipped.attacked_substitution_0p3:.2f} with routing and "
                    f"{twin.attacked_substitution_0p3:.2f} without")
         if {"shipped", "twin", "synthid_n3"} <= set(spoof):
+            out.append(f"at N = {spoof['shipped'][0]:,} on {model}")
             out.append(f"spoofed texts pass the shipped design's detector {spoof['shipped'][1]:.2f}, its twin's "
                        f"{spoof['twin'][1]:.2f} and SynthID ngram_len 3's {spoof['synthid_n3'][1]:.2f}")
     out.append(f"{routing_study('tiny_moe').loc['tournament_m20_b8_ctx2', 'keys']:.0f} keys per point")
@@ -168,7 +169,8 @@ def problems(text: str) -> list[str]:
         elif m.group(2) != rendered(name):
             out.append(f"block {name!r}: differs from benchmarks/ (python scripts/readme_numbers.py --write)")
     for name, phrases in PHRASES.items():
-        out += [f"{name}: the README does not say {p!r}" for p in phrases() if p not in text]
+        flat = " ".join(text.split())  # a phrase may wrap across lines
+        out += [f"{name}: the README does not say {p!r}" for p in phrases() if p not in flat]
     out += [f"headline: {n} is quoted but no benchmark file gives it (make it a phrase of headline_phrases)" for n in unsourced_numbers(text)]
     return out
 
