@@ -1,7 +1,7 @@
 """The benchmark's ``schemes`` section: every scheme of the registry against plain sampling and one forward.
 
 For each ``watermark.kind`` of :data:`moewm.schemes.registry.SCHEMES` (the routing tournament as shipped, built
-from :func:`moewm.config.shipped_watermark`; MoE-LSH with the run's encoder; KGW, SynthID and the ``none``
+from ``WatermarkConfig()`` (the shipped design); MoE-LSH with the run's encoder; KGW, SynthID and the ``none``
 control with their defaults), on one loaded model and the same seeded prompts:
 
 * generation: the scheme's :meth:`generate_from_ids` with and without its watermark (pure sampling at
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from moewm.bench.harness import compare, forward_batches_fn, mean_of, ratio
-from moewm.config import GenerationConfig, WatermarkConfig, shipped_watermark
+from moewm.config import GenerationConfig, WatermarkConfig
 from moewm.schemes.registry import build_watermarker, scheme_kinds
 
 # Which schemes read the routing (their detection is calibrated among reference keys).
@@ -34,7 +34,7 @@ def scheme_config(kind: str, bench: Any) -> WatermarkConfig:  # bench: moewm.ben
     refs = bench.wm.watermark_cfg.reference_keys
     alpha = max(WatermarkConfig.alpha, 1.0 / (refs + 1))
     if kind == "moe_tournament":
-        cfg = shipped_watermark()
+        cfg = WatermarkConfig()  # the shipped design
     elif kind in ("moe_lsh", "none"):
         cfg = WatermarkConfig(**{k: v for k, v in vars(bench.wm.watermark_cfg).items()})
         cfg.kind = kind
