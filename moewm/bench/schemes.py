@@ -106,7 +106,7 @@ def scheme_row(bench: Any, kind: str) -> dict[str, Any]:
     keys = np.asarray(out.num_reference_keys)
     return {
         "kind": kind,
-        "statistic": cfg.statistic if kind in ROUTING_SCHEMES else kind,
+        "statistic": wm.watermark_cfg.statistic if kind in ROUTING_SCHEMES else kind,  # resolved by the scheme
         "routing": kind in ROUTING_SCHEMES,
         "build_s": build_s,
         "generation_timings": t,
