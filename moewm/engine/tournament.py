@@ -217,11 +217,12 @@ class TournamentKey:
         # Total variation allowed between the sampled distribution and the whole-vocabulary tournament.
         self.tolerance = float(tolerance)
         self._hashes: Optional[torch.Tensor] = None
-        self._usable_all: Optional[tuple[int, bool]] = None
+        self._indices: Optional[tuple[int, Optional[torch.Tensor], torch.Tensor]] = None  # (V, usable ids, unusable ids)
 
     def to(self, device: torch.device | str) -> "TournamentKey":
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
         self._hashes = None
+        self._indices = None
         return self
 
     def codes(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -264,7 +265,7 @@ class TournamentKey:
         """
         ctx = self.contexts(bits, before)
         usable = self.usable[: probs.shape[-1]]
-        cand = candidates(torch.log(probs), usable, self.layers, self.tolerance)
+        cand = candidates(torch.log(probs), usable, self.layers, self.tolerance, self._usable_index(probs.shape[-1]))
         if not cand.gathered:
             q = probs * usable
             return q * self.ratios(q, None, ctx, None, active).candidates + probs * ~usable
@@ -287,7 +288,7 @@ class TournamentKey:
         ctx = self.contexts(bits, before)
         usable = self.usable[: scores.shape[-1]]
         tempered = scores.float() if temperature == 1.0 else scores.float() / temperature
-        cand = candidates(tempered, usable, self.layers, self.tolerance)
+        cand = candidates(tempered, usable, self.layers, self.tolerance, self._usable_index(scores.shape[-1]))
         if not cand.gathered:
             probs = torch.softmax(scores.double() / temperature, dim=-1)
             q = probs * usable
@@ -298,17 +299,30 @@ class TournamentKey:
         picked_scores = scores.gather(1, cand.index).double()
         picked = torch.exp(picked_scores / temperature - cand.top.double()) * cand.valid
         r = self.ratios(picked, cand.index, ctx, cand.tail, active)
+        out = scores if inplace else scores.clone()
+        if not bool((cand.tail > 0).any()):
+            # No tail: the tokens left out (special ones, zero or below e^-80 of the top) keep their logits, and so
+            # their mass (the last below float64 resolution: their scaling by the tail's ratio is not worth a pass).
+            return _scatter_candidates(out, cand, (picked_scores + torch.log(r.candidates) * temperature).to(scores.dtype), inplace=True)
         # Relative to the tail (left as it is): a candidate moves by its ratio over the tail's, a special token against it.
         relative = torch.log(r.candidates / r.tail.unsqueeze(-1)) * temperature
-        out = scores if inplace else scores.clone()
-        if not self._all_usable(scores.shape[-1]):
-            out[:, ~usable] -= (torch.log(r.tail) * temperature).to(scores.dtype).unsqueeze(-1)
+        unusable = self._unusable_index(scores.shape[-1])
+        if unusable.numel():
+            shift = (torch.log(r.tail) * temperature).to(scores.dtype).unsqueeze(-1)
+            out.index_copy_(1, unusable, out.index_select(1, unusable) - shift)
         return _scatter_candidates(out, cand, (picked_scores + relative).to(scores.dtype), inplace=True)
 
-    def _all_usable(self, vocab: int) -> bool:
-        if self._usable_all is None or self._usable_all[0] != vocab:
-            self._usable_all = (vocab, bool(self.usable[:vocab].all()))
-        return self._usable_all[1]
+    def _usable_index(self, vocab: int) -> Optional[torch.Tensor]:
+        """Ids of the usable tokens (None when every token is usable), cached per vocabulary size."""
+        if self._indices is None or self._indices[0] != vocab:
+            usable = self.usable[:vocab]
+            self._indices = (vocab, None if bool(usable.all()) else torch.nonzero(usable).view(-1), torch.nonzero(~usable).view(-1))
+        return self._indices[1]
+
+    def _unusable_index(self, vocab: int) -> torch.Tensor:
+        self._usable_index(vocab)
+        assert self._indices is not None
+        return self._indices[2]
 
 
 def _scatter_candidates(out: torch.Tensor, cand: Candidates, values: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -156,43 +156,43 @@ def _gather(rows: torch.Tensor, cols: torch.Tensor, b: int) -> tuple[torch.Tenso
     return torch.where(valid, index, index[:, :1]), valid
 
 
-def _pairs(mask: torch.Tensor, usable: torch.Tensor, everywhere: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The usable (row, col) pairs of ``mask``, or None when some row has more than :data:`CANDIDATE_SHARE` of the
+def _pairs(mask: torch.Tensor, vocab: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The (row, col) pairs of ``mask``, or None when some row has more than :data:`CANDIDATE_SHARE` of the
     vocabulary (counted first: a flat row then costs one pass, not a list of every token)."""
-    b, v = mask.shape
-    if not everywhere:
-        mask = mask & usable
-    if int(torch.count_nonzero(mask, -1).max()) > CANDIDATE_SHARE * v:
+    if int(torch.count_nonzero(mask, -1).max()) > CANDIDATE_SHARE * vocab:
         return None
     return mask.nonzero(as_tuple=True)
 
 
-def candidates(log_mass: torch.Tensor, usable: torch.Tensor, layers: int, tolerance: float) -> Candidates:
+def candidates(log_mass: torch.Tensor, usable: torch.Tensor, layers: int, tolerance: float,
+               usable_index: Optional[torch.Tensor] = None) -> Candidates:
     """The candidate set of rows of log-masses (B, V) (-inf where the token cannot be drawn).
 
-    First every usable token within ``exp(-NEGLIGIBLE)`` of the row's largest mass (the rest holds less than 1e-30
-    of the mass, below float64 resolution: nothing is approximated). Where that is more than
+    First every usable token within ``exp(-NEGLIGIBLE)`` of the row's largest usable mass (the rest holds less than
+    1e-30 of the mass, below float64 resolution: nothing is approximated). Where that is more than
     :data:`CANDIDATE_SHARE` of the vocabulary, the tokens above ``tolerance * 2^-layers / V`` of the largest mass
     (so below that share of the usable mass) with the others as the tail, whose mass comes in units of the
     largest mass (``tail``). Where that too is most of the vocabulary, every usable token plays (``gathered`` False).
+    ``usable_index``: the ids of the usable tokens, when they are not all (only their columns are read then;
+    derived from ``usable`` when not given).
     """
     b, v = log_mass.shape
-    everywhere = bool(usable.all())
-    top, arg = log_mass.max(-1, keepdim=True)
-    if not (everywhere or bool(usable[arg].all())):
-        top = log_mass.masked_fill(~usable, float("-inf")).max(-1, keepdim=True).values
-    top = top.clamp(min=-1e30)  # a row without usable mass: nothing but zeros
-    near = log_mass > top - NEGLIGIBLE
-    pairs = _pairs(near, usable, everywhere)
+    if usable_index is None and not bool(usable[:v].all()):
+        usable_index = torch.nonzero(usable[:v]).view(-1)
+    x = log_mass if usable_index is None else log_mass.index_select(1, usable_index)  # (B, U)
+    top = x.max(-1, keepdim=True).values.clamp(min=-1e30)  # a row without usable mass: nothing but zeros
+    near = x > top - NEGLIGIBLE
+    pairs = _pairs(near, v)
     tail = torch.zeros(b, dtype=torch.float64, device=log_mass.device)
     if pairs is None and tolerance > 0:
         cut = top + math.log(tolerance * 2.0 ** -layers / v)
-        keep = log_mass > cut
-        pairs = _pairs(keep, usable, everywhere)
+        keep = x > cut
+        pairs = _pairs(keep, v)
         if pairs is not None:
-            rows, cols = (near & ~keep & usable).nonzero(as_tuple=True)
-            tail.index_add_(0, rows, torch.exp(log_mass[rows, cols].double() - top[rows, 0].double()))
+            rows, cols = (near & ~keep).nonzero(as_tuple=True)
+            tail.index_add_(0, rows, torch.exp(x[rows, cols].double() - top[rows, 0].double()))
     if pairs is None or pairs[0].numel() == 0:
         return Candidates(None, None, None, top)
-    index, valid = _gather(*pairs, b)
+    rows, cols = pairs
+    index, valid = _gather(rows, cols if usable_index is None else usable_index[cols], b)
     return Candidates(index, valid, tail, top)
