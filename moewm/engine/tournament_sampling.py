@@ -11,8 +11,11 @@ the masses are summed into ``2^GROUP_BITS`` bins, the group's layers run on the 
 multiplied once by its bin's product. Only the summation order differs from the layer-by-layer form: the
 sampled distribution is the same up to float64 rounding.
 
-**Candidates (bounded).** Tokens whose probability is below ``tolerance * 2^-m / V`` of the usable mass (m layers,
-V tokens) form the tail; its total share is then at most ``tolerance * 2^-m``. The tail is treated exactly as the
+**Candidates (bounded).** First the usable tokens within ``e^-80`` of the row's largest mass: the others hold less
+than 1e-30 of the mass all together, below float64 resolution, so nothing is approximated (and tokens of
+probability exactly zero, an earlier processor's -inf or a tokenizer's spare ids, are never candidates). Where that
+is most of the vocabulary, tokens below ``tolerance * 2^-m / V`` of the largest mass (m layers, V tokens) form the
+tail; its total share is then at most ``tolerance * 2^-m``. The tail is treated exactly as the
 detector treats it (:meth:`moewm.engine.tournament.TournamentScorer.draws`: g = 1/2 at every layer, so its mass
 is scaled by ``1.5 - G_l`` and kept in its own proportions). Bound on the change, in total variation against
 the tournament over the whole vocabulary: write d_l for the L1 distance after layer l and t_l for the tail's
@@ -24,9 +27,8 @@ t_{l-1} in L1, so
 
 with H_l the candidates' own G (computed). A priori (every factor at most 2, the tail growing at most by 1.5
 per layer) TV < t_0 2^m <= ``tolerance``; :func:`tournament_ratios` also returns the run-time bound, which is
-usually far smaller. Where the candidates would be most of the vocabulary (a flat distribution) every usable
-token is a candidate and nothing is approximated. Tokens of probability exactly zero (an earlier processor's
--inf, a tokenizer's spare ids) are never candidates: they stay at zero either way.
+usually far smaller. Where the candidates would still be most of the vocabulary (a flat distribution) every
+usable token plays, grouped, and nothing is approximated.
 """
 
 from __future__ import annotations
