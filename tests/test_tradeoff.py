@@ -76,9 +76,13 @@ def test_every_tradeoff_point_composes_and_validates(point):
         parts = point.split("_")[1:]
         assert app.watermark.synthid.ngram_len == (int(parts[0][1:]) if len(parts) > 1 else 5)
         assert app.watermark.synthid.num_keys == int(parts[-1][1:])
-    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k>] -> 20 layers of 4 bits, ...
+    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k> | _top1] -> 20 layers of 4 bits, ...
         base, routed = point, None
-        if point.endswith("_twin"):  # the routing-free twin: no layer keyed by routing
+        top1 = point.endswith("_top1")  # the routing feature: each MoE layer's top-1 expert, not its whole distribution
+        assert (app.extractor.use_top_k, app.extractor.k if top1 else 1) == (top1, 1)
+        if top1:
+            base = point[: -len("_top1")]
+        elif point.endswith("_twin"):  # the routing-free twin: no layer keyed by routing
             base, routed = point[: -len("_twin")], 0
         elif "_r" in point:  # _r<k>: the first k layers keyed by routing, the others by the tokens alone
             base, routed = point.rsplit("_r", 1)[0], int(point.rsplit("_r", 1)[1])
@@ -115,6 +119,10 @@ def test_the_presets_run_every_routing_point_beside_its_routing_free_twin(preset
                        for t in twins.values()), f"{preset}: {point} runs without its routing-free twin"
     assert {3, 5} <= {c.synthid.ngram_len for c in configs.values() if c.kind == "synthid"}
     assert {1, 4} <= {c.kgw.context_width for c in configs.values() if c.kind == "kgw"}
+    if preset in ("routing_study", "design_search"):  # the whole baseline grid, tuned over its own settings
+        assert {2, 3, 4, 5} <= {c.synthid.ngram_len for c in configs.values() if c.kind == "synthid"}
+        grid = {(c.kgw.seeding_scheme, c.kgw.context_width) for c in configs.values() if c.kind == "kgw"}
+        assert {(s, h) for s in ("lefthash", "selfhash") for h in (1, 2, 4)} <= grid
     if preset == "routing_study":
         assert params["seed"] == "range(3)"
 
