@@ -163,6 +163,16 @@ def watermark_from_meta(meta: dict[str, Any], path: Path) -> WatermarkConfig:
     return cfg
 
 
+def design_from_meta(meta: dict[str, Any]) -> tuple[ExtractorConfig, EncoderConfig]:
+    """The extractor and encoder that wrote a corpus (the defaults for a corpus whose meta names none)."""
+    extractor = meta.get("extractor") if isinstance(meta.get("extractor"), dict) else {}
+    encoder = meta.get("encoder") if isinstance(meta.get("encoder"), dict) else {}
+    out = ExtractorConfig(**_known(ExtractorConfig, extractor, "extractor")), EncoderConfig(**_known(EncoderConfig, encoder, "encoder"))
+    out[0].validate()
+    out[1].validate()
+    return out
+
+
 def scheme_setup(cfg: StudyConfig, scheme: str) -> tuple[WatermarkConfig, WatermarkKey]:
     """The deployed scheme's WatermarkConfig and key for a corpus; a ConfigError when the fingerprint differs."""
     path = cfg.corpus_path(cfg.model, scheme)
@@ -170,6 +180,7 @@ def scheme_setup(cfg: StudyConfig, scheme: str) -> tuple[WatermarkConfig, Waterm
     if meta.get("model") not in (None, cfg.model):
         raise ConfigError(f"{path}: written by model {meta.get('model')!r}, not --model={cfg.model}")
     wm_cfg = watermark_from_meta(meta, path)
+    design_from_meta(meta)  # the extractor and encoder it names are valid
     seed = int(meta.get("seed", cfg.seed)) if meta.get("seed") is not None else cfg.seed
     key = WatermarkKey(cfg.secret, seed)
     if meta.get("key_fingerprint") != key.fingerprint:
@@ -307,8 +318,9 @@ def run_study(cfg: StudyConfig, on_row: Any = None, cache: Optional[Cache] = Non
                  time.perf_counter() - start)
     for scheme in cfg.schemes:
         wm_cfg, key = scheme_setup(cfg, scheme)
+        extractor, encoder = design_from_meta(read_meta(cfg.corpus_path(cfg.model, scheme)))
         wm_rows = read_corpus(cfg.corpus_path(cfg.model, scheme), max(cfg.counts))
-        with build_watermarker(wm_cfg.kind, deployed, tokenizer, wm_cfg, key, extractor=ExtractorConfig(), encoder=EncoderConfig(),
+        with build_watermarker(wm_cfg.kind, deployed, tokenizer, wm_cfg, key, extractor=extractor, encoder=encoder,
                                cache_dir=cfg.cache_dir) as wm:
             start = time.perf_counter()
             p_null = _detect(wm, null)
