@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from moewm.app.report import collect
-from moewm.evaluation.routing_goal import ATTACKER, goal_table, markdown, spoofing_extras, validity_extras
+from moewm.evaluation.routing_goal import ATTACKER, goal_table, markdown, spoofing_extras, spoofing_front, validity_extras
 from moewm.evaluation.tradeoff import tradeoff_report
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--study: at least one MODEL=SWEEP_DIR")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    goals = []
+    goals, fronts = [], []
     for model, sweep in studies.items():
         steal = pd.read_csv(stealing[model]) if model in stealing else None
         valid = validity_extras(validity.get(model, {}))
@@ -68,14 +68,19 @@ def main(argv: list[str] | None = None) -> None:
         joined = pd.concat(extras, axis=1) if extras else None
         table, _ = tradeoff_report(collect(sweep), sweep, joined)
         goals.append(goal_table(model, table, steal, valid))
+        if steal is not None:
+            fronts.append(spoofing_front(model, table, steal))
         if args.copy:
             shutil.copy(Path(sweep) / "tradeoff.md", out / f"routing_study_{model}.md")
             shutil.copy(Path(sweep) / "tradeoff.csv", out / f"routing_study_{model}.csv")
             shutil.copy(Path(sweep) / "routing_adds.csv", out / f"routing_adds_{model}.csv")
     goal = pd.concat(goals, ignore_index=True)
+    front = pd.concat(fronts, ignore_index=True) if fronts else pd.DataFrame()
     goal.to_csv(out / "routing_goal.csv", index=False)
-    (out / "routing_goal.md").write_text(markdown(goal))
-    print(markdown(goal))
+    front.to_csv(out / "routing_front.csv", index=False)
+    text = markdown(goal, front)
+    (out / "routing_goal.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

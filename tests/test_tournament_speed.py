@@ -53,6 +53,7 @@ def reference_units(scorer: TournamentScorer, batch: CaptureBatch, tables) -> tu
     bits = signatures(batch.features, bank)
     picked = bits[..., scorer.blocks].long()
     codes = (picked << torch.arange(scorer.blocks.shape[1])).sum(-1)
+    codes = codes * (torch.arange(scorer.layers) < scorer.routing_layers)  # layers keyed by tokens alone: block 0
     before = batch.tokens_before(scorer.context_tokens) if scorer.context_tokens else None
     codes = context_codes(codes, before)
     ctx = context_hash(layer_salts(bank.salt, scorer.layers), codes)
@@ -217,6 +218,10 @@ def tiny():
 
 @pytest.mark.parametrize("statistic,tournament", [
     ("green", TournamentConfig()),  # the shipped design
+    ("green", TournamentConfig(routing_layers=10)),  # half the layers keyed by tokens alone
+    ("green", TournamentConfig(routing_layers=0)),  # the routing-free twin
+    ("green", TournamentConfig(block_bits=4, skip_repeated=False)),  # 8 distinct blocks; every repeat counted once per token
+    ("green", TournamentConfig(context_tokens=0, block_bits=16)),  # routing alone: the block code is the repeat slot
     ("llr", TournamentConfig(context_tokens=0, block_bits=4, skip_repeated=False)),
     ("z", TournamentConfig(context_tokens=1, skip_repeated=False)),
 ])

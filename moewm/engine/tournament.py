@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from moewm.engine.lsh import _MASK32, _ROUND, _mix32
+from moewm.engine.lsh import _MASK32, _ROUND, _mix32, mix32_int32_
 from moewm.engine.scoring import BankTables, CaptureBatch, KeyDraws, StatisticSpec, first_occurrences, signatures
 from moewm.engine.tournament_sampling import Candidates, TournamentRatios, as_int32, candidates, tournament_ratios
 
@@ -134,6 +134,35 @@ def layer_codes(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, b
         routed = torch.arange(codes.shape[-1], device=codes.device) < routing_layers
         codes = codes * routed
     return context_codes(codes, before)
+
+
+def layer_contexts32(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, salts: torch.Tensor,
+                     before: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key's context codes and keyed layer contexts, layers before positions: (R, B, m, n) int32 each.
+
+    The bits of :func:`layer_codes` (the 32-bit code as two's complement) and of :func:`context_hash`, computed
+    where detection spends its time (keys x texts x positions x layers) with half the memory traffic: the block
+    codes only for the distinct blocks (with 32 signature bits and 8-bit blocks, 4 of 20 layers) and gathered per
+    layer, the tokens' hash and the mixers in int32 in place, and the layout the first-occurrence sort reads
+    without a copy. ``bits`` (R, B, n, nb) bool, ``salts`` (R, m) from :func:`layer_salts`, ``before`` (B, n, c).
+    """
+    m = blocks.shape[0]
+    distinct, layer_of = torch.unique(blocks, dim=0, return_inverse=True)
+    codes = block_codes(bits, distinct).to(torch.int32)  # (R, B, n, u): block codes < 2^b
+    if routing_layers < m:  # the layers keyed by tokens alone read a block code of 0
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
+        layer_of = torch.where(torch.arange(m) < routing_layers, layer_of, distinct.shape[0])
+    codes = codes.permute(0, 1, 3, 2).contiguous().index_select(2, layer_of.to(codes.device))  # (R, B, m, n)
+    if before is not None:
+        before = before.to(codes.device).long()
+        token = _mix32((before[..., -1] ^ _PREVIOUS) & _MASK32)
+        if before.shape[-1] > 1:
+            token = _mix32(token ^ ((before[..., -2] ^ _EARLIER) & _MASK32))
+        mix32_int32_(codes.bitwise_xor_(as_int32(token).unsqueeze(-2)))  # context_codes, bit for bit
+    r = codes.shape[0]
+    ctx = as_int32(salts.to(codes.device)).view(r, 1, m, 1) ^ codes
+    mix32_int32_(ctx).bitwise_and_(_HALF).bitwise_or_(1)  # context_hash, bit for bit
+    return codes, ctx
 
 
 def tokens_before(input_ids: torch.Tensor, count: int) -> torch.Tensor:
@@ -364,12 +393,17 @@ class TournamentScorer:
         self.vocab_size = int(vocab_size)
 
     def contexts(self, batch: CaptureBatch, tables: BankTables) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, B, n, m) context codes and keyed layer contexts of every key at every position."""
+        """(R, B, n, m) context codes and keyed layer contexts of every key at every position (int64 views of
+        :meth:`contexts32`: :func:`layer_codes` and :func:`context_hash`)."""
+        codes, ctx = self.contexts32(batch, tables)
+        return (codes.long() & _MASK32).permute(0, 1, 3, 2), ctx.long().permute(0, 1, 3, 2)
+
+    def contexts32(self, batch: CaptureBatch, tables: BankTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, B, m, n) int32 context codes and keyed layer contexts (:func:`layer_contexts32`)."""
         bank = tables.bank
         bits = signatures(batch.features, bank)  # (R, B, n, nb)
         before = batch.tokens_before(self.context_tokens) if self.context_tokens else None
-        codes = layer_codes(bits, self.blocks, self.routing_layers, before)
-        return codes, context_hash(layer_salts(bank.salt.to(codes.device), self.layers), codes)
+        return layer_contexts32(bits, self.blocks, self.routing_layers, layer_salts(bank.salt.to(bits.device), self.layers), before)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:
         """(R, B, n, m) bool: valid positions, each (layer, context code, token) unit once when ``ignore_repeated``;
@@ -403,6 +437,8 @@ class TournamentScorer:
 
     def draws(self, batch: CaptureBatch, tables: BankTables, spec: Optional[StatisticSpec] = None) -> KeyDraws:
         """Per-position evidence of every key in ``tables`` (see the class docstring); layers loop, nothing else."""
+        if self.statistic == "green" and (self.skip_repeated or not self.ignore_repeated):
+            return self._green_draws(batch, tables)
         codes, ctx = self.contexts(batch, tables)
         scored = self.scored_units(batch, codes)  # (R, B, n, m)
         g = g_values(ctx, token_hash(batch.tokens).unsqueeze(0).unsqueeze(-1))  # (R, B, n, m) long 0/1
@@ -428,3 +464,18 @@ class TournamentScorer:
         zero = torch.zeros((), dtype=torch.float64, device=terms.device)
         evidence = torch.where(scored, terms.double(), zero).sum(-1)  # (R, B, n)
         return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-1))
+
+    def _green_draws(self, batch: CaptureBatch, tables: BankTables) -> KeyDraws:
+        """The ``green`` count per position in int32, layers before positions (the shipped design's detection):
+        the same evidence as the general path, bit for bit, without its int64 passes and permuted copies."""
+        codes, ctx = self.contexts32(batch, tables)  # (R, B, m, n)
+        r, b, m, n = codes.shape
+        scored = batch.valid.to(codes.device).view(1, b, 1, n).expand(r, b, m, n)
+        if self.skip_repeated:
+            slots = codes if self.code_bits <= REPEAT_TABLE_BITS else mix32_int32_(codes).bitwise_and_((1 << REPEAT_TABLE_BITS) - 1)
+            scored = first_slots(slots.view(-1, n), scored.reshape(-1, n), min(self.code_bits, REPEAT_TABLE_BITS)).view(r, b, m, n)
+        hashed = as_int32(token_hash(batch.tokens.to(codes.device))).view(1, b, 1, n)
+        green = torch.lt(ctx.mul_(hashed), 0).logical_and_(scored)  # g: bit 31 of context x token hash mod 2^32
+        evidence = green.sum(-2, dtype=torch.int32).double()  # (R, B, n)
+        return KeyDraws(evidence, torch.zeros_like(evidence), scored.any(-2))
+

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
+from moewm.evaluation.tradeoff import noisy_front
+
 GOAL_SURVIVAL = 0.90
 GOAL_SPOOF_RATIO = 0.10
 REFERENCE = "synthid_n3_k20"
@@ -104,13 +106,53 @@ def goal_table(model: str, table: pd.DataFrame, stealing: Optional[pd.DataFrame]
     return pd.DataFrame(rows)
 
 
+def spoofing_front(model: str, table: pd.DataFrame, stealing: pd.DataFrame) -> pd.DataFrame:
+    """The noise-aware front of every point with a spoofing curve on (detection after 30 % substitution, higher
+    better; text-only spoofing at the largest N of the study, lower better; perplexity cost, lower better), each
+    with its standard error (over keys; binomial over the 64 spoofed texts for spoofing). Points whose curve stops
+    below that N are left out (the report names them)."""
+    spoof = spoofing_extras(stealing)
+    points = [p for p in spoof.index if p in table.index]
+    if not points:
+        return pd.DataFrame()
+    n = int(spoof.loc[points, "spoof_n"].max())
+    points = [p for p in points if int(spoof.loc[p, "spoof_n"]) == n]
+    rows = []
+    for p in points:
+        share = spoof_at(stealing, p, n)
+        rows.append({"model": model, "point": p, "survival": float(table.loc[p, ATTACK]), "survival_sem": float(table.loc[p].get(f"{ATTACK}_sem", np.nan)),
+                     "spoof": share, "spoof_sem": float(np.sqrt(share * (1 - share) / 64)) if np.isfinite(share) else np.nan, "spoof_n": n,
+                     "ppl_cost": float(table.loc[p, "ppl_cost"]), "ppl_cost_sem": float(table.loc[p].get("ppl_cost_sem", np.nan))})
+    out = pd.DataFrame(rows)
+    axes = np.stack([-out["survival"], out["spoof"], out["ppl_cost"]], axis=1)
+    se = out[["survival_sem", "spoof_sem", "ppl_cost_sem"]].to_numpy(float)
+    out["on_front"] = noisy_front(axes, se)
+    return out
+
+
+def front_markdown(front: pd.DataFrame) -> list[str]:
+    """The front with spoofing as an axis, per model."""
+    lines = []
+    for model, part in front.groupby("model", sort=False):
+        n = int(part["spoof_n"].iloc[0])
+        lines += [f"## {model}: front with spoofing as an axis (N = {n})", "",
+                  "Survival after 30 % substitution (higher better), text-only spoofing (lower better) and perplexity cost (lower better), "
+                  "± standard errors; a point is dominated only beyond the combined error on one axis while within it on the others.", "",
+                  "| point | survival subst 0.3 | spoof | cost | on the front |", "|---|---|---|---|---|"]
+        for _, r in part.sort_values(["on_front", "survival"], ascending=[False, False]).iterrows():
+            lines.append(f"| `{r['point']}` | {r['survival']:.2f} ± {r['survival_sem']:.2f} | {r['spoof']:.2f} ± {r['spoof_sem']:.2f} | "
+                         f"{100 * r['ppl_cost']:+.0f} ± {100 * r['ppl_cost_sem']:.0f} % | {'yes' if r['on_front'] else ''} |")
+        lines.append("")
+    return lines
+
+
 def stopped_by(row: pd.Series) -> str:
     """Which criteria a design misses ("" when it meets all; "not run" criteria are named as such)."""
     missed = [f"{c} ({row[c]})" if row[c] != "no" else c for c in ("robust", "secret", "valid") if row[c] != "yes"]
     return ", ".join(missed)
 
 
-def markdown(goal: pd.DataFrame) -> str:
+def markdown(goal: pd.DataFrame, front: Optional[pd.DataFrame] = None) -> str:
     """The goal table: per model and design, robustness, spoofing against the reference, validity, the verdict."""
     lines = ["# The routing watermark's goal, design by design", "",
              f"Goal: valid per key, detection after 30 % substitution >= {GOAL_SURVIVAL:.2f}, and text-only spoofing "
@@ -135,4 +177,6 @@ def markdown(goal: pd.DataFrame) -> str:
     lines += ["## Verdict", "", (f"Meets the goal on every model: {', '.join(f'`{p}`' for p in sorted(met_everywhere))}."
                                  if met_everywhere else "No design meets the goal on every model."),
               f"Robust on every model: {', '.join(f'`{p}`' for p in sorted(robust_everywhere)) or 'none'}.", ""]
+    if front is not None and len(front):
+        lines += front_markdown(front)
     return "\n".join(lines)

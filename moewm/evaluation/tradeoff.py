@@ -201,26 +201,34 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
 
 def pareto_front(cost: np.ndarray, value: np.ndarray, higher_is_better: bool, cost_se: Optional[np.ndarray] = None,
                  value_se: Optional[np.ndarray] = None) -> np.ndarray:
-    """Boolean mask: points no other point dominates.
+    """Boolean mask: points no other point dominates on (cost, value) (:func:`noisy_front` on two axes).
 
     Without standard errors: j dominates i when its cost is no higher and its value no worse, one strictly. With
     them (the standard error over keys of each point, NaN read as 0), a difference counts only beyond the combined
     standard error sqrt(se_i^2 + se_j^2): j dominates i when it is as good on both axes within that error and better
     than it on one by more, so two points inside each other's noise are tied and neither leaves the front.
     """
-    c = np.asarray(cost, dtype=np.float64)
     v = np.asarray(value, dtype=np.float64)
-    v = -v if higher_is_better else v  # both objectives: lower is better
-    valid = np.isfinite(c) & ~np.isnan(v)
-    sc = np.zeros_like(c) if cost_se is None else np.nan_to_num(np.asarray(cost_se, dtype=np.float64))
-    sv = np.zeros_like(v) if value_se is None else np.nan_to_num(np.asarray(value_se, dtype=np.float64))
-    ec = np.sqrt(sc[:, None] ** 2 + sc[None, :] ** 2)  # [i, j]: the noise of the difference
-    ev = np.sqrt(sv[:, None] ** 2 + sv[None, :] ** 2)
+    axes = np.stack([np.asarray(cost, dtype=np.float64), -v if higher_is_better else v], axis=1)
+    c_se = np.zeros(len(v)) if cost_se is None else np.asarray(cost_se, dtype=np.float64)
+    v_se = np.zeros(len(v)) if value_se is None else np.asarray(value_se, dtype=np.float64)
+    return noisy_front(axes, np.stack([c_se, v_se], axis=1), finite=np.array([True, False]))
+
+
+def noisy_front(axes: np.ndarray, se: np.ndarray, finite: Optional[np.ndarray] = None) -> np.ndarray:
+    """Boolean mask over points (N, k axes, lower is better on each): those no other point dominates, where j
+    dominates i when it is as good on every axis within the combined standard error sqrt(se_i^2 + se_j^2) and
+    better beyond it on one (NaN errors read as 0). A point with a NaN value, or an infinite one on an axis of
+    ``finite`` (k bools; default none), is off the front and dominates nothing."""
+    x = np.asarray(axes, dtype=np.float64)
+    s = np.nan_to_num(np.asarray(se, dtype=np.float64))
+    need_finite = np.zeros(x.shape[1], dtype=bool) if finite is None else np.asarray(finite, dtype=bool)
+    valid = ~np.isnan(x).any(axis=1) & np.isfinite(x[:, need_finite]).all(axis=1)
+    e = np.sqrt(s[:, None, :] ** 2 + s[None, :, :] ** 2)  # [i, j, axis]: the noise of the difference
     with np.errstate(invalid="ignore"):  # inf - inf (never-detected points) compares as not better
-        dc = c[None, :] - c[:, None]  # [i, j]: j's cost minus i's
-        dv = v[None, :] - v[:, None]
-        le = (dc <= ec) & (dv <= ev)
-        lt = (dc < -ec) | (dv < -ev)
+        d = x[None, :, :] - x[:, None, :]  # [i, j, axis]: j's value minus i's
+        le = (d <= e).all(axis=2)
+        lt = (d < -e).any(axis=2)
     dominated = (le & lt & valid[None, :]).any(axis=1)
     return valid & ~dominated
 
