@@ -82,3 +82,24 @@ def test_a_stealing_corpus_names_its_design_by_trade_off_point_before_any_weight
     run = subprocess.run([sys.executable, "scripts/stealing_corpora.py", "--point", "synthid_n3_k20", "--watermark", "{}"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "--point and --watermark both name the design" in run.stderr
+
+
+def test_a_point_leaves_the_front_only_beyond_the_noise_on_some_axis():
+    from moewm.evaluation.tradeoff import noisy_front
+
+    axes = np.array([[0.0, 0.0, 0.0], [0.05, 0.05, 0.05], [0.5, 0.0, 0.0], [np.nan, 0.0, 0.0]])  # lower is better
+    assert noisy_front(axes, np.zeros_like(axes)).tolist() == [True, False, False, False]
+    se = np.full_like(axes, 0.1)  # the second point is within the noise of the first everywhere: tied, kept
+    assert noisy_front(axes, se).tolist() == [True, True, False, False]
+
+
+def test_the_spoofing_front_compares_points_at_the_largest_corpus_only():
+    from moewm.evaluation.routing_goal import spoofing_front
+
+    table = sweep_table().assign(ppl_cost=0.0, ppl_cost_sem=0.01)
+    rows = stealing_rows()
+    rows = rows[~((rows["scheme"] == "fragile") & (rows["count"] == 4000))]  # its curve stops at 1,000
+    front = spoofing_front("m", table, rows).set_index("point")
+    assert "fragile" not in front.index and set(front["spoof_n"]) == {4000}
+    assert front.loc["good", "on_front"] and front.loc[REFERENCE, "on_front"]  # secret vs robust: both kept
+    assert not front.loc["twin", "on_front"]  # as robust as the reference within the noise, no less spoofed
