@@ -138,6 +138,23 @@ class PositionContexts:
     def __len__(self) -> int:
         return int(self.positions.shape[0])
 
+    @classmethod
+    def of_routing_batch(cls, captures: Sequence[Any], context: torch.Tensor, green_list: torch.Tensor, green: torch.Tensor,
+                         scored: torch.Tensor, evidence: torch.Tensor) -> list["PositionContexts"]:
+        """One per capture of a routing scheme's batch: each batched tensor (B, n, ...) cut to the capture's scored
+        positions (``context`` the signature bits, so ``bits`` is set). Captures without text positions (cache
+        version 1) are refused: the diagnostics align positions between a text and its edit."""
+        out = []
+        for i, c in enumerate(captures):
+            if c.positions is None:
+                raise ValueError("position_contexts: this capture predates text positions (capture cache version 1); capture the text again")
+            m = c.num_scored
+            out.append(cls(positions=c.positions.numpy().astype(np.int64), tokens=c.tokens.numpy().astype(np.int64),
+                           context=context[i, :m].cpu().numpy(), green_list=green_list[i, :m].cpu().numpy(),
+                           green=green[i, :m].cpu().numpy(), scored=scored[i, :m].cpu().numpy(),
+                           evidence=evidence[i, :m].cpu().numpy(), bits=True))
+        return out
+
     @staticmethod
     def standardised(green: torch.Tensor, gamma: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """(..., n) evidence from draws (..., n, m) with null probabilities gamma (..., n, m); 0 where not scored."""

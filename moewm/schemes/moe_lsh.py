@@ -316,15 +316,7 @@ class MoELSHWatermark(TextGeneration):
             counted = scoring.key_draws(batch, self._true_tables, spec).scored[0]  # what detection counts
             green = every.green[0]
             evidence = PositionContexts.standardised(green.unsqueeze(-1), every.gamma[0].unsqueeze(-1), counted)
-            for i, c in enumerate(chunk):
-                m = c.num_scored
-                if c.positions is None:
-                    raise ValueError("position_contexts: this capture predates text positions (capture cache version 1); capture the text again")
-                out.append(PositionContexts(
-                    positions=c.positions.numpy().astype(np.int64), tokens=c.tokens.numpy().astype(np.int64),
-                    context=bits[i, :m].cpu().numpy(), green_list=pools[i, :m].cpu().numpy(),
-                    green=green[i, :m, None].cpu().numpy(), scored=counted[i, :m].cpu().numpy(),
-                    evidence=evidence[i, :m].cpu().numpy(), bits=True))
+            out += PositionContexts.of_routing_batch(chunk, bits, pools, green.unsqueeze(-1), counted, evidence)
         return out
 
     def detect_ids(

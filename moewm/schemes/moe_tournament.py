@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional, Sequence
 
-import numpy as np
 import torch
 
 from moewm.config import ConfigError, EncoderConfig, GenerationConfig, WatermarkConfig
@@ -139,15 +138,7 @@ class MoETournamentWatermark(MoELSHWatermark):
             g, expected, unit_scored = units.g[0], units.expected[0], units.scored[0]  # (B, n, m)
             p = torch.where(unit_scored, expected, torch.zeros_like(expected))  # an unscored unit adds nothing
             evidence = PositionContexts.standardised(g & unit_scored, p, unit_scored.any(-1))
-            for i, c in enumerate(chunk):
-                m = c.num_scored
-                if c.positions is None:
-                    raise ValueError("position_contexts: this capture predates text positions (capture cache version 1); capture the text again")
-                out.append(PositionContexts(
-                    positions=c.positions.numpy().astype(np.int64), tokens=c.tokens.numpy().astype(np.int64),
-                    context=bits[i, :m].cpu().numpy(), green_list=codes[i, :m].cpu().numpy(),
-                    green=g[i, :m].cpu().numpy(), scored=unit_scored[i, :m].any(-1).cpu().numpy(),
-                    evidence=evidence[i, :m].cpu().numpy(), bits=True))
+            out += PositionContexts.of_routing_batch(chunk, bits, codes, g, unit_scored.any(-1), evidence)
         return out
 
     def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
