@@ -257,3 +257,16 @@ def test_a_tiny_run_writes_the_csv_and_markdown(tmp_path):
     assert len(frame[frame["mode"] == "spoof"]) == 2 * 2 and (frame["wall_s"] >= 0).all()
     assert "stealing-study-secret" not in (out / "stealing.csv").read_text() + (out / "stealing.md").read_text()
     assert "Best spoofing attack" in (out / "stealing.md").read_text() and (out / "stealing.png").exists()
+
+
+def test_a_corpus_meta_names_the_extractor_and_encoder_that_wrote_it():
+    from moewm.config import ConfigError, EncoderConfig, ExtractorConfig
+    from moewm.evaluation.stealing import design_from_meta
+
+    assert design_from_meta({}) == (ExtractorConfig(), EncoderConfig())  # corpora written before the meta named them
+    extractor, encoder = design_from_meta({"extractor": {"use_top_k": True, "k": 1}, "encoder": {"num_bits": 16}})
+    assert (extractor.use_top_k, extractor.k, encoder.num_bits) == (True, 1, 16)
+    with pytest.raises(ConfigError, match="extractor.k=0"):
+        design_from_meta({"extractor": {"use_top_k": True, "k": 0}})
+    with pytest.raises(ConfigError, match="extractor.hyperplanes"):
+        design_from_meta({"extractor": {"hyperplanes": 3}})
