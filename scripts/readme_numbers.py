@@ -37,12 +37,12 @@ COLUMNS = ["seed", "detection_rate", "false_positive_rate", "null_ok", "tokens_t
 
 # -- the headline: what routing adds, on both embedded models (experiment=routing_study, the stealing study) ---------
 HEADLINE_MODELS = ("tiny_moe", "tiny_olmoe")
-HEADLINE_POINTS = {  # routing-study point -> (its row label, its corpus in the stealing study or None)
-    "tournament_m20_b8_ctx2": ("**routing tournament + 2 tokens (shipped)**", "shipped"),
-    "tournament_m20_b8_ctx2_twin": ("its routing-free twin: the same tournament keyed by the 2 tokens alone", "twin"),
-    "tournament_m20_b8_ctx2_r10": ("10 of its 20 layers routed, 10 keyed by the tokens alone", "r10"),
-    "synthid_n3_k20": ("SynthID ngram_len 3 (transformers)", "synthid_n3"),
-    "kgw_g025_d2": ("KGW lefthash h = 1, gamma 0.25, delta 2", "kgw_h1"),
+HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing study) -> its row label
+    "tournament_m20_b8_ctx2": "**routing tournament + 2 tokens (shipped)**",
+    "tournament_m20_b8_ctx2_twin": "its routing-free twin: the same tournament keyed by the 2 tokens alone",
+    "tournament_m20_b8_ctx2_r10": "10 of its 20 layers routed, 10 keyed by the tokens alone",
+    "synthid_n3_k20": "SynthID ngram_len 3 (transformers)",
+    "kgw_g025_d2": "KGW lefthash h = 1, gamma 0.25, delta 2",
 }
 HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
@@ -53,7 +53,7 @@ def routing_study(model: str) -> pd.DataFrame:
 
 
 def spoofing(model: str) -> dict[str, tuple[int, float]]:
-    """Per stealing corpus: (the largest N it was attacked with, the text-only attacker's best spoofing success there)."""
+    """Per design (trade-off point): (the largest N it was attacked with, the text-only attacker's best spoofing success there)."""
     path = BENCH / f"stealing_{model}.csv"
     if not path.exists():
         return {}
@@ -78,13 +78,13 @@ def headline_table() -> str:
     lines = [head, "|" + "---|" * (5 + len(HEADLINE_ATTACKS))]
     for model in HEADLINE_MODELS:
         df, spoof = routing_study(model), spoofing(model)
-        for point, (label, corpus) in HEADLINE_POINTS.items():
+        for point, label in HEADLINE_POINTS.items():
             if point not in df.index:
                 continue
             r = df.loc[point]
             cells = [model, label, _mean_se(r, "ppl_cost", 0, 100, " %"), _mean_se(r, "tokens_to_detect", 1)]
             cells += [_mean_se(r, f"attacked_{a}", 2) for a in HEADLINE_ATTACKS]
-            cells.append(f"{spoof[corpus][1]:.2f} (N = {spoof[corpus][0]:,})" if corpus in spoof else "not run")
+            cells.append(f"{spoof[point][1]:.2f} (N = {spoof[point][0]:,})" if point in spoof else "not run")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,10 +103,11 @@ def headline_phrases() -> list[str]:
         shipped, twin = df.loc["tournament_m20_b8_ctx2"], df.loc["tournament_m20_b8_ctx2_twin"]
         out.append(f"{model}: 30 % substitution keeps {shipped.attacked_substitution_0p3:.2f} with routing and "
                    f"{twin.attacked_substitution_0p3:.2f} without")
-        if {"shipped", "twin", "synthid_n3"} <= set(spoof):
-            out.append(f"at N = {spoof['shipped'][0]:,} on {model}")
-            out.append(f"spoofed texts pass the shipped design's detector {spoof['shipped'][1]:.2f}, its twin's "
-                       f"{spoof['twin'][1]:.2f} and SynthID ngram_len 3's {spoof['synthid_n3'][1]:.2f}")
+        shipped_p, twin_p, synthid_p = "tournament_m20_b8_ctx2", "tournament_m20_b8_ctx2_twin", "synthid_n3_k20"
+        if {shipped_p, twin_p, synthid_p} <= set(spoof):
+            out.append(f"at N = {spoof[shipped_p][0]:,} on {model}")
+            out.append(f"spoofed texts pass the shipped design's detector {spoof[shipped_p][1]:.2f}, its twin's "
+                       f"{spoof[twin_p][1]:.2f} and SynthID ngram_len 3's {spoof[synthid_p][1]:.2f}")
     out.append(f"{routing_study('tiny_moe').loc['tournament_m20_b8_ctx2', 'keys']:.0f} keys per point")
     pred = pd.read_csv(BENCH / "routing_predictability_tiny_moe.csv").set_index("block_bits").loc[8]
     out.append(f"the same block in {100 * pred.collision_ctx2:.0f} % of pairs of positions that share the two tokens before "
