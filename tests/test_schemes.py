@@ -73,3 +73,24 @@ def test_a_new_scheme_needs_only_its_registry_line(tmp_path, monkeypatch):
     assert new["status"] == "ok" and new["watermark_kind"] == "kgw_again"
     for name in ("detection_rate", "p_wm_median", "fpr_greedy", "detection_rate_attacked", "ppl_wm_mean", "tokens_to_detect_alpha"):
         assert new[name] == old[name] or (new[name] != new[name] and old[name] != old[name]), name
+
+
+def test_a_selfhash_step_with_no_green_candidate_boosts_nothing_instead_of_failing(monkeypatch):
+    """transformers' selfhash KGW turns an empty green list into a float tensor and fails on indexing with it; ours
+    leaves the step's scores as they are and is transformers' processor on every other step."""
+    import torch
+    from transformers.generation.logits_process import WatermarkLogitsProcessor
+
+    from moewm.schemes.kgw import KGWWatermarkingConfig, SelfHashSafeProcessor
+
+    config = KGWWatermarkingConfig(greenlist_ratio=0.25, bias=2.0, hashing_key=7, seeding_scheme="selfhash", context_width=4)
+    proc = config.construct_processor(64, "cpu")
+    assert isinstance(proc, SelfHashSafeProcessor)
+    ids, scores = torch.arange(8).view(1, 8), torch.linspace(0.0, 1.0, 64).view(1, 64)
+    reference = WatermarkLogitsProcessor(vocab_size=64, device="cpu", greenlist_ratio=0.25, bias=2.0, hashing_key=7,
+                                         seeding_scheme="selfhash", context_width=4)
+    assert torch.equal(proc(ids, scores), reference(ids, scores))  # a step with green candidates: unchanged
+    monkeypatch.setattr(WatermarkLogitsProcessor, "_get_greenlist_ids", lambda self, seq: torch.tensor([0]))  # token 0 ranks last
+    with pytest.raises(IndexError):
+        reference(ids, scores)
+    assert torch.equal(proc(ids, scores), scores)

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from transformers import WatermarkDetector, WatermarkingConfig
+from transformers.generation.logits_process import WatermarkLogitsProcessor
 
 from moewm.config import ConfigError, WatermarkConfig
 from moewm.engine.keys import WatermarkKey
@@ -24,6 +25,24 @@ from moewm.engine.generation import check_text_ids
 from moewm.schemes.ngram_base import IdsCapture, TransformersWatermark, key_int
 
 
+class SelfHashSafeProcessor(WatermarkLogitsProcessor):
+    """transformers' KGW processor, except that a selfhash step whose 40 best candidates are all red boosts nothing
+    instead of failing: transformers builds that empty green list as a float tensor, which cannot index the scores
+    (IndexError at about one step in 10^5 with gamma 0.25; every other step is transformers' own, unchanged)."""
+
+    def _score_rejection_sampling(self, input_seq: torch.LongTensor, scores: torch.Tensor) -> torch.LongTensor:
+        return super()._score_rejection_sampling(input_seq, scores).long()
+
+
+class KGWWatermarkingConfig(WatermarkingConfig):
+    """``WatermarkingConfig`` whose processor is :class:`SelfHashSafeProcessor`; ``generate`` places it where it
+    places transformers' own."""
+
+    def construct_processor(self, vocab_size: int, device: Any) -> WatermarkLogitsProcessor:
+        return SelfHashSafeProcessor(vocab_size=vocab_size, device=device, greenlist_ratio=self.greenlist_ratio, bias=self.bias,
+                                     hashing_key=self.hashing_key, seeding_scheme=self.seeding_scheme, context_width=self.context_width)
+
+
 class KGWWatermark(TransformersWatermark):
     """Kirchenbauer et al. (2023) through ``transformers.WatermarkingConfig`` / ``WatermarkDetector``."""
 
@@ -31,7 +50,7 @@ class KGWWatermark(TransformersWatermark):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, watermark_cfg: WatermarkConfig, key: WatermarkKey) -> None:
         super().__init__(model, tokenizer, watermark_cfg, key)
-        self._config = WatermarkingConfig(
+        self._config = KGWWatermarkingConfig(
             greenlist_ratio=watermark_cfg.kgw.gamma,
             bias=watermark_cfg.delta,
             hashing_key=key_int(key, "kgw"),
