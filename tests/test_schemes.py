@@ -81,11 +81,11 @@ def test_a_selfhash_step_with_no_green_candidate_boosts_nothing_instead_of_faili
     import torch
     from transformers.generation.logits_process import WatermarkLogitsProcessor
 
-    from moewm.schemes.kgw import KGWWatermarkingConfig, SelfHashSafeProcessor
+    from moewm.schemes.kgw import KGWProcessor, KGWWatermarkingConfig
 
     config = KGWWatermarkingConfig(greenlist_ratio=0.25, bias=2.0, hashing_key=7, seeding_scheme="selfhash", context_width=4)
     proc = config.construct_processor(64, "cpu")
-    assert isinstance(proc, SelfHashSafeProcessor)
+    assert isinstance(proc, KGWProcessor)
     ids, scores = torch.arange(8).view(1, 8), torch.linspace(0.0, 1.0, 64).view(1, 64)
     reference = WatermarkLogitsProcessor(vocab_size=64, device="cpu", greenlist_ratio=0.25, bias=2.0, hashing_key=7,
                                          seeding_scheme="selfhash", context_width=4)
@@ -94,3 +94,22 @@ def test_a_selfhash_step_with_no_green_candidate_boosts_nothing_instead_of_faili
     with pytest.raises(IndexError):
         reference(ids, scores)
     assert torch.equal(proc(ids, scores), scores)
+
+
+def test_lefthash_over_several_tokens_seeds_by_all_of_them():
+    """transformers' lefthash seeds by the last token whatever its context width; KGWProcessor hashes every token
+    of the context (and leaves one-token lefthash exactly as transformers has it)."""
+    import torch
+    from transformers.generation.logits_process import WatermarkLogitsProcessor
+
+    from moewm.schemes.kgw import KGWWatermarkingConfig
+
+    def greens(width, context, ours=True):
+        args = dict(greenlist_ratio=0.25, bias=2.0, hashing_key=11, seeding_scheme="lefthash", context_width=width)
+        proc = KGWWatermarkingConfig(**args).construct_processor(512, "cpu") if ours else WatermarkLogitsProcessor(vocab_size=512, device="cpu", **args)
+        return set(proc._get_greenlist_ids(torch.tensor(context)).tolist())
+
+    assert greens(1, [5, 9]) == greens(1, [5, 9], ours=False)  # h = 1: transformers' own green list
+    assert greens(4, [1, 2, 3, 9], ours=False) == greens(4, [4, 5, 6, 9], ours=False) == greens(1, [9], ours=False)  # transformers: the last token only
+    assert greens(4, [1, 2, 3, 9]) != greens(4, [4, 5, 6, 9])  # ours: the earlier tokens key the list too
+    assert greens(4, [1, 2, 3, 9]) == greens(4, [1, 2, 3, 9]) and len(greens(4, [1, 2, 3, 9])) == 128
