@@ -191,7 +191,8 @@ def test_quantize_model_reports_what_it_did():
         quantize_model(micro_model("mixtral"), MemoryConfig(quantization="none"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# qwen2_moe in the default run; the other families repeat it (slow)
+@pytest.mark.parametrize("family", [f if f == "qwen2_moe" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_watermark_detects_on_the_nf4_model(family, checkpoints, key):
     model, tokenizer = _load(checkpoints[family], "nf4", dtype="bfloat16")
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=48, batch_size=4)
