@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from moewm.app.report import collect
-from moewm.evaluation.routing_goal import ATTACKER, goal_table, markdown, spoofing_extras, spoofing_front, validity_extras
+from moewm.evaluation.routing_goal import goal_table, markdown, spoofing_by_count, spoofing_front, validity_extras
 from moewm.evaluation.tradeoff import tradeoff_report
 
 
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         valid = validity_extras(validity.get(model, {}))
         extras = []
         if steal is not None:
-            extras.append(spoofing_extras(steal)[[f"spoof_{ATTACKER}", f"spoof_{ATTACKER}_sem"]])
+            extras.append(spoofing_by_count(steal))
         if len(valid):
-            extras.append(valid[["dispersion"]].astype(float))
+            extras.append(valid[["dispersion", "dispersion_sem"]].astype(float))
         joined = pd.concat(extras, axis=1) if extras else None
         table, _ = tradeoff_report(collect(sweep), sweep, joined)
         goals.append(goal_table(model, table, steal, valid))

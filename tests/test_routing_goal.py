@@ -103,3 +103,14 @@ def test_the_spoofing_front_compares_points_at_the_largest_corpus_only():
     assert "fragile" not in front.index and set(front["spoof_n"]) == {4000}
     assert front.loc["good", "on_front"] and front.loc[REFERENCE, "on_front"]  # secret vs robust: both kept
     assert not front.loc["twin", "on_front"]  # as robust as the reference within the noise, no less spoofed
+
+
+def test_spoofing_is_compared_at_the_same_corpus_size():
+    from moewm.evaluation.routing_goal import spoofing_by_count
+
+    rows = stealing_rows()
+    rows = rows[~((rows["scheme"] == "good") & (rows["count"] == 4000))]
+    wide = spoofing_by_count(rows)
+    assert list(wide.columns[:2]) == ["spoof_text_only_n250", "spoof_text_only_n250_sem"]
+    assert np.isnan(wide.loc["good", "spoof_text_only_n4000"]) and wide.loc["twin", "spoof_text_only_n4000"] == 0.7
+    assert wide.loc["good", "spoof_text_only_n1000"] == 0.02

@@ -48,6 +48,18 @@ def spoofing_extras(stealing: pd.DataFrame, attacker: str = ATTACKER, delta: flo
     return pd.DataFrame.from_dict(out, orient="index")
 
 
+def spoofing_by_count(stealing: pd.DataFrame, attacker: str = ATTACKER, delta: float = DELTA) -> pd.DataFrame:
+    """Per point, one column per corpus size N: ``spoof_<attacker>_n<N>`` and its binomial standard error, so that
+    two designs are compared at the same N (a design whose curve stops earlier has no value at the larger N)."""
+    rows = stealing[(stealing["mode"] == "spoof") & (stealing["attacker"] == attacker) & (stealing["delta_att"].astype(float) == delta)]
+    out: dict[str, dict[str, float]] = {}
+    for _, r in rows.iterrows():
+        share, texts, name = float(r["detected"]), int(r["texts"]), f"spoof_{attacker}_n{int(r['count'])}"
+        out.setdefault(str(r["scheme"]), {}).update({name: share, f"{name}_sem": float(np.sqrt(share * (1 - share) / max(texts, 1)))})
+    frame = pd.DataFrame.from_dict(out, orient="index")
+    return frame[sorted(frame.columns, key=lambda c: (int(c.split("_n")[-1].split("_")[0]), c))] if len(frame) else frame
+
+
 def spoof_at(stealing: pd.DataFrame, scheme: str, count: int, attacker: str = ATTACKER, delta: float = DELTA) -> float:
     """The spoofing share of ``scheme`` at corpus size ``count`` (NaN when not measured)."""
     hit = stealing[(stealing["scheme"] == scheme) & (stealing["mode"] == "spoof") & (stealing["attacker"] == attacker)
@@ -65,8 +77,10 @@ def validity_verdict(summary: Mapping[str, Any]) -> dict[str, Any]:
     inside = min(int(r["keys_inside"]) for r in rows)
     keys = int(rows[0]["keys"])
     first = min(rows, key=lambda r: -float(r["level"]))
-    return {"valid": inside == keys, "keys_inside": inside, "keys": keys, "dispersion": float(first["dispersion_ratio"]),
-            "dispersion_p": float(first["dispersion_p"])}
+    ratio = float(first["dispersion_ratio"])
+    # The ratio is a sample sd over keys / the binomial sd: its standard error is about ratio / sqrt(2 (keys - 1)).
+    return {"valid": inside == keys, "keys_inside": inside, "keys": keys, "dispersion": ratio,
+            "dispersion_sem": ratio / np.sqrt(2 * max(keys - 1, 1)), "dispersion_p": float(first["dispersion_p"])}
 
 
 def validity_extras(summaries: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
