@@ -41,11 +41,15 @@ HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing stud
     "tournament_m20_b8_ctx2": "**routing tournament + 2 tokens (shipped)**",
     "tournament_m20_b8_ctx2_twin": "its routing-free twin: the same tournament keyed by the 2 tokens alone",
     "tournament_m20_b8_ctx2_r10": "10 of its 20 layers routed, 10 keyed by the tokens alone",
-    "synthid_n3_k20": "SynthID ngram_len 3 (transformers)",
+    "synthid_n2_k20": "SynthID ngram_len 2 (transformers)",
+    "synthid_n3_k20": "SynthID ngram_len 3: the twin's two tokens, no routing",
+    "synthid_n4_k20": "SynthID ngram_len 4",
+    "synthid_k20": "SynthID ngram_len 5",
     "kgw_g025_d2": "KGW lefthash h = 1, gamma 0.25, delta 2",
 }
 HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
+TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json"}
 
 
 def routing_study(model: str) -> pd.DataFrame:
@@ -89,8 +93,8 @@ def headline_table() -> str:
     return "\n".join(lines)
 
 
-def _validity(model: str) -> dict:
-    result = json.loads((BENCH / VALIDITY[model]).read_text())
+def _validity(model: str, files: dict[str, str] = VALIDITY) -> dict:
+    result = json.loads((BENCH / files[model]).read_text())
     summary = {(s["detector"], s["level"], s["origin"]): s for s in result["summary"]}
     return {"result": result, "summary": summary}
 
@@ -117,6 +121,20 @@ def headline_phrases() -> list[str]:
         s = v["summary"]
         a, b = s[("moe_tournament", 0.01, "all")], s[("moe_tournament", 0.001, "all")]
         out.append(f"{model}: {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 and {b['keys_inside']}/{b['keys']} at 1e-3")
+    for model in TWIN_VALIDITY:
+        s = _validity(model, TWIN_VALIDITY)["summary"]
+        a = s[("moe_tournament", 0.01, "all")]
+        out.append(f"its twin {a['keys_inside']}/{a['keys']} at p <= 0.01 (dispersion {a['dispersion_ratio']:.2f})")
+    for model in HEADLINE_MODELS:
+        df, spoof = routing_study(model), spoofing(model)
+        out.append(f"{df.loc['synthid_n3_k20', 'attacked_substitution_0p3']:.2f} against "
+                   f"{df.loc['tournament_m20_b8_ctx2', 'attacked_substitution_0p3']:.2f} on {model}")
+        if "synthid_n4_k20" in df.index:
+            phrase = f"SynthID ngram_len 4 keeps {df.loc['synthid_n4_k20', 'attacked_substitution_0p3']:.2f} on {model}"
+            if "synthid_n4_k20" in spoof:
+                n, share = spoof["synthid_n4_k20"]
+                phrase += f" and is spoofed {share:.2f} at N = {n:,}"
+            out.append(phrase)
     return out
 
 
