@@ -129,6 +129,10 @@ def headline_phrases() -> list[str]:
         df, spoof = routing_study(model), spoofing(model)
         out.append(f"{df.loc['synthid_n3_k20', 'attacked_substitution_0p3']:.2f} against "
                    f"{df.loc['tournament_m20_b8_ctx2', 'attacked_substitution_0p3']:.2f} on {model}")
+        if "synthid_n4_k20" in df.index and {"synthid_n4_k20", "tournament_m20_b8_ctx2"} <= set(spoof):
+            out.append(f"{df.loc['synthid_n4_k20', 'attacked_substitution_0p3']:.2f} against "
+                       f"{df.loc['tournament_m20_b8_ctx2', 'attacked_substitution_0p3']:.2f} after substitution and spoofed "
+                       f"{spoof['synthid_n4_k20'][1]:.2f} against {spoof['tournament_m20_b8_ctx2'][1]:.2f} on {model}")
         if "synthid_n4_k20" in df.index:
             phrase = f"SynthID ngram_len 4 keeps {df.loc['synthid_n4_k20', 'attacked_substitution_0p3']:.2f} on {model}"
             if "synthid_n4_k20" in spoof:
