@@ -120,17 +120,24 @@ def _per_key_shares(tiny, captures, encoder: EncoderConfig, level: float, keys: 
                      for i in range(keys)])
 
 
-def test_each_fixed_key_stays_near_nominal_and_the_seed_pool_design_does_not(tiny, captured):
-    """The promise a user relies on is about *their* key. With the seed's design (fixed anchor pools switched
-    by bits of a slowly varying signature), texts of one genre share a key's luck, and some keys flag far
-    more than alpha of them; the default design (a balanced partition whose green pools a keyed hash of
-    the whole signature picks, repeats scored once) keeps every key's share near nominal."""
+def test_each_fixed_key_stays_near_nominal(tiny, captured):
+    """The promise a user relies on is about *their* key: the green-list design (a balanced partition whose green
+    pools a keyed hash of the whole signature picks, repeats scored once) keeps every key's share near nominal."""
     captures, _ = captured
     n = len(captures)
     bound = binom.ppf(0.9995, n, 0.05) / n
     default = _per_key_shares(tiny, captures, EncoderConfig(), 0.05)
-    seed_design = _per_key_shares(tiny, captures, EncoderConfig(pools="anchors", green_lists="bits"), 0.05)
     assert default.max() <= bound, (default, bound)
+
+
+@pytest.mark.slow  # a demonstration on a retired design (about half of this file's time on an idle core)
+def test_the_seed_pool_design_fails_the_per_key_check(tiny, captured):
+    """With the seed's design (fixed anchor pools switched by bits of a slowly varying signature), texts of one
+    genre share a key's luck, and some keys flag far more than alpha of them: the check above can fail."""
+    captures, _ = captured
+    n = len(captures)
+    bound = binom.ppf(0.9995, n, 0.05) / n
+    seed_design = _per_key_shares(tiny, captures, EncoderConfig(pools="anchors", green_lists="bits"), 0.05)
     assert seed_design.max() > bound, (seed_design, bound)
 
 
