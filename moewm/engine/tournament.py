@@ -118,11 +118,18 @@ def context_codes(codes: torch.Tensor, before: Optional[torch.Tensor] = None) ->
     fixed tokens, so distinct blocks stay distinct contexts."""
     if before is None:
         return codes
-    before = before.to(codes.device).long()
+    token = tokens_hash(before.to(codes.device))
+    return _mix32((codes ^ token.unsqueeze(-1)) & _MASK32)
+
+
+def tokens_hash(before: torch.Tensor) -> torch.Tensor:
+    """(...,) long 32-bit hash of the c tokens before each position (..., c), oldest first: what a layer's block code
+    is hashed with in :func:`context_codes`."""
+    before = before.long()
     token = _mix32((before[..., -1] ^ _PREVIOUS) & _MASK32)
     if before.shape[-1] > 1:  # the token two before, folded in (c = 1 keeps its own hash)
         token = _mix32(token ^ ((before[..., -2] ^ _EARLIER) & _MASK32))
-    return _mix32((codes ^ token.unsqueeze(-1)) & _MASK32)
+    return token
 
 
 def layer_codes(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, before: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -154,10 +161,7 @@ def layer_contexts32(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: i
         layer_of = torch.where(torch.arange(m) < routing_layers, layer_of, distinct.shape[0])
     codes = codes.permute(0, 1, 3, 2).contiguous().index_select(2, layer_of.to(codes.device))  # (R, B, m, n)
     if before is not None:
-        before = before.to(codes.device).long()
-        token = _mix32((before[..., -1] ^ _PREVIOUS) & _MASK32)
-        if before.shape[-1] > 1:
-            token = _mix32(token ^ ((before[..., -2] ^ _EARLIER) & _MASK32))
+        token = tokens_hash(before.to(codes.device))
         mix32_int32_(codes.bitwise_xor_(as_int32(token).unsqueeze(-2)))  # context_codes, bit for bit
     r = codes.shape[0]
     ctx = as_int32(salts.to(codes.device)).view(r, 1, m, 1) ^ codes
