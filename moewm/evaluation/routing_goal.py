@@ -35,35 +35,41 @@ ATTACKER = "text_only"
 DELTA = 8.0
 
 
+def _spoof_rows(stealing: pd.DataFrame, attacker: str, delta: float) -> pd.DataFrame:
+    """The stealing study's spoofing rows of one attacker at one delta_att."""
+    return stealing[(stealing["mode"] == "spoof") & (stealing["attacker"] == attacker) & (stealing["delta_att"].astype(float) == delta)]
+
+
+def _binomial_sem(share: float, texts: int) -> float:
+    return float(np.sqrt(share * (1 - share) / max(texts, 1)))
+
+
 def spoofing_extras(stealing: pd.DataFrame, attacker: str = ATTACKER, delta: float = DELTA) -> pd.DataFrame:
     """Per point (the stealing rows' ``scheme``): the share of spoofed texts detected at the largest N measured
     (``spoof_<attacker>``), its binomial standard error over texts and that N (``spoof_n``)."""
-    rows = stealing[(stealing["mode"] == "spoof") & (stealing["attacker"] == attacker) & (stealing["delta_att"].astype(float) == delta)]
     out = {}
-    for scheme, part in rows.groupby("scheme"):
+    for scheme, part in _spoof_rows(stealing, attacker, delta).groupby("scheme"):
         last = part.loc[part["count"].astype(int).idxmax()]
-        share, texts = float(last["detected"]), int(last["texts"])
-        out[scheme] = {f"spoof_{attacker}": share, f"spoof_{attacker}_sem": float(np.sqrt(share * (1 - share) / max(texts, 1))),
-                       "spoof_n": int(last["count"])}
+        share = float(last["detected"])
+        out[scheme] = {f"spoof_{attacker}": share, f"spoof_{attacker}_sem": _binomial_sem(share, int(last["texts"])), "spoof_n": int(last["count"])}
     return pd.DataFrame.from_dict(out, orient="index")
 
 
 def spoofing_by_count(stealing: pd.DataFrame, attacker: str = ATTACKER, delta: float = DELTA) -> pd.DataFrame:
     """Per point, one column per corpus size N: ``spoof_<attacker>_n<N>`` and its binomial standard error, so that
     two designs are compared at the same N (a design whose curve stops earlier has no value at the larger N)."""
-    rows = stealing[(stealing["mode"] == "spoof") & (stealing["attacker"] == attacker) & (stealing["delta_att"].astype(float) == delta)]
     out: dict[str, dict[str, float]] = {}
-    for _, r in rows.iterrows():
-        share, texts, name = float(r["detected"]), int(r["texts"]), f"spoof_{attacker}_n{int(r['count'])}"
-        out.setdefault(str(r["scheme"]), {}).update({name: share, f"{name}_sem": float(np.sqrt(share * (1 - share) / max(texts, 1)))})
+    for _, r in _spoof_rows(stealing, attacker, delta).iterrows():
+        share, name = float(r["detected"]), f"spoof_{attacker}_n{int(r['count'])}"
+        out.setdefault(str(r["scheme"]), {}).update({name: share, f"{name}_sem": _binomial_sem(share, int(r["texts"]))})
     frame = pd.DataFrame.from_dict(out, orient="index")
     return frame[sorted(frame.columns, key=lambda c: (int(c.split("_n")[-1].split("_")[0]), c))] if len(frame) else frame
 
 
 def spoof_at(stealing: pd.DataFrame, scheme: str, count: int, attacker: str = ATTACKER, delta: float = DELTA) -> float:
     """The spoofing share of ``scheme`` at corpus size ``count`` (NaN when not measured)."""
-    hit = stealing[(stealing["scheme"] == scheme) & (stealing["mode"] == "spoof") & (stealing["attacker"] == attacker)
-                   & (stealing["delta_att"].astype(float) == delta) & (stealing["count"].astype(int) == int(count))]
+    rows = _spoof_rows(stealing, attacker, delta)
+    hit = rows[(rows["scheme"] == scheme) & (rows["count"].astype(int) == int(count))]
     return float(hit["detected"].iloc[-1]) if len(hit) else float("nan")
 
 
@@ -135,7 +141,7 @@ def spoofing_front(model: str, table: pd.DataFrame, stealing: pd.DataFrame) -> p
     for p in points:
         share = spoof_at(stealing, p, n)
         rows.append({"model": model, "point": p, "survival": float(table.loc[p, ATTACK]), "survival_sem": float(table.loc[p].get(f"{ATTACK}_sem", np.nan)),
-                     "spoof": share, "spoof_sem": float(np.sqrt(share * (1 - share) / 64)) if np.isfinite(share) else np.nan, "spoof_n": n,
+                     "spoof": share, "spoof_sem": _binomial_sem(share, 64) if np.isfinite(share) else np.nan, "spoof_n": n,
                      "ppl_cost": float(table.loc[p, "ppl_cost"]), "ppl_cost_sem": float(table.loc[p].get("ppl_cost_sem", np.nan))})
     out = pd.DataFrame(rows)
     axes = np.stack([-out["survival"], out["spoof"], out["ppl_cost"]], axis=1)
