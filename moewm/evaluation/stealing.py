@@ -173,20 +173,21 @@ def design_from_meta(meta: dict[str, Any]) -> tuple[ExtractorConfig, EncoderConf
     return out
 
 
-def scheme_setup(cfg: StudyConfig, scheme: str) -> tuple[WatermarkConfig, WatermarkKey]:
-    """The deployed scheme's WatermarkConfig and key for a corpus; a ConfigError when the fingerprint differs."""
+def scheme_setup(cfg: StudyConfig, scheme: str) -> tuple[WatermarkConfig, WatermarkKey, ExtractorConfig, EncoderConfig]:
+    """The deployed scheme's WatermarkConfig, key, extractor and encoder for a corpus (from its meta); a ConfigError
+    when the fingerprint differs."""
     path = cfg.corpus_path(cfg.model, scheme)
     meta = read_meta(path)
     if meta.get("model") not in (None, cfg.model):
         raise ConfigError(f"{path}: written by model {meta.get('model')!r}, not --model={cfg.model}")
     wm_cfg = watermark_from_meta(meta, path)
-    design_from_meta(meta)  # the extractor and encoder it names are valid
+    extractor, encoder = design_from_meta(meta)
     seed = int(meta.get("seed", cfg.seed)) if meta.get("seed") is not None else cfg.seed
     key = WatermarkKey(cfg.secret, seed)
     if meta.get("key_fingerprint") != key.fingerprint:
         raise ConfigError(f"{path}: key fingerprint {meta.get('key_fingerprint')!r} does not match the deployed key's "
                           f"{key.fingerprint!r} (--secret / --seed): refusing to score a corpus written under another key")
-    return wm_cfg, key
+    return wm_cfg, key, extractor, encoder
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -317,8 +318,7 @@ def run_study(cfg: StudyConfig, on_row: Any = None, cache: Optional[Cache] = Non
         log.info("weights_holder: %d routing clusters fitted on the attacker's plain corpus (%.0f s)", cfg.routing_clusters,
                  time.perf_counter() - start)
     for scheme in cfg.schemes:
-        wm_cfg, key = scheme_setup(cfg, scheme)
-        extractor, encoder = design_from_meta(read_meta(cfg.corpus_path(cfg.model, scheme)))
+        wm_cfg, key, extractor, encoder = scheme_setup(cfg, scheme)
         wm_rows = read_corpus(cfg.corpus_path(cfg.model, scheme), max(cfg.counts))
         with build_watermarker(wm_cfg.kind, deployed, tokenizer, wm_cfg, key, extractor=extractor, encoder=encoder,
                                cache_dir=cfg.cache_dir) as wm:
