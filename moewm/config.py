@@ -102,6 +102,10 @@ class EncoderConfig:
     # routing + token context, between pure routing (0) and KGW's token context. (The routing tournament's
     # token context is its own: watermark.tournament.context_tokens.)
     context_tokens: int = 0
+    # true: MoE-LSH's routing-free twin, the green list keyed by the token before alone (every signature bit held at
+    # 0: zero hyperplanes for the deployed and the reference keys), everything else equal; needs context_tokens=1.
+    # The ablation of what routing adds (routing_free_twin); the tournament's twin is watermark.tournament.routing_layers=0.
+    routing_free: bool = False
     # Deprecated: semantic_pools=false is pools=random, true is pools=anchors.
     semantic_pools: Optional[bool] = None
     # Only for centered / whitened / pca: how many calibration texts and tokens estimate the statistics.
@@ -129,6 +133,9 @@ class EncoderConfig:
         _require(self.context_tokens in (0, 1), f"encoder.context_tokens={self.context_tokens}: allowed values are 0, 1")
         _require(self.context_tokens == 0 or self.green_lists != "bits",
                  f"encoder.context_tokens={self.context_tokens} needs encoder.green_lists=hashed or vote (bit-switched lists have no hash to key)")
+        _require(not self.routing_free or self.context_tokens == 1,
+                 f"encoder.routing_free=true needs encoder.context_tokens=1 (allowed values: 1; encoder.context_tokens="
+                 f"{self.context_tokens}): without routing the green list is keyed by the token before alone")
         if self.semantic_pools is not None:
             implied = "anchors" if self.semantic_pools else "random"
             _require(self.pools in ("anchors", implied),
@@ -338,19 +345,27 @@ class WatermarkConfig:
                  f"(the smallest calibrated p-value is 1 / (reference_keys + 1); raise reference_keys to test a smaller alpha)")
 
 
-def routing_free_twin(watermark: "WatermarkConfig") -> "WatermarkConfig":
+def routing_free_twin(watermark: "WatermarkConfig", encoder: Optional["EncoderConfig"] = None) -> tuple["WatermarkConfig", "EncoderConfig"]:
     """The design with the routing taken out of its key and everything else equal: the ablation of what routing
     adds. For the routing tournament, every layer keyed by its token context alone (``routing_layers=0``: SynthID's
-    tournament on the same tokens, through the same capture and calibration)."""
+    tournament on the same tokens, through the same capture and calibration); for MoE-LSH with a token context, the
+    green list keyed by the token before alone (``encoder.routing_free``; margin-aware detection off, as it reads the
+    routing's margins). Returns (watermark, encoder); ``encoder`` defaults to ``EncoderConfig()``."""
     from dataclasses import replace
 
-    if watermark.kind != "moe_tournament":
-        raise ConfigError(f"watermark.kind={watermark.kind!r}: a routing-free twin exists for the routing tournament "
-                          "(watermark.kind=moe_tournament); KGW and SynthID hold no routing to take out")
-    if watermark.tournament.context_tokens < 1:
-        raise ConfigError("watermark.tournament.context_tokens=0: a tournament keyed by routing alone has no token context "
-                          "left for its twin (allowed values for a twin: 1, 2)")
-    return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0))
+    encoder = EncoderConfig() if encoder is None else encoder
+    if watermark.kind == "moe_tournament":
+        if watermark.tournament.context_tokens < 1:
+            raise ConfigError("watermark.tournament.context_tokens=0: a tournament keyed by routing alone has no token context "
+                              "left for its twin (allowed values for a twin: 1, 2)")
+        return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0)), encoder
+    if watermark.kind == "moe_lsh":
+        if encoder.context_tokens != 1:
+            raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: MoE-LSH keyed by routing alone has no token "
+                              "context left for its twin (allowed value for a twin: 1)")
+        return replace(watermark, margin_bits=0), replace(encoder, routing_free=True)
+    raise ConfigError(f"watermark.kind={watermark.kind!r}: a routing-free twin exists for the routing designs "
+                      "(watermark.kind=moe_tournament, moe_lsh); KGW and SynthID hold no routing to take out")
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, WatermarkConfig, routing_free_twin
 from moewm.engine.keybank import balanced_partition, build_bank, random_partition
 from moewm.engine.keys import WatermarkKey
 from moewm.engine.lsh import hashed_bits, pool_mask
@@ -23,11 +23,13 @@ DESIGNS = [
     EncoderConfig(num_bits=16, pools="partition", green_lists="hashed", context_tokens=1),
     EncoderConfig(num_bits=16, pools="anchors", pool_size=8, green_lists="vote", vote_lists=3, context_tokens=1),
     EncoderConfig(num_bits=16, pools="random_partition", green_lists="hashed"),
+    EncoderConfig(num_bits=16, pools="partition", green_lists="hashed", context_tokens=1, routing_free=True),
+    EncoderConfig(num_bits=16, pools="partition", green_lists="vote", vote_lists=5, context_tokens=1, routing_free=True),
 ]
 
 
 def _ids(design: EncoderConfig) -> str:
-    return f"{design.pools}-{design.green_lists}-m{design.green_bits}-L{design.vote_lists}-c{design.context_tokens}"
+    return f"{design.pools}-{design.green_lists}-m{design.green_bits}-L{design.vote_lists}-c{design.context_tokens}" + ("-twin" * design.routing_free)
 
 
 def test_bits_mode_with_one_round_is_the_signature_itself():
@@ -187,6 +189,7 @@ def test_the_previous_token_rekeys_the_green_list():
     (EncoderConfig(num_bits=4, green_lists="vote", vote_lists=5), r"encoder.vote_lists=5: allowed values are odd numbers in \[1, 4\]"),
     (EncoderConfig(context_tokens=2), "encoder.context_tokens=2: allowed values are 0, 1"),
     (EncoderConfig(green_lists="bits", context_tokens=1), "encoder.context_tokens=1 needs encoder.green_lists=hashed or vote"),
+    (EncoderConfig(routing_free=True), r"encoder.routing_free=true needs encoder.context_tokens=1 \(allowed values: 1; encoder.context_tokens=0\)"),
 ])
 def test_bad_design_family_settings_name_the_key_and_range(cfg, message):
     with pytest.raises(ConfigError, match=message):
@@ -224,3 +227,36 @@ def test_margin_aware_scoring_weighs_the_uncertain_bits_and_is_off_by_default(mi
     assert (weight <= 0.5).all() and (weight[..., 0] >= weight[..., 1]).all()
     on_plane = margin_alternatives(torch.zeros_like(batch.features[:, :1]), bank, 2, 0.5)[2]
     assert torch.allclose(on_plane, torch.full_like(on_plane, 0.5))
+
+
+def test_the_green_list_twin_is_blind_to_the_routing_and_keyed_by_the_token_before(micro_qwen, tokenizer):
+    """encoder.routing_free: the deployed and every reference key see the same (all-zero) signature whatever the
+    features, so the green list depends on the key and the token before alone; the routing design it ablates does not."""
+    keys = [WatermarkKey("twin", i) for i in range(8)]
+    design = EncoderConfig(num_bits=16, pools="partition", green_lists="vote", vote_lists=5, context_tokens=1)
+    twin_design = routing_free_twin(WatermarkConfig(kind="moe_lsh"), design)[1]
+    assert twin_design.routing_free and twin_design.context_tokens == 1
+    emb = micro_qwen.get_input_embeddings().weight
+    usable = torch.ones(emb.shape[0], dtype=torch.bool)
+    features = torch.rand(2, 1, 64, 24, generator=torch.Generator().manual_seed(6))  # two routings of the same 64 positions
+    before = torch.randint(0, emb.shape[0], (1, 64), generator=torch.Generator().manual_seed(7))
+    routed, twin = (build_bank(d, keys, 24, emb, usable, emb.shape[0]) for d in (design, twin_design))
+    assert not torch.equal(green_pools(features[0], routed, before), green_pools(features[1], routed, before))
+    assert torch.equal(green_pools(features[0], twin, before), green_pools(features[1], twin, before))
+    moved = green_pools(features[0], twin, (before + 1) % emb.shape[0])
+    assert (moved != green_pools(features[0], twin, before)).float().mean() > 0.3  # another token before: another list
+    masks = green_pools(features[0], twin, before)
+    assert (masks[0] != masks[1]).float().mean() > 0.3  # another key: another list
+    enc = twin.encoder(0)
+    assert not enc.signature(torch.randn(5, 24)).any()  # the processor sees the same zero signature
+
+
+def test_the_routing_free_twin_exists_for_the_routing_designs_with_a_token_context():
+    wm, enc = routing_free_twin(WatermarkConfig(kind="moe_lsh", margin_bits=2), EncoderConfig(green_lists="hashed", context_tokens=1))
+    assert enc.routing_free and wm.margin_bits == 0  # margins are the routing's
+    wm, enc = routing_free_twin(WatermarkConfig())
+    assert wm.tournament.routed_layers == 0 and not enc.routing_free
+    with pytest.raises(ConfigError, match="encoder.context_tokens=0: MoE-LSH keyed by routing alone has no token context"):
+        routing_free_twin(WatermarkConfig(kind="moe_lsh"), EncoderConfig())
+    with pytest.raises(ConfigError, match="watermark.kind='kgw': a routing-free twin exists for the routing designs"):
+        routing_free_twin(WatermarkConfig(kind="kgw"))

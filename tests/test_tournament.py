@@ -116,6 +116,22 @@ def test_routing_layers_are_checked_before_weights_load():
         validate_app(app_config([f"watermark.tournament.routing_layers={r}"]))
 
 
+def test_the_green_list_twin_is_checked_before_weights_load():
+    """encoder.routing_free is MoE-LSH's twin: it needs the token before, takes no margins (they are the routing's) and
+    no geometry (no hyperplanes), and the tournament names its own twin setting instead."""
+    twin = ["watermark=moe_lsh", "encoder.green_lists=hashed", "encoder.context_tokens=1", "encoder.routing_free=true"]
+    validate_app(app_config(twin))
+    with pytest.raises(ConfigError, match=r"encoder.routing_free=true needs encoder.context_tokens=1"):
+        validate_app(app_config(["watermark=moe_lsh", "encoder.routing_free=true"]))
+    with pytest.raises(ConfigError, match=r"watermark.margin_bits=2 with encoder.routing_free=true: allowed value is 0"):
+        validate_app(app_config(twin + ["watermark.margin_bits=2"]))
+    with pytest.raises(ConfigError, match=r"eval.geometry=true with encoder.routing_free=true: .*allowed value is eval.geometry=false"):
+        validate_app(app_config(twin + ["eval.geometry=true"]))
+    with pytest.raises(ConfigError, match=r"encoder.routing_free=true: allowed value is false with watermark.kind=moe_tournament .*"
+                                          r"watermark.tournament.routing_layers=0"):
+        validate_app(app_config(["watermark=moe_tournament", "encoder.green_lists=hashed", "encoder.context_tokens=1", "encoder.routing_free=true"]))
+
+
 def test_the_tournaments_token_context_is_its_own_setting_checked_before_weights_load():
     with pytest.raises(ConfigError, match=r"watermark.tournament.context_tokens=3: allowed values are 0, 1, 2"):
         validate_app(app_config(["watermark=moe_tournament", "watermark.tournament.context_tokens=3"]))

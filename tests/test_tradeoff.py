@@ -18,7 +18,7 @@ from moewm.evaluation.attack_suite import censored_tokens_to_detect
 from moewm.config import ATTACK_KINDS, ConfigError
 from moewm.app.schema import register, to_app_config, validate_app
 from moewm.evaluation.routing_adds import markdown as routing_adds_markdown
-from moewm.evaluation.routing_adds import routing_adds, twin_pairs
+from moewm.evaluation.routing_adds import holds_no_routing, routing_adds, twin_pairs
 from moewm.evaluation.tradeoff import aggregate, fronts, headline, key_spread, objectives, pareto_front, ties, tradeoff_report
 
 os.environ.setdefault("MOEWM_SECRET_KEY", "tradeoff-test-secret")
@@ -109,14 +109,19 @@ def test_the_presets_run_every_routing_point_beside_its_routing_free_twin(preset
     context is never swept without its twin (routing_free_twin of its config), and the baselines span their settings."""
     params = compose_config([f"experiment={preset}"], hydra_config=True).hydra.sweeper.params
     points = POINTS if params["tradeoff"] == "glob(*)" else params["tradeoff"].split(",")
-    configs = {p: to_app_config(compose_config([f"experiment={preset}", f"tradeoff={p}"])).watermark for p in points}
+    apps = {p: to_app_config(compose_config([f"experiment={preset}", f"tradeoff={p}"])) for p in points}
+    configs = {p: a.watermark for p, a in apps.items()}
     twins = {p: c for p, c in configs.items() if c.kind == "moe_tournament" and c.tournament.routed_layers == 0}
     for point, cfg in configs.items():
         if cfg.kind == "moe_tournament" and cfg.tournament.routed_layers > 0 and cfg.tournament.context_tokens >= 1:
-            want = routing_free_twin(cfg)
+            want, _ = routing_free_twin(cfg, apps[point].encoder)
             assert any(t.tournament.context_tokens == want.tournament.context_tokens and t.tournament.layers == want.tournament.layers
                        and t.tournament.skip_repeated == want.tournament.skip_repeated and t.statistic == want.statistic
                        for t in twins.values()), f"{preset}: {point} runs without its routing-free twin"
+    lsh_twins = [(a.watermark, a.encoder) for a in apps.values() if a.watermark.kind == "moe_lsh" and a.encoder.routing_free]
+    for point, app in apps.items():
+        if app.watermark.kind == "moe_lsh" and app.encoder.context_tokens == 1 and not app.encoder.routing_free:
+            assert routing_free_twin(app.watermark, app.encoder) in lsh_twins, f"{preset}: {point} runs without its routing-free twin"
     assert {3, 5} <= {c.synthid.ngram_len for c in configs.values() if c.kind == "synthid"}
     assert {1, 4} <= {c.kgw.context_width for c in configs.values() if c.kind == "kgw"}
     if preset in ("routing_study", "design_search"):  # the whole baseline grid, tuned over its own settings
@@ -333,6 +338,25 @@ def test_each_routing_point_is_paired_with_its_twin_and_small_differences_are_ti
     assert "`tournament_m20_b8_ctx2` against `tournament_m20_b8_ctx2_twin`" in md and "twin better" in md
     assert twin_pairs(_tournament_table(extra_twin_rows=False)) == []
     assert "No routing point of this sweep has its routing-free twin" in "\n".join(routing_adds_markdown(routing_adds(_tournament_table(False))))
+
+
+def test_a_green_list_routing_point_is_paired_with_its_routing_free_twin_and_only_that():
+    lsh = {"scheme": "moe_lsh", "delta": 2.0, "pools": "partition", "green_lists": "vote", "green_bits": 1.0, "vote_lists": 5.0,
+           "context_tokens": 1.0, "tokens_to_detect": 9.0, "ppl_cost": 0.1, "attacked_substitution_0p3": 0.5}
+    table = pd.concat([_tournament_table(), pd.DataFrame.from_dict({
+        "lsh_vote5_ctx_d2": {**lsh, "routing_free": False},
+        "lsh_vote5_ctx_d2_twin": {**lsh, "routing_free": True, "attacked_substitution_0p3": 0.8},
+        "lsh_rpart_ctx_d2": {**lsh, "pools": "random_partition", "green_lists": "hashed", "vote_lists": 1.0, "routing_free": False},
+        "kgw_g025_d2": {"scheme": "kgw", "kgw_gamma": 0.25, "delta": 2.0, "tokens_to_detect": 20.0, "ppl_cost": 0.5,
+                        "attacked_substitution_0p3": 0.7},
+    }, orient="index")])
+    pairs = twin_pairs(table)
+    assert ("lsh_vote5_ctx_d2", "lsh_vote5_ctx_d2_twin") in pairs and len(pairs) == 3  # the random partition has no twin here
+    adds = routing_adds(table).set_index(["point", "column"])
+    assert adds.loc[("lsh_vote5_ctx_d2", "attacked_substitution_0p3"), "difference"] == pytest.approx(-0.3)
+    assert holds_no_routing(table).to_dict() == {p: p.endswith("_twin") for p in table.index}
+    candidates = headline(table).candidates
+    assert "lsh_vote5_ctx_d2" in candidates and not {"lsh_vote5_ctx_d2_twin", "tournament_m20_b8_ctx2_twin"} & set(candidates)
 
 
 def test_fronts_per_attack_from_the_table():

@@ -113,6 +113,9 @@ def validate_app(app: AppConfig) -> None:
     if app.eval.geometry and not scheme_class(app.watermark.kind).green_list_geometry:
         raise ConfigError(f"eval.geometry=true: the geometry metrics measure green lists of the encoder's pools, which "
                           f"watermark.kind={app.watermark.kind!r} does not use; allowed with watermark.kind='moe_lsh' (watermark=moe_lsh)")
+    if app.eval.geometry and app.encoder.routing_free:
+        raise ConfigError("eval.geometry=true with encoder.routing_free=true: the geometry metrics measure how the routing's "
+                          "hyperplanes split the features, and the routing-free twin has none; allowed value is eval.geometry=false")
     from moewm.evaluation.oracle import check_oracle
 
     check_oracle(app.eval.oracle_model)

@@ -78,6 +78,7 @@ def run_settings(app: AppConfig, key: WatermarkKey) -> dict[str, Any]:
         "green_bits": app.encoder.green_bits,
         "vote_lists": app.encoder.vote_lists if app.encoder.green_lists == "vote" else 1,
         "context_tokens": app.encoder.context_tokens,
+        "routing_free": app.encoder.routing_free,
         "margin_bits": app.watermark.margin_bits,
         "margin_scale": app.watermark.margin_scale,
         "delta": app.watermark.delta,

@@ -168,6 +168,8 @@ def projection_for(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hyperplanes (D, num_bits) and the centre subtracted before projecting, as float64 on the CPU."""
     nb = cfg.num_bits
+    if cfg.routing_free:  # the routing-free twin: every signature bit 0 whatever the features (for every key alike)
+        return torch.zeros(dim, nb, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
     if cfg.kind == "simhash":
         return _gaussian(key, "hyperplanes", dim, nb), torch.zeros(dim, dtype=torch.float64)
     if calibration is None:

@@ -2,12 +2,14 @@
 
 A routing tournament keys each layer's g-values by (its block of routing-signature bits, the tokens before);
 its twin (:func:`moewm.config.routing_free_twin`, ``watermark.tournament.routing_layers=0``) is the same
-tournament keyed by the same tokens alone, through the same capture and calibration. The difference between the
+tournament keyed by the same tokens alone, through the same capture and calibration. MoE-LSH with a token context
+keys its green list by (signature, token before); its twin (``encoder.routing_free``) by the token before alone. The difference between the
 two is what routing contributes, and nothing else: the design question the framework exists to answer.
 
 Input: the per-point table of :func:`moewm.evaluation.tradeoff.aggregate` (means over keys and their standard
 errors). A routing point is paired with the twin in the same sweep whose tournament settings match except the
-routing (layers, token context, repeated-context rule; the block size is moot without routing). Per pair and
+routing (TWIN_KEYS: for the tournament its layers, token context and repeated-context rule; for MoE-LSH its delta,
+pools and green-list rule). Per pair and
 measure: routing minus twin, and the standard error of that difference over keys (the two points' errors
 combined); a difference inside it is reported as a tie, never as a win.
 
@@ -23,7 +25,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-TWIN_KEYS = ("tournament_layers", "tournament_context_tokens", "tournament_skip_repeated")
+# What pairs a routing point with its twin: the settings that must match (the block size is moot without routing).
+TWIN_KEYS = {"moe_tournament": ("tournament_layers", "tournament_context_tokens", "tournament_skip_repeated"),
+             "moe_lsh": ("delta", "pools", "green_lists", "green_bits", "vote_lists", "context_tokens")}
 # (column, label, higher is better): the measures of the table, in the order shown.
 MEASURES = (("tokens_to_detect", "tokens to detect", False), ("ppl_cost", "perplexity cost", False))
 
@@ -35,20 +39,33 @@ def _value(table: pd.DataFrame, point: str, column: str) -> tuple[float, float]:
     return mean, (0.0 if np.isnan(sem) else sem)
 
 
+def holds_no_routing(table: pd.DataFrame) -> pd.Series:
+    """Per point: True for a routing-free twin (a tournament with 0 routed layers, MoE-LSH with
+    ``encoder.routing_free``), False otherwise (the routing designs, and the baselines, which are not twins)."""
+    routed = table["tournament_routing_layers"] if "tournament_routing_layers" in table else pd.Series(np.nan, index=table.index)
+    free = table["routing_free"] if "routing_free" in table else pd.Series(np.nan, index=table.index)
+    return (routed.astype(float) == 0) | ((table["scheme"] == "moe_lsh") & free.map(lambda v: str(v).lower() in ("true", "1", "1.0")))
+
+
 def twin_pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
-    """(routing point, its routing-free twin) for every routing tournament point whose twin is in ``table``."""
-    if "tournament_routing_layers" not in table or not all(k in table for k in TWIN_KEYS):
+    """(routing point, its routing-free twin) for every routing point whose twin is in ``table``."""
+    if "scheme" not in table:
         return []
-    tour = table[table["scheme"] == "moe_tournament"]
-    routed = tour["tournament_routing_layers"].astype(float)
-    twins = tour[routed == 0]
+    free = holds_no_routing(table)
     pairs = []
-    for point, row in tour[routed > 0].iterrows():
-        same = np.ones(len(twins), dtype=bool)
-        for k in TWIN_KEYS:
-            same &= (twins[k].astype(float) == float(row[k])).to_numpy()
-        if same.any():
-            pairs.append((str(point), str(twins.index[np.argmax(same)])))
+    for scheme, keys in TWIN_KEYS.items():
+        if not all(k in table for k in keys):
+            continue
+        family = table["scheme"] == scheme
+        twins, routed = table[family & free], table[family & ~free]
+        if scheme == "moe_tournament":
+            routed = routed[routed["tournament_routing_layers"].astype(float) > 0]
+        for point, row in routed.iterrows():
+            same = np.ones(len(twins), dtype=bool)
+            for k in keys:
+                same &= (twins[k].astype(str) == str(row[k])).to_numpy()
+            if same.any():
+                pairs.append((str(point), str(twins.index[np.argmax(same)])))
     return pairs
 
 

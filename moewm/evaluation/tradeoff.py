@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from moewm.evaluation.routing_adds import markdown as routing_adds_markdown
-from moewm.evaluation.routing_adds import routing_adds
+from moewm.evaluation.routing_adds import holds_no_routing, routing_adds
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
         "scheme": g["watermark_kind"].agg(_first),
         "keys": g["seed"].nunique() if "seed" in jobs else g.size(),
     })
-    lsh_columns = ("pools", "green_lists", "green_bits", "vote_lists", "context_tokens", "margin_bits", "start_layer_idx", "end_layer_idx")
+    lsh_columns = ("pools", "green_lists", "green_bits", "vote_lists", "context_tokens", "routing_free", "margin_bits", "start_layer_idx",
+                   "end_layer_idx")
     for col in ("delta",) + lsh_columns + ("kgw_gamma", "kgw_seeding_scheme", "kgw_context_width", "synthid_num_keys", "synthid_ngram_len") + TOURNAMENT_COLUMNS:
         if col in jobs:
             out[col] = g[col].agg(_first)
@@ -299,8 +300,7 @@ def headline(table: pd.DataFrame, attack: str = HEADLINE_ATTACK, slack: float = 
     if col not in table:
         return Headline(None, f"the jobs did not score the attack {attack} (eval.attacks)", ref)
     r = table.loc[ref]
-    routed = _col(table, "tournament_routing_layers").astype(float)
-    lsh = table[table["scheme"].isin(ROUTING_SCHEMES) & ~(routed == 0)]  # a routing-free twin holds no routing
+    lsh = table[table["scheme"].isin(ROUTING_SCHEMES) & ~holds_no_routing(table)]  # a routing-free twin holds no routing
     if not len(lsh):
         return Headline(None, "the sweep has no routing point", ref)
     cheap = lsh[lsh["ppl_cost"] <= r["ppl_cost"] + slack]

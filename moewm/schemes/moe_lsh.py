@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from moewm.config import EncoderConfig, ExtractorConfig, WatermarkConfig
+from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, WatermarkConfig
 from moewm.engine import scoring
 from moewm.engine.capture import CaptureSettings, TextCapture, TextCapturer, capture_settings, detection_batches
 from moewm.engine.detection import DetectionResult, DetectorOutput, decide
@@ -107,6 +107,12 @@ class MoELSHWatermark(TextGeneration):
     @classmethod
     def check_config(cls, watermark: WatermarkConfig) -> None:
         watermark.check_calibrated_alpha()
+
+    @classmethod
+    def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
+        if encoder.routing_free and watermark.margin_bits:
+            raise ConfigError(f"watermark.margin_bits={watermark.margin_bits} with encoder.routing_free=true: allowed value is 0 "
+                              "(margin-aware detection re-scores the routing's uncertain bits, and the routing-free twin has none)")
 
     def __init__(
         self,

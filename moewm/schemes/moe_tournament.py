@@ -82,6 +82,9 @@ class MoETournamentWatermark(MoELSHWatermark):
     @classmethod
     def check_encoder(cls, watermark: WatermarkConfig, encoder: EncoderConfig) -> None:
         watermark.tournament.validate(num_bits=encoder.num_bits)
+        if encoder.routing_free:
+            raise ConfigError("encoder.routing_free=true: allowed value is false with watermark.kind=moe_tournament (the "
+                              "tournament's routing-free twin is watermark.tournament.routing_layers=0)")
         if encoder.context_tokens:
             raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: allowed value is 0 with watermark.kind=moe_tournament "
                               "(encoder.context_tokens keys MoE-LSH's green lists; the tournament's token context is "
