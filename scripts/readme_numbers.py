@@ -50,6 +50,7 @@ HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing stud
 HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
 TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json"}
+SYNTHID_N4_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n4.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n4.json"}
 
 
 def routing_study(model: str) -> pd.DataFrame:
@@ -125,6 +126,10 @@ def headline_phrases() -> list[str]:
         s = _validity(model, TWIN_VALIDITY)["summary"]
         a = s[("moe_tournament", 0.01, "all")]
         out.append(f"its twin {a['keys_inside']}/{a['keys']} at p <= 0.01 (dispersion {a['dispersion_ratio']:.2f})")
+    inside = [_validity(m, SYNTHID_N4_VALIDITY)["summary"] for m in SYNTHID_N4_VALIDITY]
+    if all(s[("synthid", level, "all")]["keys_inside"] == s[("synthid", level, "all")]["keys"] for s in inside for level in (0.01, 0.001)):
+        keys = "/".join(str(s[("synthid", 0.01, "all")]["keys"]) for s in inside[:1])
+        out.append(f"valid per key on both models: {keys}/{keys} keys inside at p <= 0.01 and at 1e-3")
     for model in HEADLINE_MODELS:
         df, spoof = routing_study(model), spoofing(model)
         out.append(f"{df.loc['synthid_n3_k20', 'attacked_substitution_0p3']:.2f} against "

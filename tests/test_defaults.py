@@ -86,7 +86,7 @@ def test_the_app_runs_the_design_the_validity_study_measured(no_secret):
     app = app_config([])
     assert app.watermark == WatermarkConfig() and app.encoder == EncoderConfig() and app.extractor == ExtractorConfig()
     assert app.watermark.kind == "moe_tournament" and app.watermark.ignore_repeated is True and app.watermark.tournament == TournamentConfig()
-    args = argparse.Namespace(encoder="{}", watermark=None, reference_keys=999)
+    args = argparse.Namespace(extractor="{}", encoder="{}", watermark=None, reference_keys=999)
     extractor, encoder, watermark = study_configs(args)
     assert (extractor, encoder, watermark) == (app.extractor, app.encoder, app.watermark)
     assert dataclasses.replace(watermark, reference_keys=999, alpha=1e-3) == WatermarkConfig()

@@ -351,3 +351,26 @@ def test_tournament_p_values_are_uniform_over_keys_on_text_written_without_the_k
     for name in np.unique(origin):
         n = int((origin == name).sum())
         assert int((p[origin == name] <= 0.05).sum()) <= binom.ppf(0.9995, n, 0.05), name
+
+
+@pytest.mark.parametrize("kind", ["moe_tournament", "moe_lsh"])
+def test_many_deployed_keys_share_the_reference_keys_and_get_each_keys_own_p_values(tiny, null_captures, kind):
+    """score_keys (the validity study's K deployed keys, reference keys scored once) gives, text by text, the p-value
+    that a watermarker built with that key gives: the same Besag-Clifford stop, NaN under min_tokens, watermarked
+    text included (its key and another)."""
+    from moewm.schemes.registry import build_watermarker
+
+    model, tok = tiny
+    captures = list(null_captures[0][:40])
+    cfg = WatermarkConfig(kind=kind, reference_keys=99, alpha=0.01, min_tokens=36)  # some of the 32-40-token samples fall short
+    keys = [WatermarkKey(SECRET, s) for s in (3, 4, 5)]
+    with build_watermarker(kind, model, tok, cfg, keys[0], cache_dir=None) as wm:
+        prompts = [[5, 6, 7, 8 + i] for i in range(4)]
+        marked = wm.generate_from_ids(prompts, GenerationConfig(max_new_tokens=64, min_new_tokens=64, batch_size=4))
+        captures += wm.capture(marked, prompts)
+        shared = wm.score_keys(captures, keys)
+    for k, key in enumerate(keys):
+        with build_watermarker(kind, model, tok, cfg, key, cache_dir=None) as alone:
+            own = alone.score(captures).p_value
+        np.testing.assert_array_equal(shared[k], own)
+    assert np.isnan(shared).any() and (shared[0, -4:] <= 0.01).all()  # short texts get no p; the key finds its text

@@ -103,13 +103,17 @@ def test_any_scheme_can_be_the_deployed_design_and_none_is_refused_before_weight
 
     from moewm.evaluation.validity import study_configs
 
-    def args(watermark):
-        return argparse.Namespace(encoder="{}", watermark=watermark, reference_keys=999)
+    def args(watermark, extractor="{}", encoder="{}"):
+        return argparse.Namespace(extractor=extractor, encoder=encoder, watermark=watermark, reference_keys=999)
 
     _, _, synthid = study_configs(args('{"kind": "synthid", "synthid": {"ngram_len": 3}}'))
     assert (synthid.kind, synthid.synthid.ngram_len) == ("synthid", 3)
     _, _, twin = study_configs(args('{"kind": "moe_tournament", "statistic": "green", "tournament": {"routing_layers": 0}}'))
     assert twin.tournament.routed_layers == 0 and twin.tournament.context_tokens == 2
+    top1, _, _ = study_configs(args(None, extractor='{"use_top_k": true, "k": 1}'))  # the top-1 expert as the routing feature
+    assert top1.use_top_k and top1.k == 1
+    _, free, lsh = study_configs(args('{"kind": "moe_lsh"}', encoder='{"green_lists": "vote", "context_tokens": 1, "routing_free": true}'))
+    assert free.routing_free and lsh.kind == "moe_lsh"  # MoE-LSH's routing-free twin
     _, _, kgw = study_configs(args('{"kind": "kgw", "kgw": {"context_width": 4}}'))
     assert kgw.kgw.context_width == 4
     with pytest.raises(SystemExit):
@@ -118,3 +122,6 @@ def test_any_scheme_can_be_the_deployed_design_and_none_is_refused_before_weight
     with pytest.raises(SystemExit):
         main(["--watermark", '{"kind": "moe_tournament", "tournament": {"routing_layers": 0, "context_tokens": 0}}'])
     assert "routing_layers=0 needs watermark.tournament.context_tokens >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--extractor", '{"token_idx": 0}'])
+    assert "extractor.token_idx=0: allowed range is [-64, -1]" in capsys.readouterr().err

@@ -468,7 +468,8 @@ class CalibratedScores:
     window_statistic: Optional[np.ndarray] = None
     window_p_value: Optional[np.ndarray] = None
     prefix_p_value: Optional[np.ndarray] = None  # (B, n): p of every prefix (all R keys)
-    draws: Optional[KeyDraws] = None  # the deployed key's draws (R = 1)
+    draws: Optional[KeyDraws] = None  # the deployed keys' draws (R = K: one row per deployed key)
+    key_p_values: Optional[np.ndarray] = None  # (K, B): p of each deployed key's statistic (row 0 is p_value)
 
 
 def _block_keys(batch: CaptureBatch, tables: BankTables) -> int:
@@ -496,6 +497,9 @@ def calibrated(
 ) -> CalibratedScores:
     """Rank the deployed key's statistic (and window maximum) among the reference keys'.
 
+    ``true_tables`` may hold K deployed keys (the validity study's): each key's statistic is ranked among the same
+    reference draws, computed once, a text going on until every key has stopped; ``key_p_values`` holds the K
+    p-values, each the one a bank of that key alone gives (windows and prefixes: one deployed key only).
     ``stop_after`` = h of Besag-Clifford (None: score every text under all R keys); ``prefixes`` also
     gives every prefix's p-value, which needs all R keys for every text; ``top_k`` limits the top
     tokens the statistic reads (the rest joins the tail). ``draws`` replaces :func:`key_draws` for another
@@ -506,13 +510,17 @@ def calibrated(
     if top_k is not None:
         batch = batch.with_top_k(top_k)
     true = key_draws_of(batch, true_tables, spec)
-    s0 = statistic(true, spec)[0]  # (B,)
+    deployed = statistic(true, spec)  # (K, B)
+    if deployed.shape[0] > 1 and (window is not None or prefixes):
+        raise ValueError("calibrated: windows and prefixes rank one deployed key at a time (true_tables holds "
+                         f"{deployed.shape[0]})")
+    s0 = deployed[0]  # (B,)
     w0 = window_statistic(true, spec, window, lengths)[0] if window is not None else None
     p0 = prefix_statistic(true, spec)[0] if prefixes else None
     b = s0.shape[0]
     total = ref_tables.num_keys
     h = None if (stop_after is None or prefixes) else int(stop_after)
-    observed = [s0] + ([w0] if w0 is not None else [])
+    observed = list(deployed) + ([w0] if w0 is not None else [])
     counts = [torch.zeros(b, dtype=torch.long, device=s0.device) for _ in observed]
     stop_at = [torch.zeros(b, dtype=torch.long, device=s0.device) for _ in observed]  # r of the h-th exceedance
     prefix_counts = torch.zeros_like(p0, dtype=torch.long) if p0 is not None else None
@@ -524,7 +532,7 @@ def calibrated(
         stop = min(total, start + block)
         sub = batch.select(active)
         block_draws = key_draws_of(sub, ref_tables.select(start, stop), spec)
-        stats_now = [statistic(block_draws, spec)]
+        stats_now = [statistic(block_draws, spec)] * deployed.shape[0]  # every deployed key against the same references
         if w0 is not None:
             stats_now.append(window_statistic(block_draws, spec, window, lengths[active]))
         for j, (ref, obs) in enumerate(zip(stats_now, observed)):
@@ -564,4 +572,5 @@ def calibrated(
         window_p_value=None if w0 is None else p_of(1),
         prefix_p_value=prefix_p,
         draws=true,
+        key_p_values=np.stack([p_of(j) for j in range(deployed.shape[0])]),
     )

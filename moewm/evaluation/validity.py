@@ -6,7 +6,8 @@ temperature-1 samples of tiny_moe; text watermarked under *other* keys) under se
 reports per key and origin the share of texts at p <= 0.01 and p <= 1e-3 with the binomial 99 % interval of
 the nominal rate, for MoE-LSH (calibrated), its old model-null p (the diagnostic) and the KGW / SynthID exact
 tests; per detector, level and origin it reports how many keys lie inside that interval and the dispersion
-ratio of the per-key shares (:func:`dispersion_ratio`). Every text is captured once; each key only scores.
+ratio of the per-key shares (:func:`dispersion_ratio`). Every text is captured once; a routing scheme's deployed keys
+are ranked among the same reference keys, scored once for all of them (``score_keys``: each key's own p-values, tested).
 
 The held-out corpora (``moewm.null_corpora.HELD_OUT_CORPORA``) are the study's final gate: on by default
 (``--no-held-out`` leaves them out), never a job's null set, never read by a design study.
@@ -152,12 +153,13 @@ STUDY_MODELS = ("tiny_moe", "tiny_olmoe")  # the embedded models the study can l
 
 
 def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderConfig, WatermarkConfig]:
-    """The design under study from ``--encoder`` and ``--watermark`` (JSON of config fields; nested ones such as
-    ``{"kind": "moe_tournament", "tournament": {"block_bits": 8}}`` too), checked before any weights load."""
+    """The design under study from ``--extractor``, ``--encoder`` and ``--watermark`` (JSON of config fields; nested ones
+    such as ``{"kind": "moe_tournament", "tournament": {"block_bits": 8}}`` too), checked before any weights load."""
     from omegaconf import OmegaConf
 
     from moewm.schemes.registry import check_watermark_config
 
+    extractor = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExtractorConfig), json.loads(args.extractor)))
     encoder = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncoderConfig), json.loads(args.encoder)))
     design = {} if args.watermark is None else json.loads(args.watermark)
     fields = {"reference_keys": args.reference_keys, "alpha": max(1e-3, 1 / (args.reference_keys + 1)), **design}
@@ -165,14 +167,15 @@ def study_configs(args: argparse.Namespace) -> tuple[ExtractorConfig, EncoderCon
     if watermark.kind == "none":
         raise ValueError("--watermark kind='none': allowed values are the watermarking schemes moe_tournament, moe_lsh, kgw, synthid "
                          "(none writes no watermark to test)")
+    extractor.validate()
     encoder.validate()
     watermark.validate()
     check_watermark_config(watermark, encoder)
-    return ExtractorConfig(), encoder, watermark
+    return extractor, encoder, watermark
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from moewm.schemes.registry import build_watermarker, resolve_statistic
+    from moewm.schemes.registry import build_watermarker, resolve_statistic, scheme_class
     from moewm.models.loading import load_model
 
     torch.manual_seed(0)
@@ -188,21 +191,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("%d unwatermarked texts (%s) in %.0f s", len(all_texts), ", ".join(f"{k} {len(v[0])}" for k, v in texts.items()), time.perf_counter() - t0)
     rows: list[dict[str, Any]] = []
     captures = None
-    for seed in range(args.keys):
-        key = WatermarkKey(args.secret, seed)
-        with build_watermarker(watermark.kind, model, tokenizer, watermark, key, extractor=extractor, encoder=encoder,
+    keys = [WatermarkKey(args.secret, seed) for seed in range(args.keys)]
+    shared = None  # a scheme ranked among reference keys: every deployed key's p-values at once (score_keys)
+    if hasattr(scheme_class(watermark.kind), "score_keys"):
+        with build_watermarker(watermark.kind, model, tokenizer, watermark, keys[0], extractor=extractor, encoder=encoder,
                                cache_dir=args.cache_dir) as wm:
-            if captures is None:
-                t1 = time.perf_counter()
-                captures = wm.capture(all_texts, all_prompts)
-                log.info("captured %d texts in %.0f s", len(captures), time.perf_counter() - t1)
             t1 = time.perf_counter()
-            out = wm.score(captures)
-            log.info("key %d: scored in %.0f s (mean reference keys %.0f)", seed, time.perf_counter() - t1, out.num_reference_keys.mean())
-        results = {watermark.kind: out.p_value}
-        calibrated = int(np.max(out.num_reference_keys, initial=0)) > 0  # a routing scheme: its model-null p is a separate diagnostic
-        if calibrated and out.p_value_model_null is not None and np.isfinite(np.asarray(out.p_value_model_null, dtype=float)).any():
-            results[f"{watermark.kind}_model_null"] = out.p_value_model_null
+            captures = wm.capture(all_texts, all_prompts)
+            log.info("captured %d texts in %.0f s", len(captures), time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            shared = wm.score_keys(captures, keys)
+            log.info("%d keys scored in %.0f s (the reference keys once for all)", len(keys), time.perf_counter() - t1)
+    # The model-null diagnostic reads the deployed key alone: a detector with one reference key gives it (its
+    # calibrated p is not used; the shared ranking above is the study's).
+    diagnostic = watermark if shared is None else dataclasses.replace(watermark, reference_keys=1, stop_after=1, alpha=0.5)
+    for seed, key in enumerate(keys):
+        results = {} if shared is None else {watermark.kind: shared[seed]}
+        if shared is None or args.model_null:
+            with build_watermarker(watermark.kind, model, tokenizer, diagnostic, key, extractor=extractor, encoder=encoder,
+                                   cache_dir=args.cache_dir) as wm:
+                if captures is None:
+                    t1 = time.perf_counter()
+                    captures = wm.capture(all_texts, all_prompts)
+                    log.info("captured %d texts in %.0f s", len(captures), time.perf_counter() - t1)
+                t1 = time.perf_counter()
+                out = wm.score(captures)
+                log.info("key %d: scored in %.0f s", seed, time.perf_counter() - t1)
+            if shared is None:
+                results[watermark.kind] = out.p_value
+            elif out.p_value_model_null is not None and np.isfinite(np.asarray(out.p_value_model_null, dtype=float)).any():
+                results[f"{watermark.kind}_model_null"] = out.p_value_model_null
         if seed < args.baseline_keys:
             for kind in ("kgw", "synthid"):
                 if kind == watermark.kind:  # the deployed design is a baseline itself: its own row already scores it
@@ -215,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"key": seed, "detector": detector, "origin": name, "level": level, **rate_row(np.asarray(sel), level)})
     return {"texts": {k: len(v[0]) for k, v in texts.items()}, "n_texts": len(all_texts), "reference_keys": args.reference_keys,
             "model": args.model,
-            "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(resolve_statistic(watermark)),
+            "extractor": dataclasses.asdict(extractor), "encoder": dataclasses.asdict(encoder), "watermark": dataclasses.asdict(resolve_statistic(watermark)),
             "held_out": [o for o in texts if o in HELD_OUT_CORPORA],
             "keys": args.keys, "rows": rows, "summary": summarize(rows), "seconds": time.perf_counter() - t0}
 
@@ -261,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=256, help="prompts for the generated sets")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--reference-keys", type=int, default=999)
+    parser.add_argument("--extractor", default="{}", help='extractor fields as JSON, e.g. \'{"use_top_k": true, "k": 1}\' (default: the defaults)')
     parser.add_argument("--encoder", default="{}", help='encoder fields as JSON, e.g. \'{"pools": "anchors"}\' (default: the defaults)')
     parser.add_argument("--watermark", default=None,
                         help='the deployed design: watermark fields as JSON over WatermarkConfig\'s defaults, any scheme, e.g. '
@@ -273,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--origins", default=None,
                         help="comma-separated origins to score, e.g. 'jargon_file,crawl_lore' (default: all of them; "
                              "the generated ones need --prompts)")
+    parser.add_argument("--model-null", action=argparse.BooleanOptionalAction, default=True,
+                        help="also report a routing scheme's model-null p (a diagnostic of the deployed key alone, about half the "
+                             "scoring time; --no-model-null: the calibrated detector only, the gate's verdict)")
     parser.add_argument("--cache-dir", default="outputs/cache/reference_keys")
     parser.add_argument("--out", default="outputs/validity")
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -237,24 +237,62 @@ class MoELSHWatermark(TextGeneration):
         cfg = self.watermark_cfg
         device = self.device
         ref = self.reference_tables(device)
+        order, batches = self._ordered_batches(captures, progress)
+        parts = []
+        for idx in batches:
+            parts.append(self._score_batch([captures[i] for i in idx], ref, prefixes, window or cfg.window))
+        return DetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
+
+    def _ordered_batches(self, captures: Sequence[TextCapture], progress: bool = False) -> tuple[np.ndarray, Iterable[np.ndarray]]:
+        """Detection batches of ``captures`` (longest first, sized by ``watermark.detect_batch_size`` and
+        ``detect_max_tokens``): the order and each batch's indices into ``captures`` (with a progress bar)."""
+        cfg = self.watermark_cfg
         order = np.argsort([-c.num_scored for c in captures], kind="stable")
         batches = detection_batches([captures[i].num_scored for i in order], cfg.detect_batch_size, cfg.detect_max_tokens)
+        indices: Iterable[np.ndarray] = [order[start:stop] for start, stop in batches]
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="score", unit="batch", leave=False)
-        parts = []
-        for start, stop in batches:
-            idx = order[start:stop]
-            parts.append(self._score_batch([captures[i] for i in idx], ref, prefixes, window or cfg.window))
-        return DetectorOutput.concat(parts).take(np.argsort(order, kind="stable"))
+            indices = tqdm(indices, desc="score", unit="batch", leave=False)
+        return order, indices
+
+    def _draws_fn(self) -> Optional[Any]:
+        """The scheme's draws for :func:`moewm.engine.scoring.calibrated` (None: green lists, :func:`scoring.key_draws`)."""
+        return None
+
+    def _positions_scored(self, batch: CaptureBatch, tables: BankTables, result: Any) -> torch.Tensor:
+        """(K, B): positions each of the K keys of ``tables`` scores per text (what ``watermark.min_tokens`` reads)."""
+        return result.draws.scored.sum(-1)
+
+    def score_keys(self, captures: Sequence[TextCapture], keys: Sequence[WatermarkKey], progress: bool = False) -> np.ndarray:
+        """(K, N) calibrated p-values of the texts with each of ``keys`` as the deployed key (NaN under
+        ``watermark.min_tokens``), ranked among the same reference keys scored once for all K: the validity study's
+        many keys for about the cost of one. Text by text the p-values :meth:`score` gives a watermarker built with
+        that key (tested)."""
+        cfg = self.watermark_cfg
+        out = np.full((len(keys), len(captures)), np.nan)
+        if not captures or not keys:
+            return out
+        bank = build_bank(self.encoder_cfg, list(keys), self.capture_hooks.dim, self.model.get_input_embeddings().weight,
+                          self.encoder.usable, self.vocab_size, self._calibration)
+        tables = BankTables.of(bank, self.device)
+        ref = self.reference_tables(self.device)
+        _, batches = self._ordered_batches(captures, progress)
+        for idx in batches:
+            batch = CaptureBatch.stack([captures[i] for i in idx], self.device)
+            result = calibrated(batch, tables, ref, self.statistic_spec, stop_after=cfg.stop_after, top_k=cfg.statistic_top_k,
+                                draws=self._draws_fn())
+            scored = self._positions_scored(batch, tables, result).cpu().numpy()
+            for k in range(len(keys)):
+                out[k, idx] = decide(result.key_p_values[k], scored[k], cfg.min_tokens, cfg.alpha)[0]
+        return out
 
     def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
         cfg = self.watermark_cfg
         spec = self.statistic_spec
         batch = CaptureBatch.stack(captures, self.device)
         result = calibrated(batch, self._true_tables, ref, spec, stop_after=cfg.stop_after, window=window, prefixes=prefixes,
-                            top_k=cfg.statistic_top_k)
+                            top_k=cfg.statistic_top_k, draws=self._draws_fn())
         draws = result.draws
         assert draws is not None
         green, scored = draws.green[0], draws.scored[0]

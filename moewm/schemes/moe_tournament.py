@@ -144,11 +144,17 @@ class MoETournamentWatermark(MoELSHWatermark):
             out += PositionContexts.of_routing_batch(chunk, bits, codes, g, unit_scored.any(-1), evidence)
         return out
 
+    def _draws_fn(self) -> Any:
+        return self.scorer.draws
+
+    def _positions_scored(self, batch: CaptureBatch, tables: BankTables, result: Any) -> torch.Tensor:
+        return self.scorer.units(batch, tables).scored.any(-1).sum(-1)  # positions with at least one scored layer
+
     def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
         cfg = self.watermark_cfg
         batch = CaptureBatch.stack(captures, self.device)
         result = calibrated(batch, self._true_tables, ref, self.statistic_spec, stop_after=cfg.stop_after, window=window,
-                            prefixes=prefixes, top_k=cfg.statistic_top_k, draws=self.scorer.draws)
+                            prefixes=prefixes, top_k=cfg.statistic_top_k, draws=self._draws_fn())
         # Diagnostics of the deployed key: g-values against their means under the model (all captured top tokens).
         units = self.scorer.units(batch, self._true_tables)
         g, expected, scored = units.g[0], units.expected[0], units.scored[0]  # (B, n, m)
@@ -159,5 +165,5 @@ class MoETournamentWatermark(MoELSHWatermark):
         var = (expected * (1 - expected) * scored).sum((-2, -1))
         z = ((num_green.double() - mean) / var.clamp(min=1e-300).sqrt()).where(var > 0, torch.full_like(var, float("nan")))
         model_null_p = upper_tail(expected.reshape(b, -1), scored.reshape(b, -1), num_green)
-        n_np = scored.any(-1).sum(-1).cpu().numpy()  # positions with at least one scored layer
+        n_np = scored.any(-1).sum(-1).cpu().numpy()  # positions with at least one scored layer (as _positions_scored)
         return self._detector_output(captures, ref, result, n_np, num_green, count, mean, z.cpu().numpy(), model_null_p)
