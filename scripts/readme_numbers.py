@@ -49,7 +49,7 @@ HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing stud
 }
 HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
-TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json"}
+TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json", "tiny_olmoe": "validity_tiny_olmoe_twin.json"}
 SYNTHID_N4_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n4.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n4.json"}
 
 
