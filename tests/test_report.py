@@ -113,3 +113,18 @@ def test_a_roc_of_ten_jobs_gives_each_its_own_panel(tmp_path):
     write_sweep(tmp_path / "few", [{"seed": s} for s in range(2)])
     _, plots = _plots(tmp_path / "few")
     assert "panel" not in plots["roc.png"].caption  # a few curves share one axis
+
+
+def test_a_failing_trade_off_report_is_said_on_the_console_and_the_summary_stays(tmp_path, capsys, monkeypatch):
+    import moewm.evaluation.tradeoff as tradeoff
+
+    write_sweep(tmp_path, [{"seed": s, "tradeoff": p} for s in (0, 1) for p in ("kgw_g025_d2", "synthid_k20")])
+
+    def broken(*args, **kwargs):
+        raise TypeError("Invalid value 'nan' for dtype 'bool'")
+
+    monkeypatch.setattr(tradeoff, "tradeoff_report", broken)
+    df, _ = summarize(tmp_path)
+    assert len(df) == 4 and (tmp_path / "summary.csv").exists()
+    err = capsys.readouterr().err
+    assert "[WARNING] moewm: the trade-off report failed (TypeError: Invalid value 'nan' for dtype 'bool')" in err

@@ -239,7 +239,8 @@ def _job(point, seed, kind, cost, ttd, sub03, **extra):
            "detection_rate_at_64": 1.0, "distinct_2_wm": 0.9, "distinct_2_unwm": 0.9, "model": "tiny_moe",
            "perplexity_judge": "generator:tiny_moe", "detection_rate_attacked_substitution_0p3": sub03,
            "detection_rate_attacked_deletion_0p1": 1.0, "fpr_attacked_substitution_0p3": 0.0, "fp_plain": 0, "n_plain": 16,
-           "fp_greedy": 1 if seed == 0 else 0, "n_greedy": 16, "pools": "partition", "green_bits": 1, "start_layer_idx": 0}
+           "fp_greedy": 1 if seed == 0 else 0, "n_greedy": 16, "pools": "partition", "green_bits": 1, "start_layer_idx": 0,
+           "routing_free": False}  # a flag every job records, whatever its scheme (run_settings)
     if kind == "kgw":
         row["kgw_gamma"] = extra.pop("gamma", 0.25)
     row.update(extra)
@@ -268,6 +269,7 @@ def test_aggregate_takes_key_statistics_per_point_and_pools_the_nulls():
     assert k["null_fp"] == 1 and k["null_n"] == 96 and k["null_fpr"] == pytest.approx(1 / 96)
     assert np.isnan(t.loc["synthid_k20", "delta"]) and t.loc["synthid_k20", "synthid_num_keys"] == 20
     assert np.isnan(t.loc["kgw_g025_d2", "pools"])  # KGW has no pool design
+    assert np.isnan(t.loc["kgw_g025_d2", "routing_free"]) and t.loc["lsh_cheap", "routing_free"] is False  # a flag, NaN where moot
 
 
 def test_ppl_cost_is_the_oracles_when_one_judged():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -84,7 +85,7 @@ def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
             plots += [Plot(sweep_dir / name, caption=f"seed sensitivity: {name[:-4]}") for name in SEED_REPORT_PLOTS
                       if (sweep_dir / name).exists()]
         except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
-            log.warning("seed-sensitivity report failed: %s: %s", type(err).__name__, err)
+            _report_failed("seed-sensitivity", err)
     if tradeoff and (df.get("status") == "ok").any():  # the trade-off study's view instead of the seed report
         try:
             from moewm.evaluation.tradeoff import tradeoff_report
@@ -92,8 +93,15 @@ def summarize(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Plot]]:
             _, paths = tradeoff_report(df, sweep_dir)
             plots += [Plot(p, caption=f"trade-off: {p.stem[len('tradeoff_'):]}") for p in paths]
         except Exception as err:  # noqa: BLE001 - the summary must survive a failing extra view
-            log.warning("trade-off report failed: %s: %s", type(err).__name__, err)
+            _report_failed("trade-off", err)
     return df, plots
+
+
+def _report_failed(view: str, err: Exception) -> None:
+    """An extra view that failed is said on the console too (a sweep's log handlers may write to files only)."""
+    log.warning("%s report failed: %s: %s", view, type(err).__name__, err)
+    print(f"[WARNING] moewm: the {view} report failed ({type(err).__name__}: {err}); summary.csv and the plots are complete",
+          file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -162,6 +162,8 @@ def aggregate(df: pd.DataFrame, sweep_dir: Optional[Path] = None) -> pd.DataFram
     for col in ("delta",) + lsh_columns + ("kgw_gamma", "kgw_seeding_scheme", "kgw_context_width", "synthid_num_keys", "synthid_ngram_len") + TOURNAMENT_COLUMNS:
         if col in jobs:
             out[col] = g[col].agg(_first)
+            if out[col].dtype == bool:  # a flag (routing_free): NaN where the scheme has no such setting
+                out[col] = out[col].astype(object)
     out.loc[out["scheme"] != "moe_lsh", [c for c in lsh_columns if c in out]] = np.nan
     if "synthid_num_keys" in out:
         out.loc[out["scheme"] == "synthid", "delta"] = np.nan  # SynthID has no delta
