@@ -52,6 +52,18 @@ def test_the_validity_gate_reads_the_deployed_detector_only():
     assert not validity_verdict(validity("moe_tournament", 9))["valid"]
 
 
+def test_a_key_below_its_interval_is_conservative_and_one_above_is_not_valid():
+    below = validity("moe_tournament", 9)
+    for r in below["summary"]:
+        r["keys_above"] = 0
+    verdict = validity_verdict(below)
+    assert verdict["valid"] and verdict["keys_inside"] == 9 and verdict["keys_above"] == 0
+    above = validity("moe_tournament", 9)
+    above["summary"][1]["keys_above"] = 1  # one key flags too much at 1e-3
+    above["summary"][0]["keys_above"] = 0
+    assert not validity_verdict(above)["valid"]
+
+
 def test_each_criterion_stops_a_design_on_its_own():
     valid = pd.DataFrame({p: {"valid": True, "keys_inside": 10, "keys": 10, "dispersion": 1.0} for p in ("good", "fragile", "twin")}).T
     goal = goal_table("m", sweep_table(), stealing_rows(), valid).set_index("point")

@@ -4,8 +4,9 @@ edits, and harder to steal than a token key?
 A routing key can only cost robustness (the routing moves when distant tokens are edited); what it might buy is
 a key the text alone does not reveal. The goal makes that concrete, per model:
 
-* **valid**: every deployed key inside its binomial interval at every level of the validity study
-  (:mod:`moewm.evaluation.validity`, origin "all");
+* **valid**: no deployed key above its binomial interval at any level of the validity study
+  (:mod:`moewm.evaluation.validity`, origin "all"): a key above flags unwatermarked text more often than the level
+  says; a key below is conservative (valid, less powerful) and is reported as such;
 * **robust**: detection after 30 % substitution at least :data:`GOAL_SURVIVAL` (the trade-off sweep's mean over keys);
 * **secret**: text-only spoofing at the largest corpus size measured at most :data:`GOAL_SPOOF_RATIO` times the
   spoofing of :data:`REFERENCE` (SynthID's tournament over the same two tokens, no routing) at that size
@@ -82,10 +83,11 @@ def validity_verdict(summary: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("validity summary: no row for origin 'all'")
     inside = min(int(r["keys_inside"]) for r in rows)
     keys = int(rows[0]["keys"])
+    above = max(int(r.get("keys_above", keys - int(r["keys_inside"]))) for r in rows)  # without the count: every key outside
     first = min(rows, key=lambda r: -float(r["level"]))
     ratio = float(first["dispersion_ratio"])
     # The ratio is a sample sd over keys / the binomial sd: its standard error is about ratio / sqrt(2 (keys - 1)).
-    return {"valid": inside == keys, "keys_inside": inside, "keys": keys, "dispersion": ratio,
+    return {"valid": above == 0, "keys_inside": inside, "keys_above": above, "keys": keys, "dispersion": ratio,
             "dispersion_sem": ratio / np.sqrt(2 * max(keys - 1, 1)), "dispersion_p": float(first["dispersion_p"])}
 
 
@@ -118,7 +120,9 @@ def goal_table(model: str, table: pd.DataFrame, stealing: Optional[pd.DataFrame]
             out.update(spoof=np.nan, spoof_n=np.nan, reference_spoof=np.nan, spoof_ratio=np.nan, secret="not run")
         if point in validity.index:
             v = validity.loc[point]
-            out.update(valid="yes" if bool(v["valid"]) else "no", keys_inside=f"{int(v['keys_inside'])}/{int(v['keys'])}",
+            below = int(v["keys"]) - int(v["keys_inside"]) - int(v.get("keys_above", 0))
+            out.update(valid="yes" if bool(v["valid"]) else "no",
+                       keys_inside=f"{int(v['keys_inside'])}/{int(v['keys'])}" + (f", {below} below" if below > 0 else ""),
                        dispersion=float(v["dispersion"]))
         else:
             out.update(valid="not run", keys_inside="", dispersion=np.nan)
