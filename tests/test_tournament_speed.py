@@ -177,6 +177,29 @@ def test_process_scores_gives_the_reference_tournament_of_the_tempered_distribut
         assert torch.equal(key.process_scores(scores.clone(), bits, t, None, before, inplace=True), out)
 
 
+def test_flat_rows_reuse_the_keys_buffers_without_changing_or_aliasing_what_is_returned():
+    """Flat float64 rows (every token plays, in the key's reused buffers): the logits are the reference tournament
+    within float64 rounding, a later call (another batch size, another temperature) leaves an earlier result as it
+    was, and in place the same values land in ``scores``."""
+    gen = torch.Generator().manual_seed(11)
+    key = _key(3000, special=(2,))
+    results = []
+    for rows, t in ((6, 1.0), (4, 0.8), (6, 1.0)):
+        scores = torch.randn(rows, 3000, generator=gen, dtype=torch.float64)
+        bits = torch.rand(rows, 32, generator=gen) > 0.5
+        before = torch.randint(0, 3000, (rows, 2), generator=gen)
+        active = torch.rand(rows, 20, generator=gen) > 0.2
+        assert not candidates(scores / t, key.usable, key.layers, key.tolerance).gathered
+        out = key.process_scores(scores, bits, t, active, before)
+        expected = reference_distribution(key, torch.softmax(scores / t, -1), bits, active, before)
+        assert float(_tv(torch.softmax(out / t, -1), expected).max()) < 1e-12
+        assert torch.equal(out[:, 2], scores[:, 2])  # a special token keeps its logit
+        results.append((out, out.clone()))
+        assert torch.equal(key.process_scores(scores.clone(), bits, t, active, before, inplace=True), out)
+    for out, copy in results:
+        assert torch.equal(out, copy)
+
+
 def test_the_sample_tolerance_is_a_checked_setting():
     assert TournamentConfig().sample_tolerance == 1e-6
     with pytest.raises(ConfigError, match=r"watermark.tournament.sample_tolerance=0.5: allowed range is \[0, 0.01\]"):

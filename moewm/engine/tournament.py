@@ -41,7 +41,15 @@ import torch
 
 from moewm.engine.lsh import _MASK32, _ROUND, _mix32, mix32_int32_
 from moewm.engine.scoring import BankTables, CaptureBatch, KeyDraws, StatisticSpec, first_occurrences, signatures
-from moewm.engine.tournament_sampling import Candidates, TournamentRatios, as_int32, candidates, tournament_ratios
+from moewm.engine.tournament_sampling import (
+    Candidates,
+    TournamentRatios,
+    Workspace,
+    as_int32,
+    candidates,
+    tournament_ratios,
+    whole_vocabulary_log_ratios,
+)
 
 # Domain separation of the tournament's salts from the hashed green lists' (public constant).
 _DOMAIN = 0x7F4A7C15
@@ -251,11 +259,13 @@ class TournamentKey:
         self.tolerance = float(tolerance)
         self._hashes: Optional[torch.Tensor] = None
         self._indices: Optional[tuple[int, Optional[torch.Tensor], torch.Tensor]] = None  # (V, usable ids, unusable ids)
+        self._work = Workspace()  # the whole-vocabulary path's buffers, reused from step to step
 
     def to(self, device: torch.device | str) -> "TournamentKey":
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
         self._hashes = None
         self._indices = None
+        self._work = Workspace()
         return self
 
     def codes(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -323,11 +333,7 @@ class TournamentKey:
         tempered = scores.float() if temperature == 1.0 else scores.float() / temperature
         cand = candidates(tempered, usable, self.layers, self.tolerance, self._usable_index(scores.shape[-1]))
         if not cand.gathered:
-            probs = torch.softmax(scores.double() / temperature, dim=-1)
-            q = probs * usable
-            ratio = self.ratios(q, None, ctx, None, active).candidates
-            shift = torch.where(usable, torch.log(ratio) * temperature, 0.0)
-            return (scores.double() + shift).to(scores.dtype)
+            return self._whole_vocabulary_scores(scores, temperature, cand.top, ctx, active, inplace)
         assert cand.index is not None and cand.valid is not None and cand.tail is not None
         picked_scores = scores.gather(1, cand.index).double()
         picked = torch.exp(picked_scores / temperature - cand.top.double()) * cand.valid
@@ -344,6 +350,27 @@ class TournamentKey:
             shift = (torch.log(r.tail) * temperature).to(scores.dtype).unsqueeze(-1)
             out.index_copy_(1, unusable, out.index_select(1, unusable) - shift)
         return _scatter_candidates(out, cand, (picked_scores + relative).to(scores.dtype), inplace=True)
+
+    def _whole_vocabulary_scores(self, scores: torch.Tensor, temperature: float, top: torch.Tensor, ctx: torch.Tensor,
+                                 active: Optional[torch.Tensor], inplace: bool) -> torch.Tensor:
+        """:meth:`process_scores` where every usable token plays (flat rows): the masses relative to the row's top,
+        the log multipliers, and the shifted logits, all in the key's reused buffers (a step allocates nothing the
+        size of the vocabulary but its output, and not that one ``inplace``)."""
+        b, v = scores.shape
+        mass = self._work.buffer("mass", (b, v), torch.float64, scores.device).copy_(scores)
+        if temperature != 1.0:
+            mass.div_(temperature)
+        unusable = self._unusable_index(v)
+        if unusable.numel():
+            mass.index_fill_(1, unusable, float("-inf"))
+        mass.sub_(top.double()).exp_()  # unnormalised: the tournament divides by the row's mass itself
+        shift = whole_vocabulary_log_ratios(mass, self.token_hashes(v, scores.device), as_int32(ctx), active, self._work)
+        if unusable.numel():
+            shift.index_fill_(1, unusable, 0.0)  # special tokens keep their logits
+        if temperature != 1.0:
+            shift.mul_(temperature)
+        shift.add_(scores)
+        return scores.copy_(shift) if inplace else shift.to(scores.dtype, copy=True)  # never the buffer itself
 
     def _usable_index(self, vocab: int) -> Optional[torch.Tensor]:
         """Ids of the usable tokens (None when every token is usable), cached per vocabulary size."""

@@ -52,22 +52,52 @@ def as_int32(values: torch.Tensor) -> torch.Tensor:
     return (((values.long() + 2**31) & 0xFFFFFFFF) - 2**31).to(torch.int32)
 
 
-def layer_codes(contexts32: torch.Tensor, hashed32: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def layer_codes(contexts32: torch.Tensor, hashed32: torch.Tensor, start: int, stop: int,
+                work: Optional["Workspace"] = None) -> torch.Tensor:
     """(B, k) long: bit j of a token's code is its g-value at layer ``start + j`` (layers start..stop-1).
 
     ``contexts32`` (B, m) int32 keyed layer contexts (odd, < 2^31), ``hashed32`` (B or 1, k) int32 token hashes. The
-    int32 product wraps modulo 2^32, so its sign bit is bit 31 of ``context x hash mod 2^32``: the g-value. One
-    layer at a time, so that every intermediate stays the size of the output.
+    int32 product wraps modulo 2^32, so its sign bit is bit 31 of ``context x hash mod 2^32``: the g-value; an
+    arithmetic shift by 31 makes it 0 or -1, subtracted at weight 2^j. One layer at a time, so that every
+    intermediate stays the size of the output (``work``: reused buffers, the result included).
     """
     b, k = contexts32.shape[0], hashed32.shape[-1]
-    code = torch.zeros(b, k, dtype=torch.int32, device=contexts32.device)
-    part = torch.empty_like(code)
+    device = contexts32.device
+    fresh = work if work is not None else Workspace()
+    code = fresh.buffer("code32", (b, k), torch.int32, device).zero_()
+    part = fresh.buffer("part32", (b, k), torch.int32, device)
     for j in range(stop - start):
-        torch.mul(contexts32[:, start + j : start + j + 1], hashed32, out=part)
-        part.bitwise_right_shift_(31 - j)  # arithmetic shift: bit j now holds the sign bit
-        part.bitwise_and_(1 << j)
-        code.bitwise_or_(part)
-    return code.long()
+        torch.mul(contexts32[:, start + j : start + j + 1].contiguous(), hashed32, out=part)
+        part.bitwise_right_shift_(31)  # arithmetic shift: -1 where the sign bit (the g-value) is set, else 0
+        code.sub_(part, alpha=1 << j)
+    return fresh.buffer("codes", (b, k), torch.long, device).copy_(code)
+
+
+class Workspace:
+    """Buffers the size of the vocabulary, kept between decoding steps: the whole-vocabulary path allocates none.
+
+    On the 2-core CPU VM a fresh 1 MiB tensor can cost more in page faults than the arithmetic on it
+    (``process_scores`` on 16 x 8,192 flat rows, one thread: 17.7 ms with fresh tensors, 7.8 ms with the same code
+    and glibc told to keep freed memory, 5.8 ms with these buffers); reusing them saves that without touching the
+    process's allocator. Not for two threads at once: one key, one decoding loop.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The named buffer of this shape, dtype and device (contents left from its last use)."""
+        held = self._buffers.get(name)
+        if held is None or held.shape != torch.Size(shape) or held.dtype != dtype or held.device != torch.device(device):
+            held = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[name] = held
+        return held
+
+    def bin_bits(self, width: int, device: torch.device) -> torch.Tensor:
+        held = self._buffers.get(f"bits{width}")
+        if held is None or held.device != torch.device(device):
+            held = self._buffers[f"bits{width}"] = _bin_bits(width, device)
+        return held
 
 
 def _bin_bits(width: int, device: torch.device) -> torch.Tensor:
@@ -105,30 +135,83 @@ def tournament_ratios(masses: torch.Tensor, hashed32: torch.Tensor, contexts32: 
         codes = layer_codes(contexts32, hashed32, start, stop)
         bins = torch.zeros(b, 1 << (stop - start), dtype=torch.float64, device=device).scatter_add_(1, codes, current)
         bits = _bin_bits(stop - start, device)
-        w = torch.ones_like(bins)
-        for j in range(stop - start):
-            played = torch.mm(bins * w, bits[j].view(-1, 1)).div_(mass)  # (B, 1): the layer's G
-            if tail is not None:
-                played.add_(share, alpha=0.5)
-                # the bound's recurrence (module docstring), before this layer's tail update
-                d_next = ((2 - played + (d + share) / 2).clamp_(max=2.0) * d + share).clamp_(max=2.0)
-                tail_step = 1.5 - played
-            step = (bits[j] + (1 - played)).clamp_(min=0.0)  # (B, 2^K); G a rounding above 1 leaves no negative mass
-            if active is not None:
-                on = active[:, start + j : start + j + 1]
-                step = torch.where(on, step, 1.0)
-                if tail is not None:
-                    tail_step = torch.where(on, tail_step, 1.0)
-                    d_next = torch.where(on, d_next, d)
-            w.mul_(step)
-            if tail is not None:
-                tail_ratio = tail_ratio * tail_step
-                share = share * tail_step
-                d = d_next
+        group_active = None if active is None else active[:, start:stop]
+        if tail is None:
+            w = _group_weights(bins, mass, bits, group_active)
+        else:
+            w, tail_ratio, share, d = _group_weights_with_tail(bins, mass, bits, group_active, tail_ratio, share, d)
         factor = w.gather(1, codes)
         ratio = ratio * factor
         current = current * factor
     return TournamentRatios(ratio, tail_ratio.view(-1), d.view(-1) / 2)
+
+
+def whole_vocabulary_log_ratios(mass: torch.Tensor, hashed32: torch.Tensor, contexts32: torch.Tensor,
+                                active: Optional[torch.Tensor], work: Workspace) -> torch.Tensor:
+    """(B, V) float64 log of each token's tournament multiplier, for unnormalised masses (B, V) float64 (0 where a
+    token cannot be drawn; overwritten) over the whole vocabulary, with no tail: :func:`tournament_ratios`' arithmetic
+    group by group, the log of each group's bin weights gathered and summed, every (B, V) tensor a ``work`` buffer
+    (the result too)."""
+    b, v = mass.shape
+    m = contexts32.shape[1]
+    device = mass.device
+    total = mass.sum(-1, keepdim=True).clamp_(min=1e-300)
+    log_ratio = work.buffer("log_ratio", (b, v), torch.float64, device)
+    factor = work.buffer("factor", (b, v), torch.float64, device)
+    starts = list(range(0, m, GROUP_BITS))
+    for start in starts:
+        stop = min(m, start + GROUP_BITS)
+        codes = layer_codes(contexts32, hashed32, start, stop, work)
+        bins = torch.zeros(b, 1 << (stop - start), dtype=torch.float64, device=device).scatter_add_(1, codes, mass)
+        w = _group_weights(bins, total, work.bin_bits(stop - start, device), None if active is None else active[:, start:stop])
+        torch.gather(torch.log(w), 1, codes, out=log_ratio if start == 0 else factor)
+        if start:
+            log_ratio.add_(factor)
+        if start != starts[-1]:
+            torch.gather(w, 1, codes, out=factor)
+            mass.mul_(factor)
+    return log_ratio
+
+
+def _group_weights(bins: torch.Tensor, total: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, 2^K) each bin's multiplier over a group of K layers without a tail (bins: the group's input mass per code;
+    ``bits`` (K, 2^K) from :func:`_bin_bits`).
+
+    The bins' share of the row is carried from layer to layer (G is then one matrix-vector product) and the
+    multiplier read off at the end; four small operations a layer, where the cost is the number of operations,
+    not their size. A bin without mass gets 1 (only tokens of zero mass read it).
+    """
+    current = bins / total
+    steps = bits + 1  # 1 + g
+    for j in range(bits.shape[0]):
+        played = torch.mv(current, bits[j]).unsqueeze(-1)  # (B, 1): the layer's G
+        step = (steps[j] - played).clamp_(min=0.0)  # G a rounding above 1 leaves no negative mass
+        current.mul_(step if active is None else torch.where(active[:, j : j + 1], step, 1.0))
+    return torch.where(bins > 0, current * total / bins, 1.0)
+
+
+def _group_weights_with_tail(bins: torch.Tensor, mass: torch.Tensor, bits: torch.Tensor, active: Optional[torch.Tensor],
+                             tail_ratio: torch.Tensor, share: torch.Tensor, d: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_group_weights` beside a tail at g = 1/2: the bins' multipliers, and the tail's ratio, share and the
+    bound's L1 distance (module docstring) carried through the group's layers."""
+    w = torch.ones_like(bins)
+    for j in range(bits.shape[0]):
+        played = torch.mm(bins * w, bits[j].view(-1, 1)).div_(mass).add_(share, alpha=0.5)  # (B, 1): the layer's G
+        # the bound's recurrence (module docstring), before this layer's tail update
+        d_next = ((2 - played + (d + share) / 2).clamp_(max=2.0) * d + share).clamp_(max=2.0)
+        tail_step = 1.5 - played
+        step = (bits[j] + (1 - played)).clamp_(min=0.0)  # (B, 2^K); G a rounding above 1 leaves no negative mass
+        if active is not None:
+            on = active[:, j : j + 1]
+            step = torch.where(on, step, 1.0)
+            tail_step = torch.where(on, tail_step, 1.0)
+            d_next = torch.where(on, d_next, d)
+        w.mul_(step)
+        tail_ratio = tail_ratio * tail_step
+        share = share * tail_step
+        d = d_next
+    return w, tail_ratio, share, d
 
 
 @dataclass
