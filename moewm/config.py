@@ -177,6 +177,8 @@ class SynthIDConfig:
 
 
 TOURNAMENT_MAX_BLOCK_BITS = 32  # a layer's block of signature bits is hashed as one 32-bit word
+# The most token contexts watermark.tournament.routed_contexts may route (more than the corpora hold routes them all).
+MAX_ROUTED_CONTEXTS = 1_000_000
 
 
 @dataclass
@@ -207,6 +209,11 @@ class TournamentConfig:
     # tokens before alone. null: all of them. 0 is the design's routing-free twin (SynthID's tournament keyed by
     # the same token context), the ablation every routing design is measured against (routing_free_twin).
     routing_layers: Optional[int] = None
+    # Routing only where the token context is common across texts: the routing is read only at positions whose
+    # context_tokens tokens before are among this many most frequent contexts of the shipped (not held-out) human
+    # corpora under the model's tokenizer, the contexts a text-only attacker sees most; elsewhere the layers are keyed
+    # by the tokens alone (robust, and rare enough not to be learnt). null: routing read at every position.
+    routed_contexts: Optional[int] = None
 
     @property
     def routed_layers(self) -> int:
@@ -225,6 +232,17 @@ class TournamentConfig:
                      f"watermark.tournament.routing_layers={self.routing_layers} needs watermark.tournament.context_tokens >= 1 "
                      "(a layer keyed by neither routing nor tokens would play one fixed context everywhere)")
         _require(self.context_tokens in (0, 1, 2), f"watermark.tournament.context_tokens={self.context_tokens}: allowed values are 0, 1, 2")
+        if self.routed_contexts is not None:
+            _require(not isinstance(self.routed_contexts, bool) and isinstance(self.routed_contexts, int)
+                     and 1 <= self.routed_contexts <= MAX_ROUTED_CONTEXTS,
+                     f"watermark.tournament.routed_contexts={self.routed_contexts!r}: allowed range is [1, {MAX_ROUTED_CONTEXTS}] "
+                     "(how many of the most common token contexts read the routing), or null for every position")
+            _require(self.context_tokens >= 1,
+                     f"watermark.tournament.routed_contexts={self.routed_contexts} needs watermark.tournament.context_tokens >= 1 "
+                     "(the contexts it picks are the tokens before)")
+            _require(self.routed_layers > 0,
+                     f"watermark.tournament.routed_contexts={self.routed_contexts} needs watermark.tournament.routing_layers > 0 "
+                     "(no layer reads the routing), or routed_contexts=null")
         top = TOURNAMENT_MAX_BLOCK_BITS if num_bits is None else min(TOURNAMENT_MAX_BLOCK_BITS, num_bits)
         where = "" if num_bits is None else f" (at most encoder.num_bits={num_bits}, and {TOURNAMENT_MAX_BLOCK_BITS})"
         _require(1 <= self.block_bits <= top, f"watermark.tournament.block_bits={self.block_bits}: allowed range is [1, {top}]{where}")
@@ -358,7 +376,7 @@ def routing_free_twin(watermark: "WatermarkConfig", encoder: Optional["EncoderCo
         if watermark.tournament.context_tokens < 1:
             raise ConfigError("watermark.tournament.context_tokens=0: a tournament keyed by routing alone has no token context "
                               "left for its twin (allowed values for a twin: 1, 2)")
-        return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0)), encoder
+        return replace(watermark, tournament=replace(watermark.tournament, routing_layers=0, routed_contexts=None)), encoder
     if watermark.kind == "moe_lsh":
         if encoder.context_tokens != 1:
             raise ConfigError(f"encoder.context_tokens={encoder.context_tokens}: MoE-LSH keyed by routing alone has no token "

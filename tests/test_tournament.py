@@ -13,9 +13,18 @@ from transformers.generation.logits_process import SynthIDTextWatermarkLogitsPro
 
 from composing import app_config
 from moewm.app.schema import validate_app
-from moewm.config import ConfigError, EncoderConfig, ExtractorConfig, GenerationConfig, ModelConfig, TournamentConfig, WatermarkConfig
+from moewm.config import (
+    ConfigError,
+    EncoderConfig,
+    ExtractorConfig,
+    GenerationConfig,
+    ModelConfig,
+    TournamentConfig,
+    WatermarkConfig,
+    routing_free_twin,
+)
 from moewm.engine.keys import WatermarkKey
-from moewm.engine.tournament import NO_TOKEN, TournamentKey, context_codes, g_values, layer_blocks, token_hash, tokens_before
+from moewm.engine.tournament import NO_TOKEN, TournamentKey, context_codes, g_values, layer_blocks, token_hash, tokens_before, tokens_hash
 
 SECRET = "tournament-test-secret"
 
@@ -103,6 +112,62 @@ def test_only_the_routed_layers_move_with_the_routing_and_the_twin_is_keyed_by_t
     assert same[:, 7:].all() and not same[:, :7].all(0).any()
     assert torch.equal(half.contexts(bits, before)[:, :7], full.contexts(bits, before)[:, :7])
     assert torch.equal(half.contexts(bits, before)[:, 7:], twin.contexts(bits, before)[:, 7:])
+
+
+def test_with_routed_contexts_only_the_listed_token_contexts_read_the_routing():
+    """routed_contexts: a position whose tokens before are listed is keyed as the routing design keys it, any other
+    as the twin does (blind to the signature); the list holds tokens_hash values of the c tokens before."""
+    bits = torch.rand(64, 32, generator=torch.Generator().manual_seed(3)) > 0.5
+    other = torch.rand(64, 32, generator=torch.Generator().manual_seed(8)) > 0.5
+    before = torch.randint(0, 300, (64, 2), generator=torch.Generator().manual_seed(5))
+    listed = torch.sort(tokens_hash(before[::3])).values  # every third position's pair
+    common = _key(block_bits=8, context_tokens=2)
+    common.routed_contexts = listed
+    full, twin = _key(block_bits=8, context_tokens=2), _key(block_bits=8, context_tokens=2, routing_layers=0)
+    routed = torch.isin(tokens_hash(before), listed)
+    assert routed[::3].all() and not routed.all()
+    got = common.contexts(bits, before)
+    assert torch.equal(got[routed], full.contexts(bits, before)[routed])
+    assert torch.equal(got[~routed], twin.contexts(bits, before)[~routed])
+    assert torch.equal(common.contexts(other, before)[~routed], got[~routed])
+    assert (common.contexts(other, before)[routed] != got[routed]).any()
+
+
+def test_routed_contexts_are_the_most_frequent_token_pairs_of_the_reference_corpora(tiny):
+    """context_counts against a plain count over the same corpora, and common_contexts its sorted head."""
+    from collections import Counter
+
+    from moewm.null_corpora import human_texts
+    from moewm.schemes.common_contexts import REFERENCE_CORPORA, common_contexts, context_counts
+
+    _, tok = tiny
+    counter: Counter = Counter()
+    for name in REFERENCE_CORPORA:
+        for text in human_texts(name):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > 1:  # a context is its 32-bit hash, as the detector keys it (distinct pairs may share one)
+                counter.update(tokens_hash(torch.tensor(list(zip(ids, ids[1:])))).tolist())
+    hashes, counts = context_counts(tok, 2)
+    assert int(counts.sum()) == sum(counter.values()) and hashes.numel() == len(counter)
+    top = counter.most_common(50)
+    assert counts[:50].tolist() == [c for _, c in top]
+    assert set(hashes[:40].tolist()) <= {h for h, _ in top}  # ties at the 50th edge aside
+    table = common_contexts(tok, 2, 100)
+    assert torch.equal(table, torch.sort(hashes[:100]).values)
+    assert not {"jargon_file", "crawl_lore"} & set(REFERENCE_CORPORA)  # the held-out corpora stay unseen
+
+
+def test_routed_contexts_are_checked_before_weights_load():
+    with pytest.raises(ConfigError, match=r"watermark.tournament.routed_contexts=0: allowed range is \[1, 1000000\]"):
+        validate_app(app_config(["watermark.tournament.routed_contexts=0"]))
+    with pytest.raises(ConfigError, match=r"routed_contexts=64 needs watermark.tournament.context_tokens >= 1"):
+        validate_app(app_config(["watermark.tournament.routed_contexts=64", "watermark.tournament.context_tokens=0"]))
+    with pytest.raises(ConfigError, match=r"routed_contexts=64 needs watermark.tournament.routing_layers > 0"):
+        validate_app(app_config(["watermark.tournament.routed_contexts=64", "watermark.tournament.routing_layers=0"]))
+    validate_app(app_config(["watermark.tournament.routed_contexts=4096"]))
+    twin, _ = routing_free_twin(WatermarkConfig(tournament=TournamentConfig(routed_contexts=64)))
+    assert twin.tournament.routing_layers == 0 and twin.tournament.routed_contexts is None
+    twin.validate()
 
 
 def test_routing_layers_are_checked_before_weights_load():
@@ -249,13 +314,15 @@ def _wm(tiny, seed: int, encoder: Optional[EncoderConfig] = None, **watermark):
     return MoETournamentWatermark(model, tok, ExtractorConfig(), encoder or EncoderConfig(), cfg, WatermarkKey(SECRET, seed), cache_dir=None)
 
 
-@pytest.mark.parametrize("context_tokens,routing_layers", [(0, None), (1, None), (2, None), (2, 0), (2, 7)])
-def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens, routing_layers):
+@pytest.mark.parametrize("context_tokens,routing_layers,routed_contexts",
+                         [(0, None, None), (1, None, None), (2, None, None), (2, 0, None), (2, 7, None), (2, None, 4096)])
+def test_generation_and_detection_read_the_same_g_values(tiny, context_tokens, routing_layers, routed_contexts):
     """The detector's contexts (bank signatures of the captured features, and the captured tokens before) are
     the processor's (the encoder's signature of the same features, and input_ids[:, -c:] at that step): a drift
     between the two would silently halve the evidence."""
     prompts = open("conf/data/prompts.txt").read().splitlines()[:2]
-    with _wm(tiny, 1, tournament=TournamentConfig(block_bits=4, context_tokens=context_tokens, routing_layers=routing_layers)) as wm:
+    tournament = TournamentConfig(block_bits=4, context_tokens=context_tokens, routing_layers=routing_layers, routed_contexts=routed_contexts)
+    with _wm(tiny, 1, tournament=tournament) as wm:
         prompt_ids, ids = wm.generate_ids(prompts, GenerationConfig(max_new_tokens=12, min_new_tokens=12))
         caps = wm.capture(ids, prompt_ids)
         from moewm.engine.scoring import CaptureBatch

@@ -24,9 +24,12 @@ from moewm.engine.tournament import (
     layer_blocks,
     layer_salts,
     repeat_slot,
+    routed_positions,
     token_hash,
+    tokens_hash,
 )
 from moewm.engine.tournament_sampling import as_int32, candidates, layer_codes, tournament_ratios
+from moewm.null_corpora import human_texts
 
 
 # -- references ---------------------------------------------------------------------------------------
@@ -55,6 +58,11 @@ def reference_units(scorer: TournamentScorer, batch: CaptureBatch, tables) -> tu
     codes = (picked << torch.arange(scorer.blocks.shape[1])).sum(-1)
     codes = codes * (torch.arange(scorer.layers) < scorer.routing_layers)  # layers keyed by tokens alone: block 0
     before = batch.tokens_before(scorer.context_tokens) if scorer.context_tokens else None
+    if scorer.routed_contexts is not None:  # routing read only after the listed token contexts: block 0 elsewhere
+        listed = set(scorer.routed_contexts.tolist())
+        hashed = tokens_hash(before)
+        routed = torch.tensor([h in listed for h in hashed.view(-1).tolist()]).view(hashed.shape)
+        codes = codes * routed.view(1, *routed.shape, 1)
     codes = context_codes(codes, before)
     ctx = context_hash(layer_salts(bank.salt, scorer.layers), codes)
     r, b, n, m = codes.shape
@@ -245,6 +253,7 @@ def tiny():
     ("green", TournamentConfig(routing_layers=0)),  # the routing-free twin
     ("green", TournamentConfig(block_bits=4, skip_repeated=False)),  # 8 distinct blocks; every repeat counted once per token
     ("green", TournamentConfig(context_tokens=0, block_bits=16)),  # routing alone: the block code is the repeat slot
+    ("green", TournamentConfig(routed_contexts=2048)),  # routing only after the 2,048 most common token pairs
     ("llr", TournamentConfig(context_tokens=0, block_bits=4, skip_repeated=False)),
     ("z", TournamentConfig(context_tokens=1, skip_repeated=False)),
 ])
@@ -259,6 +268,7 @@ def test_calibrated_p_values_are_bit_for_bit_those_of_the_reference_scorer(tiny,
     gen = torch.Generator().manual_seed(11)
     texts = torch.randint(300, 4000, (6, 40), generator=gen).tolist()
     texts += [t[:10] * 4 for t in texts[:2]]  # repeated runs: repeated contexts
+    texts += [tok(t, add_special_tokens=False)["input_ids"][:40] for t in human_texts("kjv_narrative", 2)]  # common pairs
     with MoETournamentWatermark(model, tok, ExtractorConfig(), EncoderConfig(), cfg, WatermarkKey("speed-test", 4), cache_dir=None) as wm:
         captures = wm.capture(texts, [[] for _ in texts])
         batch = CaptureBatch.stack(captures).with_top_k(cfg.statistic_top_k)
@@ -266,6 +276,9 @@ def test_calibrated_p_values_are_bit_for_bit_those_of_the_reference_scorer(tiny,
         codes, ctx = wm.scorer.contexts(batch, ref)
         ref_codes, ref_ctx, ref_scored = reference_units(wm.scorer, batch, ref)
         assert torch.equal(codes, ref_codes) and torch.equal(ctx, ref_ctx)
+        if tournament.routed_contexts is not None:  # both kinds of position are there to be compared
+            routed = routed_positions(batch.tokens_before(2), wm.scorer.routed_contexts) & batch.valid
+            assert 0 < int(routed.sum()) < int(batch.valid.sum())
         assert torch.equal(wm.scorer.scored_units(batch, codes), ref_scored)
         if statistic != "green":
             return  # the llr / z terms are computed as before from these very units

@@ -76,8 +76,14 @@ def test_every_tradeoff_point_composes_and_validates(point):
         parts = point.split("_")[1:]
         assert app.watermark.synthid.ngram_len == (int(parts[0][1:]) if len(parts) > 1 else 5)
         assert app.watermark.synthid.num_keys == int(parts[-1][1:])
-    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k> | _top1] -> 20 layers of 4 bits, ...
+    if kind == "tournament":  # tournament_m20_b4[_ctx<c>][_noskip][_twin | _r<k> | _top1 | _common<k>k] -> 20 layers of 4 bits, ...
         base, routed = point, None
+        common = None  # _common<k>k: the routing read only after the k x 1,024 most common token contexts
+        if "_common" in point:
+            base, count = point.split("_common")
+            common = int(count[:-1]) * 1024
+            point = base
+        assert app.watermark.tournament.routed_contexts == common
         top1 = point.endswith("_top1")  # the routing feature: each MoE layer's top-1 expert, not its whole distribution
         assert (app.extractor.use_top_k, app.extractor.k if top1 else 1) == (top1, 1)
         if top1:

@@ -140,30 +140,47 @@ def tokens_hash(before: torch.Tensor) -> torch.Tensor:
     return token
 
 
-def layer_codes(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+def routed_positions(before: torch.Tensor, routed_contexts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(...,) bool: the positions whose tokens before (..., c) are one of ``routed_contexts`` (sorted
+    :func:`tokens_hash` values, public), the only ones whose layers read the routing; None: every position."""
+    if routed_contexts is None:
+        return None
+    return torch.isin(tokens_hash(before), routed_contexts.to(before.device))
+
+
+def layer_codes(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, before: Optional[torch.Tensor] = None,
+                routed_contexts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(..., m) each layer's context code: its routing block (the first ``routing_layers`` layers; the others'
     blocks are 0, so their context is the tokens before alone) with the tokens before hashed in (:func:`context_codes`).
-    ``routing_layers=0`` is the design's routing-free twin: SynthID's tournament keyed by the token context only."""
+    ``routing_layers=0`` is the design's routing-free twin: SynthID's tournament keyed by the token context only.
+    ``routed_contexts``: the routing is read only at positions whose tokens before are one of these
+    (:func:`routed_positions`); elsewhere every layer is keyed by the tokens alone, as in the twin."""
     codes = block_codes(bits, blocks)
     if routing_layers < codes.shape[-1]:
         routed = torch.arange(codes.shape[-1], device=codes.device) < routing_layers
         codes = codes * routed
+    if routed_contexts is not None and before is not None:
+        codes = codes * routed_positions(before, routed_contexts).unsqueeze(-1)
     return context_codes(codes, before)
 
 
 def layer_contexts32(bits: torch.Tensor, blocks: torch.Tensor, routing_layers: int, salts: torch.Tensor,
-                     before: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     before: Optional[torch.Tensor] = None, routed_contexts: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every key's context codes and keyed layer contexts, layers before positions: (R, B, m, n) int32 each.
 
     The bits of :func:`layer_codes` (the 32-bit code as two's complement) and of :func:`context_hash`, computed
     where detection spends its time (keys x texts x positions x layers) with half the memory traffic: the block
     codes only for the distinct blocks (with 32 signature bits and 8-bit blocks, 4 of 20 layers) and gathered per
     layer, the tokens' hash and the mixers in int32 in place, and the layout the first-occurrence sort reads
-    without a copy. ``bits`` (R, B, n, nb) bool, ``salts`` (R, m) from :func:`layer_salts`, ``before`` (B, n, c).
+    without a copy. ``bits`` (R, B, n, nb) bool, ``salts`` (R, m) from :func:`layer_salts`, ``before`` (B, n, c),
+    ``routed_contexts`` as in :func:`layer_codes`.
     """
     m = blocks.shape[0]
     distinct, layer_of = torch.unique(blocks, dim=0, return_inverse=True)
     codes = block_codes(bits, distinct).to(torch.int32)  # (R, B, n, u): block codes < 2^b
+    if routed_contexts is not None and before is not None:
+        codes = codes * routed_positions(before.to(codes.device), routed_contexts).unsqueeze(-1)
     if routing_layers < m:  # the layers keyed by tokens alone read a block code of 0
         codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
         layer_of = torch.where(torch.arange(m) < routing_layers, layer_of, distinct.shape[0])
@@ -245,8 +262,11 @@ class TournamentKey:
     """One key's tournament at generation time: g-values of the whole vocabulary and the tournament itself."""
 
     def __init__(self, salt: torch.Tensor, num_bits: int, layers: int, block_bits: int, usable: torch.Tensor,
-                 context_tokens: int = 0, routing_layers: Optional[int] = None, tolerance: float = SAMPLE_TOLERANCE) -> None:
+                 context_tokens: int = 0, routing_layers: Optional[int] = None, tolerance: float = SAMPLE_TOLERANCE,
+                 routed_contexts: Optional[torch.Tensor] = None) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
+        # Sorted token-context hashes at which the routing is read (None: everywhere); see routed_positions.
+        self.routed_contexts = routed_contexts
         self.routing_layers = layers if routing_layers is None else int(routing_layers)
         self.block_bits = block_bits
         self.context_tokens = int(context_tokens)
@@ -263,6 +283,8 @@ class TournamentKey:
 
     def to(self, device: torch.device | str) -> "TournamentKey":
         self.blocks, self.salts, self.usable = self.blocks.to(device), self.salts.to(device), self.usable.to(device)
+        if self.routed_contexts is not None:
+            self.routed_contexts = self.routed_contexts.to(device)
         self._hashes = None
         self._indices = None
         self._work = Workspace()
@@ -275,7 +297,8 @@ class TournamentKey:
                 raise ValueError(f"this tournament keys its layers by the {self.context_tokens} token(s) before too "
                                  f"(watermark.tournament.context_tokens={self.context_tokens}): pass them as a (B, {self.context_tokens}) tensor")
             before = before[:, before.shape[1] - self.context_tokens :]
-        return layer_codes(bits.to(self.salts.device), self.blocks, self.routing_layers, before if self.context_tokens else None)
+        return layer_codes(bits.to(self.salts.device), self.blocks, self.routing_layers, before if self.context_tokens else None,
+                           self.routed_contexts)
 
     def contexts(self, bits: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, m) keyed layer contexts for signatures (B, nb) (and the tokens before, (B, c))."""
@@ -411,9 +434,11 @@ class TournamentScorer:
     """
 
     def __init__(self, num_bits: int, layers: int, block_bits: int, statistic: str, ignore_repeated: bool, vocab_size: int,
-                 skip_repeated: bool = False, context_tokens: int = 0, routing_layers: Optional[int] = None) -> None:
+                 skip_repeated: bool = False, context_tokens: int = 0, routing_layers: Optional[int] = None,
+                 routed_contexts: Optional[torch.Tensor] = None) -> None:
         self.blocks = layer_blocks(num_bits, layers, block_bits)
         self.routing_layers = layers if routing_layers is None else int(routing_layers)
+        self.routed_contexts = routed_contexts  # as TournamentKey's
         self.block_bits = block_bits
         self.context_tokens = int(context_tokens)
         self.code_bits = 32 if self.context_tokens else block_bits
@@ -434,7 +459,8 @@ class TournamentScorer:
         bank = tables.bank
         bits = signatures(batch.features, bank)  # (R, B, n, nb)
         before = batch.tokens_before(self.context_tokens) if self.context_tokens else None
-        return layer_contexts32(bits, self.blocks, self.routing_layers, layer_salts(bank.salt.to(bits.device), self.layers), before)
+        return layer_contexts32(bits, self.blocks, self.routing_layers, layer_salts(bank.salt.to(bits.device), self.layers), before,
+                                self.routed_contexts)
 
     def scored_units(self, batch: CaptureBatch, codes: torch.Tensor) -> torch.Tensor:
         """(R, B, n, m) bool: valid positions, each (layer, context code, token) unit once when ``ignore_repeated``;

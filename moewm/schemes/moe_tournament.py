@@ -26,6 +26,7 @@ from moewm.engine.routing import FeatureCapture
 from moewm.engine.lsh import LSHEncoder
 from moewm.engine.scoring import BankTables, CaptureBatch, StatisticSpec, calibrated, signatures
 from moewm.engine.tournament import REPEAT_TABLE_BITS, TournamentKey, TournamentScorer, repeat_slot, tokens_before
+from moewm.schemes.common_contexts import common_contexts
 from moewm.schemes.moe_lsh import MoELSHWatermark, RoutingWatermarkProcessor
 
 
@@ -96,16 +97,18 @@ class MoETournamentWatermark(MoELSHWatermark):
         t = cfg.tournament
         bank = self._true_tables.bank
         context_tokens = t.context_tokens
+        routed = None if t.routed_contexts is None else common_contexts(self.tokenizer, context_tokens, t.routed_contexts)
         key = TournamentKey(bank.salt[0], bank.num_bits, t.layers, t.block_bits, bank.usable, context_tokens, t.routed_layers,
-                            t.sample_tolerance).to(self.device)
+                            t.sample_tolerance, routed).to(self.device)
         self.logits_processor = TournamentProcessor(self.capture_hooks, self.encoder, key, self.extractor_cfg.token_idx, t.skip_repeated)
         self.scorer = TournamentScorer(bank.num_bits, t.layers, t.block_bits, cfg.statistic, cfg.ignore_repeated, self.vocab_size,
-                                       t.skip_repeated, context_tokens, t.routed_layers)
+                                       t.skip_repeated, context_tokens, t.routed_layers, routed)
 
     def settings_metrics(self) -> dict[str, Any]:
         t = self.watermark_cfg.tournament
         return {"tournament_layers": int(t.layers), "tournament_block_bits": int(t.block_bits), "tournament_skip_repeated": bool(t.skip_repeated),
-                "tournament_context_tokens": int(t.context_tokens), "tournament_routing_layers": t.routed_layers}
+                "tournament_context_tokens": int(t.context_tokens), "tournament_routing_layers": t.routed_layers,
+                "tournament_routed_contexts": t.routed_contexts}
 
     def null_description(self) -> dict[str, Any]:
         out = super().null_description()
