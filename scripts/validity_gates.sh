@@ -25,6 +25,7 @@ for model in tiny_moe tiny_olmoe; do
   gate r10 "$model" '{"tournament": {"routing_layers": 10}}' '{}' '{}'
   gate b4 "$model" '{"tournament": {"block_bits": 4}}' '{}' '{}'
   gate synthid_n4 "$model" '{"kind": "synthid", "synthid": {"ngram_len": 4}}' '{}' '{}'
+  gate common16k "$model" '{"tournament": {"routed_contexts": 16384}}' '{}' '{}'
   gate lsh_rpart_ctx "$model" '{"kind": "moe_lsh"}' '{}' '{"pools": "random_partition", "green_lists": "hashed", "context_tokens": 1}'
   gate lsh_rpart_ctx_twin "$model" '{"kind": "moe_lsh"}' '{}' \
     '{"pools": "random_partition", "green_lists": "hashed", "context_tokens": 1, "routing_free": true}'
