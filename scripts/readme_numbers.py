@@ -41,6 +41,7 @@ HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing stud
     "tournament_m20_b8_ctx2": "**routing tournament + 2 tokens (shipped)**",
     "tournament_m20_b8_ctx2_twin": "its routing-free twin: the same tournament keyed by the 2 tokens alone",
     "tournament_m20_b8_ctx2_r10": "10 of its 20 layers routed, 10 keyed by the tokens alone",
+    "tournament_m20_b8_ctx2_common16k": "routing read only after the 16,384 most common token pairs of the human corpora",
     "synthid_n2_k20": "SynthID ngram_len 2 (transformers)",
     "synthid_n3_k20": "SynthID ngram_len 3: the twin's two tokens, no routing",
     "synthid_n4_k20": "SynthID ngram_len 4",

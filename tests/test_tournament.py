@@ -137,7 +137,7 @@ def test_routed_contexts_are_the_most_frequent_token_pairs_of_the_reference_corp
     """context_counts against a plain count over the same corpora, and common_contexts its sorted head."""
     from collections import Counter
 
-    from moewm.null_corpora import human_texts
+    from moewm.null_corpora import HELD_OUT_CORPORA, human_texts
     from moewm.schemes.common_contexts import REFERENCE_CORPORA, common_contexts, context_counts
 
     _, tok = tiny
@@ -154,7 +154,7 @@ def test_routed_contexts_are_the_most_frequent_token_pairs_of_the_reference_corp
     assert set(hashes[:40].tolist()) <= {h for h, _ in top}  # ties at the 50th edge aside
     table = common_contexts(tok, 2, 100)
     assert torch.equal(table, torch.sort(hashes[:100]).values)
-    assert not {"jargon_file", "crawl_lore"} & set(REFERENCE_CORPORA)  # the held-out corpora stay unseen
+    assert not set(HELD_OUT_CORPORA) & set(REFERENCE_CORPORA)  # the held-out corpora stay unseen
 
 
 def test_routed_contexts_are_checked_before_weights_load():

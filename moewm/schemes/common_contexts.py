@@ -4,8 +4,10 @@ A text-only attacker learns a token-keyed tournament one context at a time, from
 watermarked text: the contexts it sees most are the ones it learns, and the rare ones stay unknown to it. Routing in
 the key hides a context's g-values but moves under edits. So a design may read the routing only at the common
 contexts and key the rare ones by the tokens alone. "Common" has to be public and key-free, the same at generation
-and detection: the most frequent contexts of the shipped human corpora under the model's own tokenizer (the held-out
-corpora of the validity study are left out, so that its held-out text stays unseen by every part of the detector).
+and detection: the most frequent contexts of the shipped human corpora that jobs may read
+(:data:`moewm.null_corpora.HUMAN_CORPORA`) under the model's own tokenizer; the validity study's held-out corpora stay
+unseen by every part of the detector. The table depends on no key, so calibrated p-values stay exact on any text,
+these corpora included.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 import torch
 
 from moewm.engine.tournament import tokens_hash
-from moewm.null_corpora import human_texts
+from moewm.null_corpora import HUMAN_CORPORA, human_texts
 
-# The corpora counted: every shipped corpus but the validity study's held-out ones (jargon_file, crawl_lore).
-REFERENCE_CORPORA = ("human_docstrings", "devils_dictionary", "kjv_narrative")
+# The corpora counted: the ones a job may read, never the validity study's held-out ones.
+REFERENCE_CORPORA = HUMAN_CORPORA
 
 
 def context_counts(tokenizer: Any, context_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
