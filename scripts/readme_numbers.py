@@ -52,6 +52,8 @@ HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
 TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json", "tiny_olmoe": "validity_tiny_olmoe_twin.json"}
 SYNTHID_N4_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n4.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n4.json"}
+COMMON = "tournament_m20_b8_ctx2_common16k"  # routing read only after the most common token pairs
+COMMON_VALIDITY = {"tiny_moe": "validity_tiny_moe_common16k.json", "tiny_olmoe": "validity_tiny_olmoe_common16k.json"}
 
 
 def routing_study(model: str) -> pd.DataFrame:
@@ -145,6 +147,14 @@ def headline_phrases() -> list[str]:
                 n, share = spoof["synthid_n4_k20"]
                 phrase += f" and is spoofed {share:.2f} at N = {n:,}"
             out.append(phrase)
+    for model in HEADLINE_MODELS:
+        df, spoof = routing_study(model), spoofing(model)
+        if COMMON in df.index and {COMMON, "synthid_n3_k20"} <= set(spoof) and (BENCH / COMMON_VALIDITY[model]).exists():
+            a = _validity(model, COMMON_VALIDITY)["summary"][("moe_tournament", 0.01, "all")]
+            out.append(f"{df.loc[COMMON, 'attacked_substitution_0p3']:.2f} after 30 % substitution on {model}, spoofed "
+                       f"{spoof[COMMON][1]:.2f} against SynthID ngram_len 3's {spoof['synthid_n3_k20'][1]:.2f} at N = "
+                       f"{spoof[COMMON][0]:,}, {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 (dispersion "
+                       f"{a['dispersion_ratio']:.2f})")
     return out
 
 

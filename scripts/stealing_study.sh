@@ -14,7 +14,7 @@ corpora=${CORPORA:-outputs/stealing/corpora}
 out=${OUT:-outputs/stealing/results/$model}
 counts=${COUNTS:-250,1000,4000}
 points=("$@")
-[ ${#points[@]} -gt 0 ] || points=(tournament_m20_b8_ctx2 tournament_m20_b8_ctx2_twin tournament_m20_b8_ctx2_r10
+[ ${#points[@]} -gt 0 ] || points=(tournament_m20_b8_ctx2 tournament_m20_b8_ctx2_twin tournament_m20_b8_ctx2_r10 tournament_m20_b8_ctx2_common16k
   synthid_n2_k20 synthid_n3_k20 synthid_n4_k20 synthid_k20 kgw_g025_d2 kgw_g025_d2_h4 kgw_g025_d2_self4)
 for p in "${points[@]}"; do
   [ -f "conf/tradeoff/$p.yaml" ] || { echo "unknown design '$p': allowed values are the points of conf/tradeoff" >&2; exit 2; }
