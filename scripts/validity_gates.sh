@@ -25,11 +25,13 @@ for model in tiny_moe tiny_olmoe; do
   gate r10 "$model" '{"tournament": {"routing_layers": 10}}' '{}' '{}'
   gate b4 "$model" '{"tournament": {"block_bits": 4}}' '{}' '{}'
   gate synthid_n4 "$model" '{"kind": "synthid", "synthid": {"ngram_len": 4}}' '{}' '{}'
+  gate synthid_n3 "$model" '{"kind": "synthid", "synthid": {"ngram_len": 3}}' '{}' '{}'
   gate common16k "$model" '{"tournament": {"routed_contexts": 16384}}' '{}' '{}'
   gate lsh_rpart_ctx "$model" '{"kind": "moe_lsh"}' '{}' '{"pools": "random_partition", "green_lists": "hashed", "context_tokens": 1}'
   gate lsh_rpart_ctx_twin "$model" '{"kind": "moe_lsh"}' '{}' \
     '{"pools": "random_partition", "green_lists": "hashed", "context_tokens": 1, "routing_free": true}'
 done
 gate b2 tiny_moe '{"tournament": {"block_bits": 2}}' '{}' '{}'
+gate b1 tiny_moe '{"tournament": {"block_bits": 1}}' '{}' '{}'
 gate top1 tiny_moe '{}' '{"use_top_k": true, "k": 1}' '{}'
 gate r4 tiny_moe '{"tournament": {"routing_layers": 4}}' '{}' '{}'
