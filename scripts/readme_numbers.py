@@ -52,6 +52,7 @@ HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
 TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json", "tiny_olmoe": "validity_tiny_olmoe_twin.json"}
 SYNTHID_N4_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n4.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n4.json"}
+SYNTHID_N3_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n3.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n3.json"}
 COMMON = "tournament_m20_b8_ctx2_common16k"  # routing read only after the most common token pairs
 COMMON_VALIDITY = {"tiny_moe": "validity_tiny_moe_common16k.json", "tiny_olmoe": "validity_tiny_olmoe_common16k.json"}
 
@@ -147,6 +148,10 @@ def headline_phrases() -> list[str]:
                 n, share = spoof["synthid_n4_k20"]
                 phrase += f" and is spoofed {share:.2f} at N = {n:,}"
             out.append(phrase)
+    n3 = [_validity(m, SYNTHID_N3_VALIDITY)["summary"][("synthid", 0.01, "all")] for m in SYNTHID_N3_VALIDITY]
+    if all(a["keys_inside"] == a["keys"] for a in n3):
+        out.append(f"{n3[0]['keys_inside']}/{n3[0]['keys']} keys inside at p <= 0.01 on both models, dispersion "
+                   + " / ".join(f"{a['dispersion_ratio']:.2f}" for a in n3))
     for model in HEADLINE_MODELS:
         df, spoof = routing_study(model), spoofing(model)
         if COMMON in df.index and {COMMON, "synthid_n3_k20"} <= set(spoof) and (BENCH / COMMON_VALIDITY[model]).exists():
