@@ -50,11 +50,11 @@ HEADLINE_POINTS = {  # routing-study point (also its corpus in the stealing stud
 }
 HEADLINE_ATTACKS = {"substitution_0p1": "subst. 0.1", "substitution_0p3": "subst. 0.3", "copy_paste_0p5": "copy-paste 0.5"}
 VALIDITY = {"tiny_moe": "validity_tiny_moe_tournament_b8ctx2.json", "tiny_olmoe": "validity_tiny_olmoe_tournament_b8ctx2.json"}
-TWIN_VALIDITY = {"tiny_moe": "validity_tiny_moe_twin.json", "tiny_olmoe": "validity_tiny_olmoe_twin.json"}
 SYNTHID_N4_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n4.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n4.json"}
-SYNTHID_N3_VALIDITY = {"tiny_moe": "validity_tiny_moe_synthid_n3.json", "tiny_olmoe": "validity_tiny_olmoe_synthid_n3.json"}
 COMMON = "tournament_m20_b8_ctx2_common16k"  # routing read only after the most common token pairs
 COMMON_VALIDITY = {"tiny_moe": "validity_tiny_moe_common16k.json", "tiny_olmoe": "validity_tiny_olmoe_common16k.json"}
+# Key validity over many keys (python -m moewm.evaluation.key_validity, scripts/key_validity.sh): design -> its tiny_moe file
+KEY_VALIDITY = {name: f"key_validity_{name}_tiny_moe.json" for name in ("shipped", "twin", "synthid_n3", "synthid_n4")}
 
 
 def routing_study(model: str) -> pd.DataFrame:
@@ -104,6 +104,29 @@ def _validity(model: str, files: dict[str, str] = VALIDITY) -> dict:
     return {"result": result, "summary": summary}
 
 
+def _key_validity(name: str) -> tuple[dict, dict]:
+    result = json.loads((BENCH / KEY_VALIDITY[name]).read_text())
+    return result, {(r["origin"], r["level"]): r for r in result["rows"]}
+
+
+def key_validity_phrases() -> list[str]:
+    """The per-key validity sentence: how wide a fixed key's false-positive share spreads over many keys."""
+    (shipped, s), (twin, t), (n3, n), (n4, f) = (_key_validity(k) for k in ("shipped", "twin", "synthid_n3", "synthid_n4"))
+    kjv = ("kjv_narrative", 0.01)
+    return [
+        f"every one of {s[('all', 0.01)]['keys']:,} public keys deployed in turn on {shipped['n_texts']:,} human texts; "
+        f"SynthID: {n[('all', 0.01)]['keys']} keys",
+        f"on tiny_moe a 10-key gate passes with chance {shipped['gate_pass_chance']:.2f} for the shipped design, "
+        f"{twin['gate_pass_chance']:.2f} for its twin, {n3['gate_pass_chance']:.2f} for SynthID ngram_len 3 and "
+        f"{n4['gate_pass_chance']:.2f} for SynthID ngram_len 4",
+        f"the keys' shares at p <= 0.01 spread {s[('all', 0.01)]['dispersion_ratio']:.2f}, {t[('all', 0.01)]['dispersion_ratio']:.2f}, "
+        f"{n[('all', 0.01)]['dispersion_ratio']:.2f} and {f[('all', 0.01)]['dispersion_ratio']:.2f} times as wide as independent texts "
+        f"would make them",
+        f"{100 * s[kjv]['keys_above'] / s[kjv]['keys']:.1f} % of the shipped design's keys and "
+        f"{100 * t[kjv]['keys_above'] / t[kjv]['keys']:.1f} % of its twin's lie above their 99 % interval there (0.5 % expected)",
+    ]
+
+
 def headline_phrases() -> list[str]:
     """The headline paragraph's numbers, as the phrases it quotes."""
     out = []
@@ -126,10 +149,7 @@ def headline_phrases() -> list[str]:
         s = v["summary"]
         a, b = s[("moe_tournament", 0.01, "all")], s[("moe_tournament", 0.001, "all")]
         out.append(f"{model}: {a['keys_inside']}/{a['keys']} keys inside at p <= 0.01 and {b['keys_inside']}/{b['keys']} at 1e-3")
-    for model in TWIN_VALIDITY:
-        s = _validity(model, TWIN_VALIDITY)["summary"]
-        a = s[("moe_tournament", 0.01, "all")]
-        out.append(f"its twin {a['keys_inside']}/{a['keys']} at p <= 0.01 (dispersion {a['dispersion_ratio']:.2f})")
+    out += key_validity_phrases()
     inside = [_validity(m, SYNTHID_N4_VALIDITY)["summary"] for m in SYNTHID_N4_VALIDITY]
     if all(s[("synthid", level, "all")]["keys_inside"] == s[("synthid", level, "all")]["keys"] for s in inside for level in (0.01, 0.001)):
         keys = "/".join(str(s[("synthid", 0.01, "all")]["keys"]) for s in inside[:1])
@@ -148,10 +168,6 @@ def headline_phrases() -> list[str]:
                 n, share = spoof["synthid_n4_k20"]
                 phrase += f" and is spoofed {share:.2f} at N = {n:,}"
             out.append(phrase)
-    n3 = [_validity(m, SYNTHID_N3_VALIDITY)["summary"][("synthid", 0.01, "all")] for m in SYNTHID_N3_VALIDITY]
-    if all(a["keys_inside"] == a["keys"] for a in n3):
-        out.append(f"{n3[0]['keys_inside']}/{n3[0]['keys']} keys inside at p <= 0.01 on both models, dispersion "
-                   + " / ".join(f"{a['dispersion_ratio']:.2f}" for a in n3))
     for model in HEADLINE_MODELS:
         df, spoof = routing_study(model), spoofing(model)
         if COMMON in df.index and {COMMON, "synthid_n3_k20"} <= set(spoof) and (BENCH / COMMON_VALIDITY[model]).exists():

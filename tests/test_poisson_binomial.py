@@ -162,3 +162,24 @@ def test_cuda_matches_cpu():
     gpu = upper_tail(gamma.cuda(), mask.cuda(), ks.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-11, atol=1e-300)
+
+
+@pytest.mark.parametrize("n,p", [(40, 0.5), (400, 0.25), (3000, 0.5), (3000, 0.4987)])
+def test_equal_gammas_take_the_binomial_and_agree_with_the_exact_product(n, p):
+    """Rows whose gammas are all equal (SynthID, KGW) skip the O(L^2) product for scipy's binomial tail; the product
+    (pmf's suffix sums) gives the same p-values to 1e-10, deep tails and zero-gamma positions included; a row with
+    one gamma off the common value still takes the product."""
+    gamma = torch.full((3, n), p, dtype=torch.float64)
+    gamma[1, : n // 4] = 0.0  # zero gammas add nothing: X ~ Bin(3n/4, p)
+    gamma[2, 0] = p / 2  # not binomial: the exact product
+    mask = torch.ones(3, n, dtype=torch.bool)
+    mask[0, -3:] = False
+    sd = (n * p * (1 - p)) ** 0.5
+    ks = torch.tensor([int(n * p + 3 * sd), int(0.75 * n * p + 2.5 * sd), int(n * p - sd)])
+    got = upper_tail(gamma, mask, ks)
+    mass = pmf(gamma, mask)
+    want = torch.stack([mass[i, int(ks[i]):].sum() for i in range(3)])
+    assert (want > 0).all() and (want < 1).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    deep = upper_tail(gamma[:1], mask[:1], torch.tensor([n - 3]))  # every draw green: p^(n-3), below 1e-300 -> 0
+    assert deep.item() == pytest.approx(p ** (n - 3), rel=1e-10) if p ** (n - 3) > 1e-300 else deep.item() == 0.0

@@ -441,3 +441,30 @@ def test_many_deployed_keys_share_the_reference_keys_and_get_each_keys_own_p_val
             own = alone.score(captures).p_value
         np.testing.assert_array_equal(shared[k], own)
     assert np.isnan(shared).any() and (shared[0, -4:] <= 0.01).all()  # short texts get no p; the key finds its text
+
+
+@pytest.mark.parametrize("kind", ["moe_tournament", "moe_lsh"])
+def test_every_reference_key_ranked_among_the_others_gets_the_p_value_calibrated_gives_it(tiny, null_captures, kind):
+    """The key-validity study's input: every reference key's statistic (reference_statistics) and each key's p-value
+    among the other R - 1 (leave_one_out_p_values) are, text by text, what calibrated() gives that key deployed
+    against those references (no early stop): the first key against the rest, the last against those before it."""
+    from moewm.engine.scoring import CaptureBatch, calibrated, leave_one_out_p_values
+    from moewm.schemes.registry import build_watermarker
+
+    model, tok = tiny
+    captures = list(null_captures[0][:24])
+    cfg = WatermarkConfig(kind=kind, reference_keys=40, alpha=0.05)
+    with build_watermarker(kind, model, tok, cfg, WatermarkKey(SECRET, 0), cache_dir=None) as wm:
+        stats = wm.reference_statistics(captures)
+        ref = wm.reference_tables()
+        batch = CaptureBatch.stack(captures)
+        first = calibrated(batch, ref.select(0, 1), ref.select(1, 40), wm.statistic_spec, stop_after=None,
+                          top_k=wm.watermark_cfg.statistic_top_k, draws=wm._draws_fn())
+        last = calibrated(batch, ref.select(39, 40), ref.select(0, 39), wm.statistic_spec, stop_after=None,
+                          top_k=wm.watermark_cfg.statistic_top_k, draws=wm._draws_fn())
+    p = leave_one_out_p_values(torch.from_numpy(stats)).numpy()
+    assert stats.shape == (40, len(captures)) and np.isfinite(stats).all()
+    np.testing.assert_array_equal(stats[0], first.statistic)
+    np.testing.assert_array_equal(p[0], first.p_value)
+    np.testing.assert_array_equal(p[39], last.p_value)
+    assert len(np.unique(p)) > 5  # the texts are ranked, not all tied

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import binom
 
 __all__ = ["pmf", "upper_tail"]
 
@@ -170,15 +171,39 @@ def upper_tail(gamma: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torc
     The exact p-value of observing k green tokens, for short texts where the z-test's normal approximation
     fails. k <= 0 gives 1.0 and k above the number of masked positions gives 0.0. Suffix sums of the exact
     pmf (smallest terms first), so tiny p-values keep their relative precision down to ~1e-300; a tail
-    below the smallest normal double (~2.2e-308) is returned as exactly 0.0, not floored.
+    below the smallest normal double (~2.2e-308) is returned as exactly 0.0, not floored. A row whose nonzero
+    gammas are all equal (SynthID's and KGW's draws) is the plain binomial: its tail comes from scipy's
+    regularised incomplete beta (the same relative precision, without the O(L^2) product).
     """
     rows = gamma.shape[0]
     k = torch.as_tensor(k, device=gamma.device).long().expand(rows)
     p = torch.zeros(rows, dtype=torch.float64, device=gamma.device)
-    for block, coef in _blocks(gamma, mask):
-        tail = torch.flip(torch.cumsum(torch.flip(coef, [-1]), -1), [-1])  # tail[:, j] = P(X >= j)
-        tail = F.pad(tail, (0, 1))  # P(X >= D) = 0
-        p[block] = tail.gather(-1, k[block].clamp(0, coef.shape[1]).unsqueeze(-1)).squeeze(-1)
+    binomial, value, count = _binomial_rows(gamma, mask)
+    if bool(binomial.any()):
+        at = binomial.nonzero().squeeze(-1)
+        tail = binom.sf(k[at].cpu().numpy() - 1, count[at].cpu().numpy(), value[at].cpu().numpy())
+        p[at] = torch.as_tensor(tail, dtype=torch.float64, device=gamma.device)
+    rest = (~binomial).nonzero().squeeze(-1)
+    if rest.numel():
+        for block, coef in _blocks(gamma[rest], mask[rest]):
+            tail = torch.flip(torch.cumsum(torch.flip(coef, [-1]), -1), [-1])  # tail[:, j] = P(X >= j)
+            tail = F.pad(tail, (0, 1))  # P(X >= D) = 0
+            rows_at = rest[block]
+            p[rows_at] = tail.gather(-1, k[rows_at].clamp(0, coef.shape[1]).unsqueeze(-1)).squeeze(-1)
     n = mask.to(device=gamma.device, dtype=torch.bool).sum(-1)
     p = torch.where(k <= 0, 1.0, torch.where(k > n, 0.0, p))
     return p.masked_fill_(p < _TINY, 0.0)
+
+
+def _binomial_rows(gamma: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) bool: rows whose masked gammas above ``_TINY`` share one value (a NaN never does); that value and their
+    count. The gammas as :func:`_blocks` reads them (clamped to [0, 1], unmasked and tiny ones 0)."""
+    g = torch.where(mask.to(device=gamma.device, dtype=torch.bool), gamma.to(torch.float64).clamp(0.0, 1.0), 0.0)
+    g = g.masked_fill_(g < _TINY, 0.0)
+    nonzero = g != 0
+    count = nonzero.sum(-1)
+    if g.shape[-1] == 0:
+        return torch.zeros_like(count, dtype=torch.bool), g.new_zeros(count.shape), count
+    top = g.max(-1).values
+    low = torch.where(nonzero, g, torch.full_like(g, float("inf"))).min(-1).values
+    return (count > 0) & (low == top), top, count

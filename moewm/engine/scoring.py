@@ -574,3 +574,40 @@ def calibrated(
         draws=true,
         key_p_values=np.stack([p_of(j) for j in range(deployed.shape[0])]),
     )
+
+
+def reference_statistics(
+    batch: CaptureBatch,
+    ref_tables: BankTables,
+    spec: StatisticSpec,
+    top_k: Optional[int] = None,
+    draws: Optional[Callable[[CaptureBatch, BankTables, StatisticSpec], KeyDraws]] = None,
+) -> torch.Tensor:
+    """(R, B): every reference key's statistic on every text, no early stop (what :func:`calibrated` ranks against,
+    all of it): the input of :func:`leave_one_out_p_values`. ``top_k`` and ``draws`` as in :func:`calibrated`."""
+    key_draws_of = draws or key_draws
+    if top_k is not None:
+        batch = batch.with_top_k(top_k)
+    block = _block_keys(batch, ref_tables)
+    parts = [statistic(key_draws_of(batch, ref_tables.select(start, min(ref_tables.num_keys, start + block)), spec), spec)
+             for start in range(0, ref_tables.num_keys, block)]
+    return torch.cat(parts)
+
+
+def leave_one_out_p_values(stats: torch.Tensor) -> torch.Tensor:
+    """(R, B) float64: each key's calibrated p-value on each text, ranked among the other R - 1 keys.
+
+    ``stats`` (R, B): R exchangeable keys' statistics (:func:`reference_statistics`). Key j deployed on text b gets
+    ``(1 + #{i != j: stats[i, b] >= stats[j, b]}) / R``: the p-value :func:`calibrated` gives it with the other
+    R - 1 keys as references (no early stop), so R keys are R draws of "a deployed key" on the same texts, which is
+    what the spread of false-positive rates over keys needs. A NaN statistic never counts as a reference and gets 1.
+    """
+    r = stats.shape[0]
+    if r < 2:
+        raise ValueError(f"leave_one_out_p_values: need at least 2 keys, got {r}")
+    s = stats.double().t().contiguous()  # (B, R)
+    finite = ~torch.isnan(s)
+    ordered = torch.where(finite, s, torch.full_like(s, float("-inf"))).sort(-1).values  # NaN references never count
+    at_least = r - torch.searchsorted(ordered, s.nan_to_num(nan=float("inf")), side="left")  # keys with a statistic >= s
+    p = at_least.double() / r  # the key itself is one of them: (1 + others at least as large) / R
+    return torch.where(finite, p, torch.ones_like(p)).t()

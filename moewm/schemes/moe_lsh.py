@@ -287,6 +287,19 @@ class MoELSHWatermark(TextGeneration):
                 out[k, idx] = decide(result.key_p_values[k], scored[k], cfg.min_tokens, cfg.alpha)[0]
         return out
 
+    def reference_statistics(self, captures: Sequence[TextCapture], progress: bool = False) -> np.ndarray:
+        """(R, N): every public reference key's statistic on every captured text, no early stop: the key-validity
+        study's input (:mod:`moewm.evaluation.key_validity`), where each reference key in turn is the deployed one.
+        Public keys only: nothing of the deployed key is read."""
+        ref = self.reference_tables(self.device)
+        stats = np.full((ref.num_keys, len(captures)), np.nan)
+        _, batches = self._ordered_batches(captures, progress)
+        for idx in batches:
+            batch = CaptureBatch.stack([captures[i] for i in idx], self.device)
+            stats[:, idx] = scoring.reference_statistics(batch, ref, self.statistic_spec, self.watermark_cfg.statistic_top_k,
+                                                         self._draws_fn()).cpu().numpy()
+        return stats
+
     def _score_batch(self, captures: list[TextCapture], ref: BankTables, prefixes: bool, window: Optional[int]) -> DetectorOutput:
         cfg = self.watermark_cfg
         spec = self.statistic_spec
