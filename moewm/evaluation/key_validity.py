@@ -20,7 +20,6 @@ text only (the shipped and held-out corpora: written by nobody here, the same fo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from scipy.stats import binom
 
 from moewm.config import ModelConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.evaluation.validity import LEVELS, STUDY_MODELS, dispersion_ratio, study_configs
+from moewm.evaluation.validity import LEVELS, STUDY_MODELS, dispersion_ratio, study_configs, write_study
 from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 
 log = logging.getLogger("moewm.evaluation.key_validity")
@@ -165,13 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "key_validity.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "key_validity.md").write_text(table + "\n")
-    print(table)
-    print(f"-> {out / 'key_validity.json'} ({result['seconds']:.0f} s)")
+    write_study(result, Path(args.out), "key_validity", markdown(result))
     return result
 
 

@@ -272,6 +272,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_study(result: dict[str, Any], out: Path, stem: str, table: str) -> None:
+    """A study's result as ``out/stem.json`` and its table as ``out/stem.md``; the table and the path printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    print(f"-> {out / f'{stem}.json'} ({result['seconds']:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moewm.evaluation.validity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=10, help="deployed keys to test (default 10)")
@@ -306,13 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validity.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "validity.md").write_text(table + "\n")
-    print(table)
-    print(f"-> {out / 'validity.json'} ({result['seconds']:.0f} s)")
+    write_study(result, Path(args.out), "validity", markdown(result))
 
 
 if __name__ == "__main__":
