@@ -13,8 +13,8 @@ per genre:
 - ``kjv_narrative``: the narrative books of the King James Bible (1611), Early Modern English narrative; public
   domain.
 
-Two more genres are **held out**: shipped, but read only by the per-key validity study
-(``moewm.evaluation.validity``) as its final gate, never by a job's null sets (``eval.null_sets`` refuses
+Two more genres are **held out**: shipped, but read only by the per-key validity studies
+(``moewm.evaluation.validity`` as its final gate, ``moewm.evaluation.key_validity`` over many keys), never by a job's null sets (``eval.null_sets`` refuses
 them) nor by any design study, so that no design choice was tuned on them:
 
 - ``jargon_file``: the Jargon File 4.4.7 (2003), the hackers' lexicon of slang and folklore; public domain.
@@ -37,7 +37,8 @@ CORPORA_DIR = Path(__file__).resolve().parent / "assets" / "corpora"
 HUMAN_CORPORA: tuple[str, ...] = ("human_docstrings", "devils_dictionary", "kjv_narrative")
 """The corpora a job and the design studies may use (``eval.null_sets``)."""
 HELD_OUT_CORPORA: tuple[str, ...] = ("jargon_file", "crawl_lore")
-"""Used by the per-key validity study only: never a job's null set, never read by a design study."""
+"""Used by the per-key validity studies only (the 10-key gate and key validity over many keys): never a job's null set,
+never read by a design study."""
 ALL_CORPORA: tuple[str, ...] = HUMAN_CORPORA + HELD_OUT_CORPORA
 
 
@@ -49,7 +50,7 @@ def _folder(name: str) -> Path:
 
 
 def is_held_out(name: str) -> bool:
-    """Whether corpus ``name`` is held out (read by the per-key validity study only)."""
+    """Whether corpus ``name`` is held out (read by the per-key validity studies only)."""
     _folder(name)
     return name in HELD_OUT_CORPORA
 

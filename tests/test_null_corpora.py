@@ -52,15 +52,15 @@ def test_held_out_is_said_in_info_and_provenance(name):
 
 def test_held_out_corpora_are_no_null_set_of_a_job():
     """Held out means no job and no design study reads them: eval.null_sets refuses them (by name), the
-    defaults do not hold them, and no module but the validity study (and the corpus / config modules that
-    name them) mentions them."""
+    defaults do not hold them, and no module but the two per-key validity studies (and the corpus / config modules
+    that name them) mentions them."""
     from moewm.config import NULL_SET_NAMES, ConfigError, EvalConfig, check_null_sets
 
     assert not set(HELD_OUT_CORPORA) & set(NULL_SET_NAMES) and not set(HELD_OUT_CORPORA) & set(EvalConfig().null_sets)
     for name in HELD_OUT_CORPORA:
         with pytest.raises(ConfigError, match=f"eval.null_sets.*{name}.*held out for the per-key validity study"):
             check_null_sets(["greedy", name])
-    allowed = {"null_corpora.py", "config.py", "evaluation/validity.py"}
+    allowed = {"null_corpora.py", "config.py", "evaluation/validity.py", "evaluation/key_validity.py"}
     words = (*HELD_OUT_CORPORA, "HELD_OUT_CORPORA", "held_out=True")
     users = sorted(
         str(path.relative_to(REPO))
