@@ -126,6 +126,12 @@ def _product(g: torch.Tensor) -> torch.Tensor:
     return poly[:, 0]
 
 
+def _masked_gammas(gamma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) float64: gamma clamped to [0, 1], 0 where unmasked or below ``_TINY`` (a factor 1 of the product)."""
+    g = torch.where(mask.to(device=gamma.device, dtype=torch.bool), gamma.to(torch.float64).clamp(0.0, 1.0), 0.0)
+    return g.masked_fill_(g < _TINY, 0.0)
+
+
 def _blocks(gamma: torch.Tensor, mask: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (row indices, (R, D) pmf coefficients) over blocks of rows; columns past D are exactly 0.
 
@@ -135,9 +141,7 @@ def _blocks(gamma: torch.Tensor, mask: torch.Tensor) -> Iterator[tuple[torch.Ten
     """
     if gamma.dim() != 2 or mask.shape != gamma.shape:
         raise ValueError(f"gamma and mask must be (B, L) of the same shape, got {tuple(gamma.shape)} and {tuple(mask.shape)}")
-    device = gamma.device
-    g = torch.where(mask.to(device=device, dtype=torch.bool), gamma.to(torch.float64).clamp(0.0, 1.0), 0.0)
-    g = g.masked_fill_(g < _TINY, 0.0)
+    g = _masked_gammas(gamma, mask)
     count = (g != 0).sum(-1)  # NaN counts too, so that it propagates
     level = torch.ceil(torch.log2(count.clamp(min=1).to(torch.float64))).long()
     for lv in torch.unique(level).tolist():
@@ -197,9 +201,8 @@ def upper_tail(gamma: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torc
 
 def _binomial_rows(gamma: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B,) bool: rows whose masked gammas above ``_TINY`` share one value (a NaN never does); that value and their
-    count. The gammas as :func:`_blocks` reads them (clamped to [0, 1], unmasked and tiny ones 0)."""
-    g = torch.where(mask.to(device=gamma.device, dtype=torch.bool), gamma.to(torch.float64).clamp(0.0, 1.0), 0.0)
-    g = g.masked_fill_(g < _TINY, 0.0)
+    count (the gammas of :func:`_masked_gammas`, as :func:`_blocks` reads them)."""
+    g = _masked_gammas(gamma, mask)
     nonzero = g != 0
     count = nonzero.sum(-1)
     if g.shape[-1] == 0:
