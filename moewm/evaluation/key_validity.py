@@ -20,6 +20,7 @@ text only (the shipped and held-out corpora: written by nobody here, the same fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binom
 
 from moewm.config import ModelConfig
 from moewm.engine.keys import WatermarkKey
-from moewm.evaluation.validity import LEVELS, STUDY_MODELS, dispersion_ratio, study_configs, write_study
+from moewm.evaluation.validity import LEVELS, STUDY_MODELS, binomial_interval, dispersion_ratio, study_configs, write_study
 from moewm.null_corpora import HELD_OUT_CORPORA, HUMAN_CORPORA, human_texts
 
 log = logging.getLogger("moewm.evaluation.key_validity")
@@ -40,18 +40,13 @@ GATE_KEYS = 10  # keys the validity study's gate draws
 MIN_KEYS = round(1 / min(LEVELS))  # 1000: each key ranked among 999 others, as a deployed key among the 999 reference keys
 
 
-def interval(n: int, level: float) -> tuple[int, int]:
-    """The binomial 99 % interval of a key's count of n texts at the nominal rate (the gate's)."""
-    return int(binom.ppf(0.005, n, level)), int(binom.ppf(0.995, n, level))
-
-
 def spread_row(p: np.ndarray, level: float) -> dict[str, Any]:
     """Over keys (rows of ``p``, (K, N) p-values of N texts): the shares at p <= ``level`` and their spread."""
     if p.ndim != 2 or p.shape[0] < 2 or p.shape[1] < 1:
         raise ValueError(f"spread_row: need p-values of at least 2 keys on at least 1 text, got shape {p.shape}")
     n = p.shape[1]
     k = (np.nan_to_num(p, nan=1.0) <= level).sum(1)
-    lo, hi = interval(n, level)
+    lo, hi = binomial_interval(n, level)
     shares = k / n
     return {"level": level, "n": n, "keys": int(p.shape[0]), "mean_share": float(shares.mean()),
             "dispersion_ratio": dispersion_ratio(k, np.full(len(k), n), level),
@@ -91,8 +86,6 @@ def scheme_p_values(kind: str, model: Any, tokenizer: Any, configs: tuple, texts
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from moewm.models.loading import load_model
     from moewm.schemes.registry import resolve_statistic
-
-    import dataclasses
 
     torch.manual_seed(0)
     configs = study_configs(args)

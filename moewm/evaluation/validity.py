@@ -99,8 +99,13 @@ def rate_row(p: np.ndarray, level: float) -> dict[str, Any]:
     p = p[np.isfinite(p)]
     n = len(p)
     k = int((p <= level).sum())
-    lo, hi = (binom.ppf(0.005, n, level), binom.ppf(0.995, n, level)) if n else (0, 0)
-    return {"n": n, "k": k, "rate": k / n if n else float("nan"), "lo": int(lo), "hi": int(hi), "inside": bool(lo <= k <= hi)}
+    lo, hi = binomial_interval(n, level) if n else (0, 0)
+    return {"n": n, "k": k, "rate": k / n if n else float("nan"), "lo": lo, "hi": hi, "inside": bool(lo <= k <= hi)}
+
+
+def binomial_interval(n: int, level: float) -> tuple[int, int]:
+    """The binomial 99 % interval of a key's count of n texts flagged at the nominal rate ``level`` (the gate's)."""
+    return int(binom.ppf(0.005, n, level)), int(binom.ppf(0.995, n, level))
 
 
 def dispersion_ratio(k: Any, n: Any, level: float) -> float:
